@@ -1,0 +1,147 @@
+"""`scratchlm` — the command line. `scratchlm --help` lists every command."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable
+
+from tasks.common.config import ROOT, ScratchError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the pipeline flow (all stages, or --stages) and summarise what ran and where it went."""
+    from flows.pipeline import StageFailed, build_llm, parse_overrides
+    started = time.perf_counter()
+    overrides = parse_overrides(args.set or [])
+    try:
+        result = build_llm(stages=args.stages.split(",") if args.stages else None, overrides=overrides,
+                           force=args.force)
+    except StageFailed as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    print_run_summary(result, time.perf_counter() - started)
+    return 0
+
+
+def print_run_summary(result: dict, seconds: float) -> None:
+    print(f"\n══ scratchlm run finished in {seconds:.0f}s " + "═" * 40)
+    print(f"  ran      {', '.join(result['ran']) or '(nothing: every stage was up to date)'}")
+    print(f"  skipped  {', '.join(result['skipped']) or '(none)'}  ← DVC found these up to date")
+    print(f"  outputs  {ROOT / 'data'}/<stage>/   metrics: {ROOT / 'metrics'}/<stage>.json")
+    print(f"  mlflow   parent run {result['parent_run_id']} in {result['tracking_uri']}")
+    if result["tracking_uri"].startswith("sqlite"):
+        print(f"           browse: mlflow ui --backend-store-uri {result['tracking_uri']}")
+    for line in next_steps():
+        print(f"  {line}")
+
+
+def next_steps() -> list[str]:
+    """Pointers to what the pipeline produced that a user acts on next (model, report)."""
+    lines = []
+    if (ROOT / "reports" / "report.md").is_file():
+        lines.append(f"report   {ROOT / 'reports' / 'report.md'}")
+    if (ROOT / "data" / "register").is_dir():
+        lines.append("chat     scratchlm chat")
+        lines.append("serve    mlflow models serve -m models:/scratchlm@challenger --env-manager local -p 5001")
+    return lines
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    """Run one stage through `dvc repro --single-item` (no Prefect), streaming its output."""
+    from flows.pipeline import StageFailed, run_dvc_stage, select_stages
+    stage = select_stages([args.name])[0]
+    try:
+        result = run_dvc_stage(stage, force=args.force, log=print)
+    except StageFailed as e:
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    verb = "ran" if result.ran else "skipped (up to date; --force to rerun)"
+    print(f"\n{stage}: {verb} in {result.seconds:.1f}s; outputs in data/{stage}/, metrics in metrics/{stage}.json")
+    return 0
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    """Print every params.yaml key with its type and documentation; --check only validates."""
+    from tasks.common.config import describe, load_all, read_params, section_class
+    load_all()
+    if args.check:
+        print("params.yaml: valid")
+        return 0
+    for name in read_params():
+        print(f"\n[{name}]")
+        for key, tp, doc in describe(section_class(name)):
+            print(f"  {name}.{key:<28} {tp:<10} {doc}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Which stages are stale (`dvc status`)."""
+    import subprocess
+    return subprocess.call([os.path.join(os.path.dirname(sys.executable), "dvc"), "status"], cwd=ROOT)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def command(name: str, add_args: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    def register(fn):
+        COMMANDS[name] = (fn, add_args)
+        return fn
+    return register
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stages", help="comma-separated subset of stages (default: all, in dvc.yaml order)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a params.yaml key, e.g. --set pretrain.max_steps=100 (repeatable)")
+    p.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
+
+
+def _stage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="stage name from dvc.yaml")
+    p.add_argument("--force", action="store_true", help="rerun even if up to date")
+
+
+command("run", _run_args)(cmd_run)
+command("stage", _stage_args)(cmd_stage)
+command("params", lambda p: p.add_argument("--check", action="store_true", help="only validate"))(cmd_params)
+command("status")(cmd_status)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scratchlm", description="Build a Llama-style LM from raw text: "
+                                     "Prefect flow → dvc repro per stage → MLflow runs and registry.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
+        add_args(p)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def load_extra_commands() -> None:
+    """Commands defined next to the code they drive (report, chat, ...) register themselves on import."""
+    import importlib
+    for module in ("flows.commands",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    load_extra_commands()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ScratchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

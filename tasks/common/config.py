@@ -1,0 +1,281 @@
+"""params.yaml → frozen, typed, self-documenting dataclasses.
+
+Every section of `params.yaml` loads into a frozen dataclass: `data` and `model` are defined here, and each stage
+section `<stage>` is the `Config` class of `tasks/<stage>.py` (so a new stage brings its own section without
+touching this file). A field's documentation is the string literal written right after it (litgpt style);
+`describe()` reads it back for `scratchlm params`.
+
+Loading is strict and happens before any work: an unknown key, a missing key, a wrong type or an impossible value
+raises `ConfigError` naming the file and the dotted key, e.g.
+`params.yaml: pretrain.lr: expected float, got str ('fast')`.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import importlib
+import inspect
+import os
+import textwrap
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PARAMS_FILE = Path(os.environ.get("SCRATCHLM_PARAMS", ROOT / "params.yaml"))
+
+T = TypeVar("T")
+
+
+class ScratchError(Exception):
+    """An error a user can fix; stages print it as one line (`error: ...`) instead of a traceback."""
+
+
+class ConfigError(ScratchError):
+    """A params.yaml key is unknown, missing, mistyped or impossible."""
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+@dataclasses.dataclass(frozen=True)
+class BuiltinCorpus:
+    n_docs: int = 12000
+    """Documents the builtin story generator writes (planted duplicates and junk included)."""
+    seed: int = 1337
+    """Seed of the generator; the corpus is a pure function of it and the rates."""
+    exact_dup_rate: float = 0.03
+    """Fraction of documents that are byte-identical copies of an earlier story."""
+    near_dup_rate: float = 0.03
+    """Fraction of documents that are lightly edited copies of an earlier story."""
+    junk_rate: float = 0.05
+    """Fraction of documents that are junk (boilerplate, symbol soup, repeated lines, ...)."""
+
+    def __post_init__(self) -> None:
+        for name in ("exact_dup_rate", "near_dup_rate", "junk_rate"):
+            check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
+        check(self.exact_dup_rate + self.near_dup_rate + self.junk_rate < 0.9, "junk_rate",
+              "exact_dup_rate + near_dup_rate + junk_rate must leave room for clean stories (< 0.9)")
+        check(self.n_docs > 0, "n_docs", "must be positive")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    sources: list[str]
+    """Where documents come from, in order: `builtin:stories`, a file, folder or glob of .txt/.jsonl/.jsonl.gz/
+    .parquet (relative paths are relative to the repository), or `hf:<name>[:<split>]` (needs the network)."""
+    text_field: str = "text"
+    """Field holding the document text in .jsonl/.jsonl.gz/.parquet sources."""
+    txt_separator: str = "<|endoftext|>"
+    """Document separator inside .txt files; an empty string makes each file one document."""
+    builtin: BuiltinCorpus = dataclasses.field(default_factory=BuiltinCorpus)
+    """Size, seed and planted rates of the builtin corpus."""
+
+    def __post_init__(self) -> None:
+        check(len(self.sources) > 0, "sources", "must list at least one source")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    preset: str = "small"
+    """Size preset from model/config.py: tiny (tests), small (CPU default), 125m, 1b, 7b."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Explicit ModelConfig fields that replace the preset's (e.g. {n_layers: 6, max_seq_len: 512}).
+    vocab_size always comes from the trained tokenizer."""
+
+    def model_config(self, vocab_size: int):
+        """The validated `model.config.ModelConfig` for a tokenizer of `vocab_size` tokens."""
+        from model.config import ModelConfig
+        try:
+            return ModelConfig.from_preset(self.preset, **{**self.overrides, "vocab_size": vocab_size})
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{PARAMS_FILE.name}: model: {e}") from None
+
+
+BASE_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection}
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    """Raise a ConfigError for `key` unless `ok` (call from a dataclass's __post_init__)."""
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def read_params(path: Path | str | None = None) -> dict[str, Any]:
+    """The raw params.yaml mapping, with a clear error when it is missing or not YAML."""
+    path = Path(path or PARAMS_FILE)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of sections")
+    return raw
+
+
+def section_class(name: str) -> type:
+    """The dataclass of section `name`: `data`/`model` here, else `Config` in `tasks/<name>.py`."""
+    if name in BASE_SECTIONS:
+        return BASE_SECTIONS[name]
+    if not (ROOT / "tasks" / f"{name}.py").is_file():
+        known = ", ".join(sorted([*BASE_SECTIONS, *stage_modules()]))
+        raise ConfigError(f"unknown section {name!r} (known: {known})")
+    module = importlib.import_module(f"tasks.{name}")
+    return module.Config
+
+
+def stage_modules() -> list[str]:
+    return sorted(p.stem for p in (ROOT / "tasks").glob("*.py") if not p.stem.startswith("_"))
+
+
+def load_section(name: str, cls: type[T] | None = None, path: Path | str | None = None) -> T:
+    """Load section `name` of params.yaml into its frozen dataclass, or raise ConfigError."""
+    path = Path(path or PARAMS_FILE)
+    raw = read_params(path)
+    if name not in raw:
+        raise ConfigError(f"{path.name}: missing section {name!r}")
+    return build(cls or section_class(name), raw[name], f"{path.name}: {name}")
+
+
+def load_all(path: Path | str | None = None) -> dict[str, Any]:
+    """Load and validate every section (what `scratchlm params --check` and the flow run first)."""
+    path = Path(path or PARAMS_FILE)
+    raw = read_params(path)
+    return {name: build(section_class_for_file(name, path), value, f"{path.name}: {name}")
+            for name, value in raw.items()}
+
+
+def section_class_for_file(name: str, path: Path) -> type:
+    try:
+        return section_class(name)
+    except ConfigError as e:
+        raise ConfigError(f"{path.name}: {e}") from None
+
+
+def build(cls: type[T], value: Any, where: str) -> T:
+    """Build dataclass `cls` from a mapping, checking keys and types recursively."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        hint = _closest(unknown[0], list(fields))
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key{hint} (known: {', '.join(fields)})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, field in fields.items():
+        if name not in value:
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}.{name}: missing key ({field_doc(cls, name)})")
+            continue
+        kwargs[name] = coerce(hints[name], value[name], f"{where}.{name}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.{e}") from None
+
+
+def coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check `value` against type `tp` (int, float, str, bool, list, dict, Optional, Literal, dataclass)."""
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(arg, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        item = args[0] if args else Any
+        return [coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected float, got {type(value).__name__} ({value!r})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected int, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected str, got {type(value).__name__} ({value!r})")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _closest(word: str, options: list[str]) -> str:
+    import difflib
+    match = difflib.get_close_matches(word, options, n=1)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# ------------------------------------------------------------------------------------------------ docs
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name → the string literal written under it in the class body."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
+                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
+                and isinstance(nxt.value.value, str):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def field_doc(cls: type, name: str) -> str:
+    return field_docs(cls).get(name, "undocumented")
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, doc) for every field of `cls`, nested dataclasses flattened."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.append((key, "section", field_doc(cls, f.name)))
+            rows.extend(describe(hints[f.name], key + "."))
+        else:
+            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            rows.append((key, tp.replace("typing.", ""), field_doc(cls, f.name)))
+    return rows
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    """A config as a plain dict (for MLflow params and summaries)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,147 @@
+"""Where stages read and write, and the document shard format they share.
+
+Layout (one name per stage everywhere): `data/<stage>/` holds a stage's outputs, `metrics/<stage>.json` its
+DVC metrics. Documents are gzip JSON Lines shards `shard-00000.jsonl.gz` of `{"id", "text", "source"}`.
+Writes go to a temporary name and are renamed into place, so a killed stage never leaves a half-written output
+that looks complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from tasks.common.config import ROOT
+
+DATA_DIR = ROOT / "data"
+METRICS_DIR = ROOT / "metrics"
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """The folders a stage may touch."""
+    root: Path
+    out: Path       # data/<stage>/
+    metrics: Path   # metrics/<stage>.json
+
+    def of(self, stage: str) -> Path:
+        """Output folder of another (upstream) stage."""
+        return self.root / "data" / stage
+
+
+def stage_paths(stage: str, root: Path = ROOT) -> StagePaths:
+    return StagePaths(root=root, out=root / "data" / stage, metrics=root / "metrics" / f"{stage}.json")
+
+
+def fresh_dir(path: Path) -> Path:
+    """Empty `path` (DVC removes outs before a run; this makes direct runs behave the same)."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path`; rename it onto `path` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+    return path
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+# ------------------------------------------------------------------------------------------------ JSONL shards
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.jsonl.gz"
+
+
+def write_jsonl_gz(path: Path, rows: Iterable[dict]) -> int:
+    """Write rows to a gzip JSON Lines file atomically (deterministic bytes: mtime 0); return the row count."""
+    n = 0
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
+                io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+    return n
+
+
+def read_jsonl_gz(path: Path) -> Iterator[dict]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def shards(folder: Path) -> list[Path]:
+    """The document shards of a stage folder, in order; a clear error when there are none."""
+    found = sorted(Path(folder).glob("shard-*.jsonl.gz"))
+    if not found:
+        from tasks.common.config import ScratchError
+        raise ScratchError(f"{folder}: no shard-*.jsonl.gz documents (has the upstream stage run?)")
+    return found
+
+
+def read_docs(folder: Path) -> Iterator[dict]:
+    """Every document of a stage folder, shard by shard, in order."""
+    for path in shards(folder):
+        yield from read_jsonl_gz(path)
+
+
+class ShardWriter:
+    """Write documents into numbered shards of at most `docs_per_shard` documents."""
+
+    def __init__(self, folder: Path, docs_per_shard: int = 5000) -> None:
+        self.folder, self.docs_per_shard = Path(folder), docs_per_shard
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._buffer: list[dict] = []
+        self.n_shards = self.n_docs = 0
+
+    def write(self, doc: dict) -> None:
+        self._buffer.append(doc)
+        if len(self._buffer) >= self.docs_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer or self.n_shards == 0:
+            self.n_docs += write_jsonl_gz(self.folder / shard_name(self.n_shards), self._buffer)
+            self.n_shards += 1
+            self._buffer = []
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is None:
+            self.flush()

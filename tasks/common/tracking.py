@@ -1,0 +1,165 @@
+"""MLflow tracking: one parent run per pipeline run, one child run per stage.
+
+- Store: `MLFLOW_TRACKING_URI` when set (a server: `http://host:5000`), else the embedded default, a SQLite file
+  `mlruns.db` with artifacts under `mlartifacts/` at the repository root. No code changes between the two.
+- The flow opens the parent run and exports its id as `SCRATCHLM_PARENT_RUN_ID`; each stage (a separate process
+  started by `dvc repro`) opens a child run named after the stage, tagged with the parent id, the git commit and,
+  once DVC has locked the stage, its `dvc.lock` hashes (the flow adds those after the stage ends).
+- Metrics are namespaced (`ingest/docs_out`, `train/loss`); params are the stage's params section, flattened.
+- Only rank 0 writes (`RANK` unset or 0): other DeepSpeed ranks get a tracker that does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.common.config import ROOT
+
+EXPERIMENT = os.environ.get("SCRATCHLM_EXPERIMENT", "scratchlm")
+PARENT_ENV = "SCRATCHLM_PARENT_RUN_ID"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns.db'}"
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def setup_mlflow():
+    """Point MLflow at the configured store and make sure the experiment exists; return the mlflow module."""
+    import logging
+
+    import mlflow
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        local = not os.environ.get("MLFLOW_TRACKING_URI")
+        artifacts = (ROOT / "mlartifacts").as_uri() if local else None
+        with contextlib.suppress(Exception):  # another process may have created it meanwhile
+            mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+
+
+def dvc_lock_tags(stage: str, lock_file: Path = ROOT / "dvc.lock") -> dict[str, str]:
+    """`dvc.<dep or out path>` → md5 for `stage` from dvc.lock (empty when the stage is not locked yet)."""
+    import yaml
+    if not lock_file.is_file():
+        return {}
+    entry = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(stage, {})
+    tags = {}
+    for kind in ("deps", "outs"):
+        for item in entry.get(kind, []):
+            tags[f"dvc.{kind}.{item['path']}"] = str(item.get("md5", ""))
+    return tags
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    return out
+
+
+class Tracker:
+    """What a stage logs through; a no-op when `active` is False (ranks other than 0)."""
+
+    def __init__(self, stage: str, run_id: str | None = None) -> None:
+        self.stage, self.run_id = stage, run_id
+        self.active = run_id is not None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None, namespace: str | None = None) -> None:
+        """Log numeric metrics as `<namespace>/<name>` (namespace defaults to the stage name)."""
+        if not self.active:
+            return
+        import mlflow
+        ns = self.stage if namespace is None else namespace
+        clean = {(f"{ns}/{k}" if ns and "/" not in k else k): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if clean:
+            mlflow.log_metrics(clean, step=step, run_id=self.run_id)
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        if not self.active:
+            return
+        import mlflow
+        flat = flatten(params)
+        for start in range(0, len(flat), 90):  # MLflow caps a batch at 100 params
+            chunk = dict(list(flat.items())[start:start + 90])
+            mlflow.log_params({k: str(v)[:6000] for k, v in chunk.items()}, run_id=self.run_id)
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if not self.active or not Path(path).exists():
+            return
+        import mlflow
+        client = mlflow.MlflowClient()
+        if Path(path).is_dir():
+            client.log_artifacts(self.run_id, str(path), folder)
+        else:
+            client.log_artifact(self.run_id, str(path), folder)
+
+    def log_text(self, text: str, name: str) -> None:
+        if self.active:
+            import mlflow
+            mlflow.MlflowClient().log_text(self.run_id, text, name)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.active:
+            import mlflow
+            client = mlflow.MlflowClient()
+            for k, v in tags.items():
+                client.set_tag(self.run_id, k, str(v))
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Tracker]:
+    """Open the MLflow child run of `stage` (rank 0 only) and yield its Tracker; the run ends FAILED on error."""
+    if not is_rank_zero() or os.environ.get("SCRATCHLM_NO_MLFLOW") == "1":
+        yield Tracker(stage, None)
+        return
+    mlflow = setup_mlflow()
+    parent = os.environ.get(PARENT_ENV)
+    tags = {"scratchlm.stage": stage, "mlflow.source.git.commit": git_commit(), "git_commit": git_commit()}
+    if parent:
+        tags.update({"mlflow.parentRunId": parent, "scratchlm.parent_run_id": parent})
+    tags.update(dvc_lock_tags(stage))
+    run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id,
+                                           run_name=stage, tags=tags)
+    tracker = Tracker(stage, run.info.run_id)
+    if params:
+        tracker.log_params(params)
+    status = "FAILED"
+    try:
+        yield tracker
+        status = "FINISHED"
+    finally:
+        mlflow.MlflowClient().set_terminated(run.info.run_id, status=status)
+
+
+def find_stage_runs(parent_run_id: str) -> dict[str, Any]:
+    """Child runs of a pipeline run, by stage name (latest wins)."""
+    mlflow = setup_mlflow()
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
+                              filter_string=f"tags.scratchlm.parent_run_id = '{parent_run_id}'",
+                              order_by=["attributes.start_time ASC"])
+    return {r.info.run_name: r for r in runs}

@@ -1,0 +1,263 @@
+"""ingest — read every `data.sources` entry into gzip JSON Lines document shards.
+
+Runbook
+    dvc repro ingest                      # or: scratchlm stage ingest / python -m tasks.ingest
+    dvc exp run -S ingest.workers=1       # change a knob as an experiment
+
+Reads   `data.sources` (params.yaml), in order:
+          builtin:stories            the seeded story generator (size, seed and planted rates in `data.builtin`)
+          a file / folder / glob     .txt (split on `data.txt_separator`), .jsonl, .jsonl.gz, .parquet
+          hf:<name>[:<split>]        a 🤗 datasets split (needs the network) or a local dataset folder
+Writes  data/ingest/shard-UUUUU-PPPP.jsonl.gz   {"id", "text", "source"}, one unit (file) per shard prefix
+        data/ingest/quarantine.jsonl            every unreadable record: {location, reason, count, excerpt}
+        data/ingest/labels.jsonl                builtin ground truth {id, label, of} for filter/dedup scoring
+        metrics/ingest.json                     docs in / out / quarantined (by reason), bytes, per source
+Checks  a missing path or a malformed source entry fails before any work. Bad records (invalid UTF-8,
+        malformed JSON, missing or non-string text, empty documents, binary files, a cut-off .txt tail) are
+        quarantined and counted: docs_in = docs_out + quarantined, always.
+Scale   sources are split into units (one per file) and read by a process pool of `ingest.workers`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+from tasks.common.config import ROOT, DataConfig, ScratchError, check, load_section
+from tasks.common.dvcio import ShardWriter, StagePaths, fresh_dir, write_jsonl_gz
+from tasks.common.stage import progress, stage_main
+from tasks.common.tracking import Tracker
+from tasks.sources import files, hf
+
+
+@dataclass(frozen=True)
+class Config:
+    workers: int = 2
+    """Processes reading units (files) in parallel; 1 reads in this process."""
+    docs_per_shard: int = 5000
+    """Documents per output shard (a unit with more is split into several shards)."""
+    txt_tail: Literal["quarantine", "keep"] = "quarantine"
+    """What to do with the last piece of a .txt file when no separator follows it (a byte-range sample cut
+    mid-document): quarantine it (counted), or keep it as a document."""
+    quarantine_excerpt_chars: int = 80
+    """Characters of each quarantined record kept in quarantine.jsonl for inspection."""
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 1, "workers", "must be >= 1")
+        check(self.docs_per_shard >= 1, "docs_per_shard", "must be >= 1")
+        check(self.quarantine_excerpt_chars >= 0, "quarantine_excerpt_chars", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independent piece of input: the builtin corpus, one file, or one HF split."""
+    index: int
+    source: str           # the data.sources entry it came from
+    kind: Literal["builtin", "file", "hf"]
+    path: str = ""        # the file, for kind == "file"
+
+
+@dataclass
+class UnitResult:
+    index: int
+    source: str
+    docs_out: int = 0
+    bytes_out: int = 0
+    quarantined: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    quarantine: list[dict] = field(default_factory=list)
+    labels: list[dict] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[str]]:
+    """Resolve every source entry into units (and skipped non-document files) before any work."""
+    units: list[Unit] = []
+    skipped: list[str] = []
+    seen: dict[str, str] = {}
+    for source in data.sources:
+        if source.startswith("builtin:"):
+            if source != "builtin:stories":
+                raise ScratchError(f"data.sources: {source!r}: unknown builtin (known: builtin:stories)")
+            units.append(Unit(len(units), source, "builtin"))
+        elif source.startswith("hf:"):
+            hf.parse(source)
+            units.append(Unit(len(units), source, "hf"))
+        else:
+            documents, others = files.expand(source, root)
+            skipped += [os.path.relpath(p, root) for p in others]
+            for path in documents:
+                key = str(path.resolve())
+                if key in seen:
+                    raise ScratchError(f"data.sources: {path} is listed twice ({seen[key]!r} and {source!r})")
+                seen[key] = source
+                units.append(Unit(len(units), source, "file", str(path)))
+    return units, skipped
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+def doc_id(location: str, root: Path = ROOT) -> str:
+    """A stable, readable id: the record's location (`path#doc`, `path:line`, `path@row`) relative to the repo."""
+    for sep in ("#", "@", ":"):
+        path, found, index = location.rpartition(sep)
+        if found and index.isdigit():
+            return f"{os.path.relpath(path, root)}{sep}{index}"
+    return os.path.relpath(location, root)
+
+
+def records(unit: Unit, data: DataConfig, cfg: Config, root: Path) -> Iterator[tuple[str, files.Record, dict | None]]:
+    """(id, record, ground-truth label or None) triples of one unit."""
+    if unit.kind == "builtin":
+        from tasks.sources import builtin
+        b = data.builtin
+        for doc in builtin.generate_corpus(b.n_docs, b.seed, b.exact_dup_rate, b.near_dup_rate, b.junk_rate):
+            yield doc.id, files.Record(doc.id, text=doc.text), {"id": doc.id, "label": doc.label, "of": doc.of}
+    elif unit.kind == "hf":
+        for rec in hf.read(unit.source, root, data.text_field):
+            yield rec.location, rec, None
+    else:
+        for rec in files.read_file(Path(unit.path), data.text_field, data.txt_separator, cfg.txt_tail == "keep"):
+            yield doc_id(rec.location, root), rec, None
+
+
+def ingest_unit(unit: Unit, data: DataConfig, cfg: Config, out_dir: Path, root: Path = ROOT) -> UnitResult:
+    """Read one unit into its own shards (`shard-<unit>-<part>`), returning counts and quarantined records."""
+    result = UnitResult(unit.index, unit.source)
+    writer = _UnitShards(out_dir, unit.index, cfg.docs_per_shard)
+    for rid, rec, label in records(unit, data, cfg, root):
+        if rec.text is not None:
+            writer.write({"id": rid, "text": rec.text, "source": unit.source})
+            result.docs_out += 1
+            result.bytes_out += len(rec.text.encode("utf-8"))
+            if label is not None:
+                result.labels.append(label)
+        else:
+            result.quarantined += rec.count
+            result.reasons[_reason_key(rec.reason)] += rec.count
+            result.quarantine.append({"location": rec.location, "reason": rec.reason, "count": rec.count,
+                                      "excerpt": rec.excerpt[:cfg.quarantine_excerpt_chars]})
+    writer.close()
+    return result
+
+
+def _reason_key(reason: str | None) -> str:
+    """Group quarantine reasons for metrics ('malformed JSON: ... at column 3' → 'malformed JSON')."""
+    text = (reason or "unknown").split(":")[0].split(" (")[0]
+    return text.split(" at byte")[0].strip()
+
+
+class _UnitShards:
+    """Shards of one unit: shard-UUUUU-PPPP.jsonl.gz, so units written in parallel never collide."""
+
+    def __init__(self, out_dir: Path, unit: int, docs_per_shard: int) -> None:
+        self.out_dir, self.unit, self.size = out_dir, unit, docs_per_shard
+        self.buffer: list[dict] = []
+        self.part = 0
+
+    def write(self, doc: dict) -> None:
+        self.buffer.append(doc)
+        if len(self.buffer) >= self.size:
+            self._flush()
+
+    def _flush(self) -> None:
+        write_jsonl_gz(self.out_dir / f"shard-{self.unit:05d}-{self.part:04d}.jsonl.gz", self.buffer)
+        self.part, self.buffer = self.part + 1, []
+
+    def close(self) -> None:
+        if self.buffer:
+            self._flush()
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
+    data = load_section("data", DataConfig)
+    units, skipped = plan_units(data, paths.root)
+    out = fresh_dir(paths.out)
+    results = run_units(units, data, cfg, out, paths.root)
+    write_side_files(results, out)
+    metrics = {**summarise(results), "skipped_files": skipped}
+    print_funnel(metrics)
+    if metrics["docs_out"] == 0:
+        raise ScratchError(f"data.sources: no valid documents in {data.sources} "
+                           f"({metrics['quarantined']} quarantined, see {out / 'quarantine.jsonl'})")
+    tracker.log_artifact(out / "quarantine.jsonl", "ingest")
+    return metrics
+
+
+def run_units(units: list[Unit], data: DataConfig, cfg: Config, out: Path, root: Path) -> list[UnitResult]:
+    """Read units in a process pool (or inline with one worker); results come back in unit order."""
+    bar = progress(None, total=len(units), desc="ingest", unit="unit")
+    results: list[UnitResult] = []
+    if cfg.workers == 1 or len(units) == 1:
+        for unit in units:
+            results.append(ingest_unit(unit, data, cfg, out, root))
+            _advance(bar, results)
+    else:
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(units))) as pool:
+            futures = [pool.submit(ingest_unit, unit, data, cfg, out, root) for unit in units]
+            for future in futures:
+                results.append(future.result())
+                _advance(bar, results)
+    bar.close()
+    return results
+
+
+def _advance(bar, results: list[UnitResult]) -> None:
+    bar.update(1)
+    bar.set_postfix(docs=sum(r.docs_out for r in results),
+                    MB=round(sum(r.bytes_out for r in results) / 1e6, 1), refresh=False)
+
+
+def write_side_files(results: list[UnitResult], out: Path) -> None:
+    with open(out / "quarantine.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            for row in r.quarantine:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with open(out / "labels.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            for row in r.labels:
+                f.write(json.dumps(row) + "\n")
+
+
+def summarise(results: list[UnitResult]) -> dict:
+    reasons: Counter = Counter()
+    labels: Counter = Counter()
+    per_source: dict[str, dict[str, int]] = {}
+    for r in results:
+        reasons.update(r.reasons)
+        labels.update(row["label"] for row in r.labels)
+        s = per_source.setdefault(r.source, {"docs_out": 0, "quarantined": 0})
+        s["docs_out"] += r.docs_out
+        s["quarantined"] += r.quarantined
+    docs_out = sum(r.docs_out for r in results)
+    quarantined = sum(r.quarantined for r in results)
+    return {"docs_in": docs_out + quarantined, "docs_out": docs_out, "quarantined": quarantined,
+            "bytes_out": sum(r.bytes_out for r in results), "units": len(results),
+            "quarantined_by_reason": dict(sorted(reasons.items())), "builtin_labels": dict(sorted(labels.items())),
+            "per_source": per_source}
+
+
+def print_funnel(m: dict) -> None:
+    print(f"ingest: {m['docs_in']:,} records → {m['docs_out']:,} documents ({m['bytes_out'] / 1e6:.1f} MB), "
+          f"{m['quarantined']:,} quarantined")
+    for reason, n in m["quarantined_by_reason"].items():
+        print(f"  quarantined  {n:>8,}  {reason}")
+    for source, s in m["per_source"].items():
+        print(f"  source  {s['docs_out']:>8,} docs  {s['quarantined']:>6,} quarantined  {source}")
+    for path in m["skipped_files"]:
+        print(f"  skipped (not a document file)  {path}")
+
+
+def main() -> None:
+    stage_main("ingest", Config, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""`hf:<name>[:<split>]` sources through 🤗 `datasets`.
+
+`<name>` is a Hub dataset id (needs the network) or a local folder: one written by `Dataset.save_to_disk`, or a
+folder of data files in the Hub layout. Offline, a Hub id fails with a clear error instead of a traceback.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from tasks.common.config import ScratchError
+from tasks.sources.files import Record
+
+
+def parse(spec: str) -> tuple[str, str]:
+    """`hf:name[:split]` → (name, split); split defaults to `train`."""
+    body = spec.removeprefix("hf:")
+    name, _, split = body.partition(":")
+    if not name:
+        raise ScratchError(f"data.sources: {spec!r}: expected hf:<name>[:<split>]")
+    return name, split or "train"
+
+
+def load(spec: str, root: Path):
+    """Open the dataset split (streaming for Hub ids) or raise a ScratchError saying why it could not."""
+    name, split = parse(spec)
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - datasets is a pinned dependency
+        raise ScratchError(f"data.sources: {spec!r}: the `datasets` package is not installed ({e})") from None
+    local = Path(name) if Path(name).is_absolute() else root / name
+    try:
+        if local.is_dir() and (local / "dataset_info.json").is_file():
+            return datasets.load_from_disk(str(local))
+        if local.is_dir() and (local / "dataset_dict.json").is_file():
+            return datasets.load_from_disk(str(local))[split]
+        if local.is_dir():
+            return datasets.load_dataset(str(local), split=split)
+        return datasets.load_dataset(name, split=split, streaming=True)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
+        hint = " (the network or the Hub is unreachable, or HF_DATASETS_OFFLINE=1 is set)" \
+            if not local.is_dir() else ""
+        raise ScratchError(f"data.sources: {spec!r}: could not load split {split!r}{hint}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def read(spec: str, root: Path, text_field: str) -> Iterator[Record]:
+    """Documents of an HF dataset split; rows without a usable text field are quarantined by row number."""
+    dataset = load(spec, root)
+    for row, example in enumerate(dataset):
+        location = f"{spec}@{row}"
+        text = example.get(text_field)
+        if text is None:
+            yield Record(location, reason=f"missing text field {text_field!r}")
+        elif not isinstance(text, str):
+            yield Record(location, reason=f"text field {text_field!r} is {type(text).__name__}")
+        elif not text.strip():
+            yield Record(location, reason="empty document")
+        else:
+            yield Record(location, text=text)
