@@ -15,20 +15,22 @@ Writes  data/ingest/shard-UUUUU-PPPP.jsonl.gz   {"id", "text", "source"}, one un
 Checks  a missing path or a malformed source entry fails before any work. Bad records (invalid UTF-8,
         malformed JSON, missing or non-string text, empty documents, binary files, a cut-off .txt tail) are
         quarantined and counted: docs_in = docs_out + quarantined, always.
-Scale   sources are split into units (one per file) and read by a process pool of `ingest.workers`.
+Scale   sources are split into units (one per file) and read in parallel on `data.parallel` (a local
+        process pool, or Prefect task mapping on a Dask cluster).
 """
 from __future__ import annotations
 
 import json
 import os
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
 from tasks.common.config import ROOT, DataConfig, ScratchError, check, load_section
-from tasks.common.dvcio import ShardWriter, StagePaths, fresh_dir, write_jsonl_gz
+from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl_gz
+from tasks.common.parallel import parallel_map
 from tasks.common.stage import progress, stage_main
 from tasks.common.tracking import Tracker
 from tasks.sources import files, hf
@@ -36,8 +38,6 @@ from tasks.sources import files, hf
 
 @dataclass(frozen=True)
 class Config:
-    workers: int = 2
-    """Processes reading units (files) in parallel; 1 reads in this process."""
     docs_per_shard: int = 5000
     """Documents per output shard (a unit with more is split into several shards)."""
     txt_tail: Literal["quarantine", "keep"] = "quarantine"
@@ -47,7 +47,6 @@ class Config:
     """Characters of each quarantined record kept in quarantine.jsonl for inspection."""
 
     def __post_init__(self) -> None:
-        check(self.workers >= 1, "workers", "must be >= 1")
         check(self.docs_per_shard >= 1, "docs_per_shard", "must be >= 1")
         check(self.quarantine_excerpt_chars >= 0, "quarantine_excerpt_chars", "must be >= 0")
 
@@ -192,27 +191,20 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
 
 
 def run_units(units: list[Unit], data: DataConfig, cfg: Config, out: Path, root: Path) -> list[UnitResult]:
-    """Read units in a process pool (or inline with one worker); results come back in unit order."""
+    """Read units on the configured runner (`data.parallel`); results come back in unit order."""
     bar = progress(None, total=len(units), desc="ingest", unit="unit")
-    results: list[UnitResult] = []
-    if cfg.workers == 1 or len(units) == 1:
-        for unit in units:
-            results.append(ingest_unit(unit, data, cfg, out, root))
-            _advance(bar, results)
-    else:
-        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(units))) as pool:
-            futures = [pool.submit(ingest_unit, unit, data, cfg, out, root) for unit in units]
-            for future in futures:
-                results.append(future.result())
-                _advance(bar, results)
+    done: list[UnitResult] = []
+
+    def advance(result: UnitResult) -> None:
+        done.append(result)
+        bar.update(1)
+        bar.set_postfix(docs=sum(r.docs_out for r in done), MB=round(sum(r.bytes_out for r in done) / 1e6, 1),
+                        refresh=False)
+
+    work = functools.partial(ingest_unit, data=data, cfg=cfg, out_dir=out, root=root)
+    results = parallel_map(work, units, data.parallel, on_result=advance)
     bar.close()
     return results
-
-
-def _advance(bar, results: list[UnitResult]) -> None:
-    bar.update(1)
-    bar.set_postfix(docs=sum(r.docs_out for r in results),
-                    MB=round(sum(r.bytes_out for r in results) / 1e6, 1), refresh=False)
 
 
 def write_side_files(results: list[UnitResult], out: Path) -> None:

@@ -63,6 +63,20 @@ class BuiltinCorpus:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunnerConfig:
+    runner: Literal["local", "dask"] = "local"
+    """Where the data stages (ingest, filter, dedup) run their per-file/per-shard work: `local` (a process pool)
+    or `dask` (Prefect task mapping on a Dask cluster through prefect-dask)."""
+    workers: int = 2
+    """Worker processes (local pool size, or local Dask cluster size); 1 runs inline."""
+    dask_address: str = ""
+    """Scheduler address of an existing Dask cluster (tcp://host:8786); empty starts a local cluster."""
+
+    def __post_init__(self) -> None:
+        check(self.workers >= 1, "workers", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     sources: list[str]
     """Where documents come from, in order: `builtin:stories`, a file, folder or glob of .txt/.jsonl/.jsonl.gz/
@@ -73,6 +87,8 @@ class DataConfig:
     """Document separator inside .txt files; an empty string makes each file one document."""
     builtin: BuiltinCorpus = dataclasses.field(default_factory=BuiltinCorpus)
     """Size, seed and planted rates of the builtin corpus."""
+    parallel: RunnerConfig = dataclasses.field(default_factory=RunnerConfig)
+    """How the data stages spread their work over processes or a Dask cluster."""
 
     def __post_init__(self) -> None:
         check(len(self.sources) > 0, "sources", "must list at least one source")
