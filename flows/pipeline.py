@@ -29,7 +29,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from tasks.common import tracking
-from tasks.common.config import PARAMS_FILE, ROOT, ScratchError, load_all
+from tasks.common.config import ROOT, ScratchError, load_all, params_file
 
 
 class StageFailed(RuntimeError):
@@ -65,8 +65,9 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(overrides: dict[str, Any], path: Path = PARAMS_FILE) -> None:
+def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> None:
     """Write dotted-key overrides into params.yaml (comments kept) and validate; restore the file on error."""
+    path = path or params_file()
     if not overrides:
         load_all(path)
         return

@@ -26,7 +26,12 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-PARAMS_FILE = Path(os.environ.get("SCRATCHLM_PARAMS", ROOT / "params.yaml"))
+
+
+def params_file() -> Path:
+    """params.yaml at the repository root, or the file named by SCRATCHLM_PARAMS (read on every call)."""
+    return Path(os.environ.get("SCRATCHLM_PARAMS", ROOT / "params.yaml"))
+
 
 T = TypeVar("T")
 
@@ -108,7 +113,7 @@ class ModelSection:
         try:
             return ModelConfig.from_preset(self.preset, **{**self.overrides, "vocab_size": vocab_size})
         except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{PARAMS_FILE.name}: model: {e}") from None
+            raise ConfigError(f"{params_file().name}: model: {e}") from None
 
 
 BASE_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection}
@@ -124,7 +129,7 @@ def check(ok: bool, key: str, message: str) -> None:
 
 def read_params(path: Path | str | None = None) -> dict[str, Any]:
     """The raw params.yaml mapping, with a clear error when it is missing or not YAML."""
-    path = Path(path or PARAMS_FILE)
+    path = Path(path or params_file())
     if not path.is_file():
         raise ConfigError(f"{path}: params file not found")
     try:
@@ -153,7 +158,7 @@ def stage_modules() -> list[str]:
 
 def load_section(name: str, cls: type[T] | None = None, path: Path | str | None = None) -> T:
     """Load section `name` of params.yaml into its frozen dataclass, or raise ConfigError."""
-    path = Path(path or PARAMS_FILE)
+    path = Path(path or params_file())
     raw = read_params(path)
     if name not in raw:
         raise ConfigError(f"{path.name}: missing section {name!r}")
@@ -162,7 +167,7 @@ def load_section(name: str, cls: type[T] | None = None, path: Path | str | None 
 
 def load_all(path: Path | str | None = None) -> dict[str, Any]:
     """Load and validate every section (what `scratchlm params --check` and the flow run first)."""
-    path = Path(path or PARAMS_FILE)
+    path = Path(path or params_file())
     raw = read_params(path)
     return {name: build(section_class_for_file(name, path), value, f"{path.name}: {name}")
             for name, value in raw.items()}
