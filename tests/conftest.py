@@ -1,0 +1,68 @@
+"""Shared fixtures: the real corpora beside the checkout, and throwaway copies of the project for DVC/flow tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SCRATCHLM_PROGRESS", "off")
+
+
+def shared(folder: str) -> Path:
+    """A folder of ../shared/data, or skip the test naming it."""
+    path = SHARED_DATA / folder
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent")
+    return path
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def copy_project(dest: Path, params: dict | None = None) -> Path:
+    """A git+DVC copy of the project's files (tracked and new, not ignored) at `dest`, with `params` merged
+    into params.yaml and committed, as a fresh clone would be."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    for rel in filter(None, listed):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    if params:
+        merged = deep_merge(yaml.safe_load((dest / "params.yaml").read_text()), params)
+        (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def run_in(project: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run a command in a project copy with this venv's executables first on PATH."""
+    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "PYTHONPATH": str(project), **(env or {})}
+    return subprocess.run(list(args), cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,156 @@
+"""The ingest stage: every source format, every class of bad input with exact counts (in = out + quarantined)."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tasks import ingest
+from tasks.common.config import ScratchError, load_section
+from tasks.common.dvcio import read_docs, stage_paths
+from tasks.common.tracking import Tracker
+from tests.conftest import ROOT, shared
+
+
+def run_ingest(tmp_path: Path, monkeypatch, sources: list[str], data: dict | None = None, **cfg) -> tuple[dict, list[dict], list[dict]]:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["sources"] = sources
+    params["data"]["builtin"]["n_docs"] = 400
+    params["data"].update(data or {})
+    params["ingest"].update(cfg)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv("SCRATCHLM_PARAMS", str(tmp_path / "params.yaml"))
+    paths = stage_paths("ingest", root=tmp_path)
+    metrics = ingest.run(load_section("ingest", ingest.Config), paths, Tracker("ingest", None))
+    docs = list(read_docs(paths.out))
+    quarantine = [json.loads(line) for line in (paths.out / "quarantine.jsonl").read_text().splitlines()]
+    assert metrics["docs_in"] == metrics["docs_out"] + metrics["quarantined"]
+    assert metrics["docs_out"] == len(docs)
+    assert metrics["quarantined"] == sum(q["count"] for q in quarantine)
+    return metrics, docs, quarantine
+
+
+def test_builtin_corpus_with_labels(tmp_path, monkeypatch):
+    metrics, docs, _ = run_ingest(tmp_path, monkeypatch, ["builtin:stories"])
+    assert metrics["docs_out"] == 400 and metrics["quarantined"] == 0
+    labels = [json.loads(l) for l in (tmp_path / "data/ingest/labels.jsonl").read_text().splitlines()]
+    assert [l["id"] for l in labels] == [d["id"] for d in docs]
+    assert {"clean", "exact_dup", "near_dup", "junk"} <= {l["label"] for l in labels}
+    assert all(d["source"] == "builtin:stories" for d in docs)
+    (tmp_path / "again").mkdir()
+    _, docs2, _ = run_ingest(tmp_path / "again", monkeypatch, ["builtin:stories"])
+    assert docs2 == docs, "the builtin corpus must be deterministic"
+
+
+def test_real_tinystories_sample(tmp_path, monkeypatch):
+    folder = shared("tinystories")
+    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, [str(folder)])
+    assert metrics["docs_out"] == 2316
+    assert [q["reason"].split(" (")[0] for q in quarantine] == ["unterminated tail"]
+    assert len(metrics["skipped_files"]) == 1 and metrics["skipped_files"][0].endswith("tinystories/SOURCE.md")
+    assert docs[0]["text"].startswith("One day, a little girl named Lily found a needle in her room.")
+    assert all("<|endoftext|>" not in d["text"] for d in docs)
+    (tmp_path / "k").mkdir()
+    kept, _, _ = run_ingest(tmp_path / "k", monkeypatch, [str(folder)], txt_tail="keep")
+    assert kept["docs_out"] == 2317 and kept["quarantined"] == 0
+
+
+def test_txt_with_bad_pieces(tmp_path, monkeypatch):
+    (tmp_path / "corpus").mkdir()
+    sep = b"<|endoftext|>"
+    (tmp_path / "corpus/a.txt").write_bytes(b"first story." + sep + b"  \n " + sep + b"bad \xff\xfe bytes" + sep
+                                            + "caf\u00e9 \u2603".encode() + sep + b"cut off tai")
+    (tmp_path / "corpus/b.txt").write_bytes(b"\x00\x01binary\x00" * 10)
+    (tmp_path / "corpus/notes.md").write_text("not a document")
+    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, ["corpus"])
+    assert [d["text"] for d in docs] == ["first story.", "caf\u00e9 \u2603"]
+    assert metrics["quarantined_by_reason"] == {"binary file": 1, "empty document": 1, "invalid UTF-8": 1,
+                                                "unterminated tail": 1}
+    assert metrics["docs_in"] == 6 and metrics["skipped_files"] == ["corpus/notes.md"]
+    assert {q["location"].split("/")[-1] for q in quarantine} == {"a.txt#1", "a.txt#2", "a.txt#4", "b.txt"}
+    assert docs[0]["id"] == "corpus/a.txt#0"
+
+
+def jsonl_lines() -> list[bytes]:
+    return [json.dumps({"text": "good one", "meta": 1}).encode(), b'{"text": "broken', json.dumps([1, 2]).encode(),
+            json.dumps({"body": "no text field"}).encode(), json.dumps({"text": 42}).encode(),
+            json.dumps({"text": "   "}).encode(), b'{"text": "bad \xff utf8"}', b"",
+            json.dumps({"text": "good two \u00fc"}, ensure_ascii=False).encode()]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_jsonl_bad_lines_are_counted(tmp_path, monkeypatch, suffix):
+    payload = b"\n".join(jsonl_lines()) + b"\n"
+    path = tmp_path / f"docs{suffix}"
+    path.write_bytes(gzip.compress(payload) if suffix.endswith(".gz") else payload)
+    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, [path.name])
+    assert [d["text"] for d in docs] == ["good one", "good two \u00fc"]
+    assert metrics["quarantined_by_reason"] == {"empty document": 1, "invalid UTF-8": 1, "malformed JSON": 1,
+                                                "missing text field 'text'": 1, "not a JSON object": 1,
+                                                "text field 'text' is int, not a string": 1}
+    assert [q["location"].rsplit(":", 1)[1] for q in quarantine] == ["2", "3", "4", "5", "6", "7"]
+    assert docs[1]["id"] == f"docs{suffix}:9"
+
+
+def test_truncated_gzip_keeps_what_was_readable(tmp_path, monkeypatch):
+    rows = b"".join(json.dumps({"text": f"document number {i}"}).encode() + b"\n" for i in range(2000))
+    blob = gzip.compress(rows)
+    (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
+    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, ["cut.jsonl.gz"])
+    assert 0 < len(docs) < 2000
+    assert [d["text"] for d in docs] == [f"document number {i}" for i in range(len(docs))]
+    assert metrics["quarantined"] == 1 and "corrupt or truncated gzip" in quarantine[0]["reason"]
+
+
+def test_parquet_and_text_field(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"content": ["alpha doc", None, "", "beta doc"]}), tmp_path / "a.parquet")
+    pq.write_table(pa.table({"other": ["x", "y", "z"]}), tmp_path / "b.parquet")
+    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, ["*.parquet"], data={"text_field": "content"})
+    assert [d["text"] for d in docs] == ["alpha doc", "beta doc"]
+    assert [d["id"] for d in docs] == ["a.parquet@0", "a.parquet@3"]
+    assert metrics["quarantined"] == 2 + 3  # a null, an empty string, and b.parquet's 3 rows without the column
+    assert any("missing text column 'content'" in q["reason"] and q["count"] == 3 for q in quarantine)
+
+
+def test_hf_source_loads_a_local_dataset_folder(tmp_path, monkeypatch):
+    import datasets
+    datasets.Dataset.from_dict({"text": ["from hf one", "", "from hf two"]}).save_to_disk(str(tmp_path / "saved"))
+    metrics, docs, _ = run_ingest(tmp_path, monkeypatch, ["hf:saved"])
+    assert [d["text"] for d in docs] == ["from hf one", "from hf two"] and metrics["quarantined"] == 1
+
+
+def test_hf_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ScratchError, match=r"data.sources: 'hf:roneneldan/TinyStories:validation': could not load"):
+        run_ingest(tmp_path, monkeypatch, ["hf:roneneldan/TinyStories:validation"])
+
+
+@pytest.mark.parametrize("sources, message", [
+    (["missing/folder"], "data.sources: 'missing/folder': no such file or folder"),
+    (["builtin:poems"], "unknown builtin"),
+    (["notes.md"], "unsupported file type .md"),
+    (["a.txt", "a.txt"], "is listed twice"),
+])
+def test_bad_sources_fail_before_any_work(tmp_path, monkeypatch, sources, message):
+    (tmp_path / "notes.md").write_text("x")
+    (tmp_path / "a.txt").write_text("x")
+    with pytest.raises(ScratchError, match=message):
+        run_ingest(tmp_path, monkeypatch, sources)
+    assert not (tmp_path / "data" / "ingest").exists(), "nothing may be written before the sources check out"
+
+
+def test_parallel_units_match_inline(tmp_path, monkeypatch):
+    for i in range(4):
+        (tmp_path / f"f{i}.jsonl").write_text("".join(json.dumps({"text": f"doc {i}-{j}"}) + "\n" for j in range(30)))
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    _, inline, _ = run_ingest(tmp_path / "one", monkeypatch, [str(tmp_path / "*.jsonl")],
+                              data={"parallel": {"runner": "local", "workers": 1, "dask_address": ""}})
+    _, pooled, _ = run_ingest(tmp_path / "two", monkeypatch, [str(tmp_path / "*.jsonl")],
+                              data={"parallel": {"runner": "local", "workers": 2, "dask_address": ""}})
+    assert [d["text"] for d in pooled] == [d["text"] for d in inline] and len(inline) == 120
