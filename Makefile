@@ -10,6 +10,9 @@ export DS_ACCELERATOR ?= cpu
 export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
+# Prefect's local state (ephemeral server database) stays inside the project unless PREFECT_HOME/PREFECT_API_URL say otherwise
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: run test install deploy clean help
 

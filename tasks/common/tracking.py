@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Iterator
@@ -81,6 +82,13 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def metric_key(name: str) -> str:
+    """A name MLflow accepts (letters, digits, _ - . space /), with no path tricks like `..` or `//`."""
+    name = re.sub(r"[^\w\-. /]", "_", name)
+    name = re.sub(r"\.{2,}", "_", name)
+    return re.sub(r"/{2,}", "/", name).strip("/ ")
+
+
 class Tracker:
     """What a stage logs through; a no-op when `active` is False (ranks other than 0)."""
 
@@ -94,7 +102,7 @@ class Tracker:
             return
         import mlflow
         ns = self.stage if namespace is None else namespace
-        clean = {(f"{ns}/{k}" if ns and "/" not in k else k): float(v) for k, v in metrics.items()
+        clean = {metric_key(f"{ns}/{k}" if ns and "/" not in k else k): float(v) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id)

@@ -1,0 +1,83 @@
+"""The backbone end to end on a throwaway copy of the project: real DVC, a real Prefect (test harness) server and a
+real MLflow SQLite store. Only the ingest stage is exercised here; later stages have their own stage tests."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from tests.conftest import copy_project, run_in
+
+pytestmark = pytest.mark.slow
+
+SMALL = {"data": {"builtin": {"n_docs": 300}}}
+
+FLOW_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from prefect.testing.utilities import prefect_test_harness
+    from flows.pipeline import StageFailed, build_llm
+    out = {}
+    with prefect_test_harness(server_startup_timeout=120):
+        out["first"] = build_llm(stages=["ingest"])
+        out["again"] = build_llm(stages=["ingest"])
+        out["changed"] = build_llm(stages=["ingest"], overrides={"data.builtin.n_docs": 250})
+        try:
+            build_llm(stages=["ingest"], overrides={"data.sources": ["no/such/dir"]})
+        except StageFailed as e:
+            out["failure"] = str(e)
+    print("RESULT " + json.dumps(out))
+''')
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return copy_project(tmp_path_factory.mktemp("project"), SMALL)
+
+
+def test_dvc_repro_runs_once_then_skips(project):
+    first = run_in(project, "dvc", "repro", "ingest")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'ingest'" in first.stdout
+    assert json.loads((project / "metrics/ingest.json").read_text())["docs_out"] == 300
+    again = run_in(project, "dvc", "repro", "ingest")
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+    status = run_in(project, "dvc", "status", "ingest")
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_dvc_exp_run_set_param(project):
+    exp = run_in(project, "dvc", "exp", "run", "-S", "ingest.docs_per_shard=100", "ingest")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    assert "Running stage 'ingest'" in exp.stdout
+    shards = sorted(p.name for p in (project / "data/ingest").glob("shard-*.jsonl.gz"))
+    assert len(shards) == 3, shards
+
+
+def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, mlflow_uri):
+    project = copy_project(tmp_path_factory.mktemp("flowproject"), SMALL)
+    (project / "run_flow.py").write_text(FLOW_SCRIPT)
+    proc = run_in(project, "python", "run_flow.py", env={"MLFLOW_TRACKING_URI": mlflow_uri})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert out["first"]["ran"] == ["ingest"]
+    assert out["again"]["ran"] == [] and out["again"]["skipped"] == ["ingest"]
+    assert out["changed"]["ran"] == ["ingest"]
+    assert out["failure"].startswith("error: ingest: data.sources: 'no/such/dir': no such file or folder")
+    assert "[ingest] ingest: 300 records" in proc.stderr + proc.stdout, "stage output streams into the flow logs"
+
+    import mlflow
+    mlflow.set_tracking_uri(mlflow_uri)
+    parent_id = out["first"]["parent_run_id"]
+    child = mlflow.search_runs(experiment_names=["scratchlm"], output_format="list",
+                               filter_string=f"tags.scratchlm.parent_run_id = '{parent_id}'")
+    assert [r.info.run_name for r in child] == ["ingest"]
+    run = child[0]
+    assert run.data.tags["mlflow.parentRunId"] == parent_id
+    assert len(run.data.tags["git_commit"]) >= 40
+    assert run.data.tags["dvc.outs.data/ingest"], "dvc.lock hashes are tagged once DVC locked the stage"
+    assert run.data.params["docs_per_shard"] == "5000"
+    assert run.data.metrics["ingest/docs_out"] == 300
+    assert mlflow.get_run(parent_id).info.run_name == "build_llm"
+    artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "metrics")]
+    assert artifacts == ["metrics/ingest.json"]
