@@ -101,15 +101,6 @@ def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[st
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def doc_id(location: str, root: Path = ROOT) -> str:
-    """A stable, readable id: the record's location (`path#doc`, `path:line`, `path@row`) relative to the repo."""
-    for sep in ("#", "@", ":"):
-        path, found, index = location.rpartition(sep)
-        if found and index.isdigit():
-            return f"{os.path.relpath(path, root)}{sep}{index}"
-    return os.path.relpath(location, root)
-
-
 def records(unit: Unit, data: DataConfig, cfg: Config, root: Path) -> Iterator[tuple[str, files.Record, dict | None]]:
     """(id, record, ground-truth label or None) triples of one unit."""
     if unit.kind == "builtin":
@@ -122,7 +113,7 @@ def records(unit: Unit, data: DataConfig, cfg: Config, root: Path) -> Iterator[t
             yield rec.location, rec, None
     else:
         for rec in files.read_file(Path(unit.path), data.text_field, data.txt_separator, cfg.txt_tail == "keep"):
-            yield doc_id(rec.location, root), rec, None
+            yield files.relative_location(rec.location, root), rec, None
 
 
 def ingest_unit(unit: Unit, data: DataConfig, cfg: Config, out_dir: Path, root: Path = ROOT) -> UnitResult:

@@ -58,6 +58,15 @@ def expand(spec: str, root: Path) -> tuple[list[Path], list[Path]]:
     return documents, [p for p in found if suffix_of(p) not in SUFFIXES]
 
 
+def relative_location(location: str, root: Path) -> str:
+    """A stable, readable id: a record's location (`path#doc`, `path:line`, `path@row`) relative to `root`."""
+    for sep in ("#", "@", ":"):
+        path, found, index = location.rpartition(sep)
+        if found and index.split("/")[0].isdigit():
+            return f"{os.path.relpath(path, root)}{sep}{index}"
+    return os.path.relpath(location, root)
+
+
 def read_file(path: Path, text_field: str, separator: str, keep_tail: bool) -> Iterator[Record]:
     """Dispatch on the suffix; an unsupported file is one quarantined record."""
     kind = suffix_of(path)

@@ -1,0 +1,210 @@
+"""Instruction and preference data for the alignment stages, from the builtin world or real files.
+
+Normalised forms (what SFT, reward and DPO consume):
+    instruction  {"id", "messages": [{"role": "system"|"user"|"assistant", "content": str}, ...], "constraints"?}
+                 the last message is the assistant's answer; every assistant turn is trained on
+    preference   {"id", "prompt_messages": [...], "chosen": str, "rejected": str, "constraints"?}
+                 the prompt is a conversation ending with a user turn; chosen/rejected are assistant replies
+
+Sources (a list in the stage's params):
+    builtin:instructions / builtin:preferences   the seeded world of tasks/sources/builtin.py (checkable constraints)
+    a .json (array) / .jsonl / .jsonl.gz file    rows in any of these formats, detected per row:
+        chat         {"messages": [...]}
+        Alpaca       {"instruction", "input"?, "output"}
+        Self-Instruct {"instruction", "instances": [{"input", "output"}, ...]}   (one example per instance)
+        GSM8K        {"question", "answer"}
+        preference   {"prompt", "chosen", "rejected"}   (prompt a string or a messages list)
+        HH-RLHF      {"chosen", "rejected"} full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts, split at the
+                     last assistant turn (the two must share everything before it)
+A row that fits no format, or breaks the contract, is a quarantined `Record` with its file and line, never a crash.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterator
+
+from tasks.common.config import ScratchError
+from tasks.sources.files import Record, relative_location
+
+ROLES = ("system", "user", "assistant")
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+# ------------------------------------------------------------------------------------------------ rows from files
+
+def read_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
+    """(location, parsed row or None, reason if unparseable) for every row of a .json array or JSON Lines file."""
+    name = path.name.lower()
+    if name.endswith(".json"):
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ScratchError(f"{path}: not a valid JSON file: {e}") from None
+        if not isinstance(rows, list):
+            raise ScratchError(f"{path}: expected a JSON array of examples, got {type(rows).__name__}")
+        for i, row in enumerate(rows):
+            yield f"{path}@{i}", row, None
+        return
+    if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
+        raise ScratchError(f"{path}: unsupported file type (use .json, .jsonl or .jsonl.gz)")
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            location = f"{path}:{line_no}"
+            try:
+                yield location, json.loads(raw.decode("utf-8")), None
+            except UnicodeDecodeError as e:
+                yield location, None, f"invalid UTF-8 at byte {e.start}"
+            except json.JSONDecodeError as e:
+                yield location, None, f"malformed JSON: {e.msg} at column {e.colno}"
+
+
+def resolve(spec: str, root: Path) -> Path:
+    path = Path(spec) if Path(spec).is_absolute() else root / spec
+    if not path.is_file():
+        raise ScratchError(f"{spec!r}: no such file ({path})")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ instructions
+
+def to_instruction(row: Any) -> tuple[list[dict] | None, str | None]:
+    """(messages, None) for a row in any supported instruction format, or (None, reason)."""
+    if not isinstance(row, dict):
+        return None, f"not a JSON object ({type(row).__name__})"
+    if "messages" in row:
+        return check_messages(row["messages"], final_role="assistant")
+    if "instruction" in row and "output" in row:
+        prompt = _join(row.get("instruction"), row.get("input", ""))
+        return _pair(prompt, row.get("output"))
+    if "question" in row and "answer" in row:
+        return _pair(row.get("question"), row.get("answer"))
+    return None, "no known instruction format (messages | instruction/input/output | question/answer)"
+
+
+def instruction_examples(row: Any) -> list[tuple[list[dict] | None, str | None]]:
+    """Self-Instruct rows hold several instances: one example each; every other format is one example."""
+    if isinstance(row, dict) and "instruction" in row and isinstance(row.get("instances"), list):
+        return [_pair(_join(row.get("instruction"), inst.get("input", "")), inst.get("output"))
+                if isinstance(inst, dict) else (None, "instance is not an object") for inst in row["instances"]]
+    return [to_instruction(row)]
+
+
+def _join(instruction: Any, extra: Any) -> Any:
+    if not isinstance(instruction, str) or not isinstance(extra, str):
+        return instruction if not isinstance(instruction, str) else None
+    return f"{instruction}\n\n{extra}" if extra.strip() else instruction
+
+
+def _pair(prompt: Any, answer: Any) -> tuple[list[dict] | None, str | None]:
+    return check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
+                          final_role="assistant")
+
+
+def check_messages(messages: Any, final_role: str) -> tuple[list[dict] | None, str | None]:
+    """Validate a conversation: known roles, non-empty string contents, a user turn, ending with `final_role`."""
+    if not isinstance(messages, list) or not messages:
+        return None, "messages must be a non-empty list"
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            return None, f"message {i}: role must be one of {', '.join(ROLES)}"
+        if not isinstance(m.get("content"), str) or not m["content"].strip():
+            return None, f"message {i} ({m['role']}): content must be a non-empty string"
+        clean.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "user" for m in clean):
+        return None, "no user message"
+    if clean[-1]["role"] != final_role:
+        return None, f"the last message must be from the {final_role}"
+    return clean, None
+
+
+def load_instructions(sources: list[str], root: Path, builtin_n: int, seed: int,
+                      split: str = "train") -> Iterator[tuple[dict | None, Record | None]]:
+    """(example, None) or (None, quarantined Record) for every row of every source, in order."""
+    for spec in sources:
+        if spec == "builtin:instructions":
+            from tasks.sources import builtin
+            for ex in builtin.generate_instructions(builtin_n, seed, split):
+                yield ex, None
+            continue
+        if spec.startswith("builtin:"):
+            raise ScratchError(f"{spec!r}: unknown builtin instruction source (known: builtin:instructions)")
+        path = resolve(spec, root)
+        for location, row, reason in read_rows(path):
+            examples = [(None, reason)] if reason else instruction_examples(row)
+            for k, (messages, why) in enumerate(examples):
+                rid = relative_location(location if len(examples) == 1 else f"{location}/{k}", root)
+                yield ({"id": rid, "messages": messages}, None) if messages else (None, Record(rid, reason=why))
+
+
+# ------------------------------------------------------------------------------------------------ preferences
+
+def to_preference(row: Any) -> tuple[dict | None, str | None]:
+    """{prompt_messages, chosen, rejected} from a prompt/chosen/rejected row or an HH-RLHF transcript pair."""
+    if not isinstance(row, dict):
+        return None, f"not a JSON object ({type(row).__name__})"
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not isinstance(chosen, str) or not isinstance(rejected, str):
+        return None, "chosen and rejected must both be strings"
+    if "prompt" in row:
+        prompt = row["prompt"]
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        messages, why = check_messages(messages, final_role="user")
+        if why:
+            return None, f"prompt: {why}"
+    else:
+        messages, chosen, rejected, why = split_hh(chosen, rejected)
+        if why:
+            return None, why
+    if not chosen.strip() or not rejected.strip():
+        return None, "empty chosen or rejected reply"
+    if chosen == rejected:
+        return None, "chosen and rejected are identical"
+    return {"prompt_messages": messages, "chosen": chosen, "rejected": rejected}, None
+
+
+def parse_hh(transcript: str) -> list[dict]:
+    """"\\n\\nHuman: a\\n\\nAssistant: b" → [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    parts = HH_TURN.split(transcript)
+    turns = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        turns.append({"role": "user" if speaker == "Human" else "assistant", "content": content.strip()})
+    return turns
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[list[dict] | None, str, str, str | None]:
+    """Split two HH-RLHF transcripts at their last assistant turn; they must share everything before it."""
+    c_turns, r_turns = parse_hh(chosen), parse_hh(rejected)
+    if not c_turns or not r_turns or c_turns[-1]["role"] != "assistant" or r_turns[-1]["role"] != "assistant":
+        return None, "", "", "not an HH-RLHF transcript ending in an Assistant turn"
+    if c_turns[:-1] != r_turns[:-1]:
+        return None, "", "", "chosen and rejected differ before the last assistant turn"
+    messages, why = check_messages(c_turns[:-1], final_role="user")
+    if why:
+        return None, "", "", f"prompt: {why}"
+    return messages, c_turns[-1]["content"], r_turns[-1]["content"], None
+
+
+def load_preferences(sources: list[str], root: Path, builtin_n: int, seed: int,
+                     split: str = "train") -> Iterator[tuple[dict | None, Record | None]]:
+    """(pair, None) or (None, quarantined Record) for every row of every source, in order."""
+    for spec in sources:
+        if spec == "builtin:preferences":
+            from tasks.sources import builtin
+            for p in builtin.generate_preferences(builtin_n, seed, split):
+                yield {"id": p["id"], "prompt_messages": [{"role": "user", "content": p["prompt"]}],
+                       "chosen": p["chosen"], "rejected": p["rejected"], "constraints": p["constraints"]}, None
+            continue
+        if spec.startswith("builtin:"):
+            raise ScratchError(f"{spec!r}: unknown builtin preference source (known: builtin:preferences)")
+        path = resolve(spec, root)
+        for location, row, reason in read_rows(path):
+            pair, why = (None, reason) if reason else to_preference(row)
+            rid = relative_location(location, root)
+            yield ({"id": rid, **pair}, None) if pair else (None, Record(rid, reason=why))
