@@ -221,7 +221,7 @@ def _drop(sentences, breaks, story, rng):
     if len(sentences) < 10:
         return _swap(sentences, breaks, story, rng)
     i = rng.randrange(1, len(sentences) - 1)
-    return sentences[:i] + sentences[i + 1:], tuple(b - 1 if b > i else b for b in breaks if b != i or b - 1 > 0)
+    return sentences[:i] + sentences[i + 1:], tuple(b - 1 if b > i else b for b in breaks)
 
 
 _EDITS = {"swap": _swap, "insert": _insert, "delete": _delete, "rename": _rename, "drop": _drop}
@@ -252,7 +252,7 @@ _BOILERPLATE = (
     "Your session has expired. Please log in again.",
     "Share on social media | Print this page",
 )
-_BLOCKED_LINES = (0, 1, 2, 3, 7, 10)  # lines with a cookie/terms/javascript phrase; every page gets one
+_BLOCKED_LINES = (0, 1, 2, 3, 10)  # lines holding a C4 policy phrase (use cookies, terms of use, ...): one per page
 
 
 def _boilerplate(rng: random.Random) -> str:
@@ -439,7 +439,7 @@ _PROMPTS = (
     "I would like a bedtime story about {name} the {animal} and a day {at_place}.",
     "Write a story for kids where {name} the {animal} spends a day {at_place}.",
     "Make up a story about {a_animal} whose name is {name}. Set it {at_place}.",
-    "Tell a short tale about a {place} visit by {name}, who is {a_animal}.",
+    "Tell a short tale about {a_place} visit by {name}, who is {a_animal}.",
 )
 _RULES = {
     "object": ("The story must mention {a_object}.", "Include {a_object} in the story.",
@@ -509,7 +509,7 @@ def _instruction_case(rng: random.Random, split: str) -> _Case:
 
 def _prompt(rng: random.Random, cast: Cast, constraints: dict) -> str:
     values = {"name": cast.hero.name, "animal": cast.hero.animal, "a_animal": world.article(cast.hero.animal),
-              "place": cast.place, "at_place": f"{world.PLACES[cast.place][0]} the {cast.place}",
+              "place": cast.place, "a_place": world.article(cast.place), "at_place": f"{world.PLACES[cast.place][0]} the {cast.place}",
               "a_object": world.article(cast.obj), **{k: v for k, v in constraints.items() if isinstance(v, str | int)}}
     head = rng.choice(_PROMPTS).format_map(values)
     rules = [rng.choice(_RULES[k]).format_map(values) for k in _EXTRAS if k in constraints]

@@ -304,6 +304,8 @@ ENDINGS: dict[str, tuple[str, ...]] = {
     "end": ("And that is the end.", "And that was the end of a big day.", "This is the end."),
 }
 
+MORAL_ENDINGS = ("kind", "share")  # endings that already state a lesson: no lesson beat before them
+
 # Sentences that end a cloze story: each names several entities so one swapped entity makes it inconsistent.
 CLOZE_ENDINGS: tuple[str, ...] = (
     "{name} the {animal} walked home from {the_place} with {his} {obj}.",
@@ -803,7 +805,7 @@ def compose(cast: Cast, rng: random.Random, *, forbid: tuple[str, ...] = (),
         if not stage.optional or include:
             add(stage.templates, f"plot{i}", stage.optional)
     end_start = len(story.sentences)
-    if rng.random() < richness * 0.8:
+    if rng.random() < richness * 0.8 and cast.ending not in MORAL_ENDINGS:
         add(LESSON_BEATS, "lesson", True)
     add(ENDINGS[cast.ending], "ending", False)
     if words is not None:
