@@ -120,6 +120,7 @@ def generate_corpus(n_docs: int, seed: int, exact_dup_rate: float, near_dup_rate
 
 
 def doc_id(index: int) -> str:
+    """The id of the document at position `index` (`builtin-000042`)."""
     return f"builtin-{index:06d}"
 
 
@@ -379,6 +380,7 @@ def split_sentences(text: str) -> list[str]:
 
 
 def last_word(text: str) -> str:
+    """The last word of a text, lowercased, punctuation and quotes dropped ("" when there is none)."""
     words = re.findall(r"[A-Za-z][A-Za-z']*", text)
     return words[-1].strip("'").lower() if words else ""
 
@@ -562,6 +564,7 @@ def generate_preferences(n: int, seed: int, split: str) -> Iterator[dict]:
 
 
 def _retell(case: _Case, forbid: tuple[str, ...], **changes: str) -> str | None:
+    """The case's story told from the same seed with the cast changed and `forbid` words avoided (None: impossible)."""
     cast = world.recast(case.cast, **changes)
     try:
         story = world.compose(cast, random.Random(case.story_seed), words=None, richness=0.35, forbid=forbid)
@@ -632,6 +635,7 @@ def generate_cloze(n: int, seed: int, split: str = "test") -> Iterator[dict]:
 
 
 def _cloze_item(rng: random.Random) -> tuple[str, list[str], int] | None:
+    """(context, choices, label), or None when this draw cannot make four clean choices (the caller redraws)."""
     cast = world.sample_cast(rng)
     story = world.compose(cast, rng, words=(60, 180))
     context = Story(story.sentences[:-1], [], [], story.slots, tuple(b for b in story.breaks

@@ -632,6 +632,7 @@ class Cast:
 
 
 def article(phrase: str) -> str:
+    """"a kite" / "an owl": the indefinite article by the first letter (the world has no "a unicorn" cases)."""
     return ("an " if phrase[0].lower() in "aeiou" else "a ") + phrase
 
 
@@ -642,6 +643,7 @@ def other(rng: random.Random, pool: tuple[str, ...] | list[str], *exclude: str) 
 
 
 def same_gender_name(rng: random.Random, name: str, *exclude: str) -> str:
+    """Another name taking the same pronouns, so a swapped name leaves the grammar right."""
     return other(rng, [n for n, g in NAMES.items() if g == NAMES[name]], name, *exclude)
 
 
@@ -761,6 +763,7 @@ def _pick(templates: tuple[str, ...], values: dict[str, str], rng: random.Random
 
 
 def forbid_pattern(words: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One pattern matching any of `words` the way `mentions` does (None for no words)."""
     if not words:
         return None
     return re.compile("|".join(f"(?:{mention_regex(w).pattern})" for w in words), re.IGNORECASE)
