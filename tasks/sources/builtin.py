@@ -297,7 +297,8 @@ def _ellipsis(rng: random.Random) -> str:
     lines = []
     for _ in range(rng.randint(6, 14)):
         words = world.compose(world.sample_cast(rng), rng, words=None).sentences[0].split()
-        lines.append(" ".join(words[:rng.randint(3, max(3, len(words) - 2))]).rstrip(",") + rng.choice(("...", "\u2026")))
+        cut = " ".join(words[:rng.randint(3, max(3, len(words) - 2))]).rstrip(",")
+        lines.append(cut + rng.choice(("...", "\u2026")))
     return "\n".join(lines)
 
 
@@ -511,7 +512,8 @@ def _instruction_case(rng: random.Random, split: str) -> _Case:
 
 def _prompt(rng: random.Random, cast: Cast, constraints: dict) -> str:
     values = {"name": cast.hero.name, "animal": cast.hero.animal, "a_animal": world.article(cast.hero.animal),
-              "place": cast.place, "a_place": world.article(cast.place), "at_place": f"{world.PLACES[cast.place][0]} the {cast.place}",
+              "place": cast.place, "a_place": world.article(cast.place),
+              "at_place": f"{world.PLACES[cast.place][0]} the {cast.place}",
               "a_object": world.article(cast.obj), **{k: v for k, v in constraints.items() if isinstance(v, str | int)}}
     head = rng.choice(_PROMPTS).format_map(values)
     rules = [rng.choice(_RULES[k]).format_map(values) for k in _EXTRAS if k in constraints]
