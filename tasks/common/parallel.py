@@ -3,11 +3,21 @@
 `parallel_map(fn, items, runner)` returns results in input order, whatever the backend:
     local   a process pool of `runner.workers` processes (1 = inline, in this process)
     dask    Prefect task mapping on a Dask cluster (`prefect-dask`): `runner.dask_address` of an existing
-            scheduler, or a local cluster of `runner.workers` processes when empty
-`fn` and `items` must be picklable (top-level functions, plain data); results come back to the caller.
+            scheduler, or a local cluster of `runner.workers` processes (on 127.0.0.1) when empty
+`fn` and `items` must be picklable (top-level functions or functools.partial of them, plain data); results come
+back to the caller, and `on_result` is called on each, in input order, as soon as it and those before it are done.
+
+On Dask every item is one Prefect task run of a `data-shards` flow run, visible on the Prefect server in
+PREFECT_API_URL. Without one, a single temporary Prefect server is started for the whole map and handed to the
+Dask workers through Prefect's settings context (otherwise each worker process would start its own). Workers of
+an existing cluster must be able to import this project (same checkout and venv) and must see the paths in
+`items` (a shared filesystem mounted at the same path): docs/SCALE.md, "Data stages on Dask".
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -20,39 +30,89 @@ R = TypeVar("R")
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig,
                  on_result: Callable[[R], Any] | None = None) -> list[R]:
     """`[fn(x) for x in items]` on the configured runner, calling `on_result` as each finishes (in order)."""
-    results = []
-    for result in _iter_results(fn, items, runner):
+    results: list[R] = []
+
+    def collect(result: R) -> None:
         results.append(result)
         if on_result is not None:
             on_result(result)
+
+    if runner.runner == "dask":
+        _dask_map(fn, list(items), runner, collect)
+    else:
+        for result in _local_results(fn, items, runner):
+            collect(result)
     return results
 
 
-def _iter_results(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig) -> Iterator[R]:
-    if runner.runner == "dask":
-        yield from _dask_map(fn, items, runner)
-    elif runner.workers == 1 or len(items) <= 1:
+def _local_results(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig) -> Iterator[R]:
+    if runner.workers == 1 or len(items) <= 1:
         yield from map(fn, items)
     else:
         with ProcessPoolExecutor(max_workers=min(runner.workers, len(items))) as pool:
             yield from pool.map(fn, items)
 
 
-def _dask_map(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig) -> list[R]:
+# ------------------------------------------------------------------------------------------------ dask
+
+def _dask_map(fn: Callable[[T], R], items: list[T], runner: RunnerConfig, collect: Callable[[R], None]) -> None:
     """Prefect task mapping under a DaskTaskRunner: each item becomes one Prefect task run on the cluster."""
     from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+
+    name = work_name(fn)
+    # DVC is the only cache: Prefect must neither cache nor persist these results
+    unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
+
+    @flow(name="data-shards", flow_run_name=f"{name} x{len(items)}", task_runner=dask_task_runner(runner),
+          log_prints=False, persist_result=False)
+    def shard_flow() -> None:
+        futures = unit.map(items)  # all submitted at once; the cluster decides the order they run in
+        for future in futures:     # ... and results are taken back in input order
+            collect(future.result())
+
+    if not items:
+        return
+    with shared_prefect_api():
+        shard_flow()
+
+
+def work_name(fn: Callable) -> str:
+    """`ingest_unit` for ingest_unit and for functools.partial(ingest_unit, ...)."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return getattr(fn, "__name__", "work")
+
+
+def dask_task_runner(runner: RunnerConfig):
+    """The DaskTaskRunner for `runner`: an existing scheduler, or a LocalCluster bound to 127.0.0.1."""
     from prefect_dask import DaskTaskRunner
 
+    # after distributed's import (which sets its own levels): the scheduler's INFO lines would bury the stage's
+    # output in the flow logs
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if runner.dask_address:
-        task_runner = DaskTaskRunner(address=runner.dask_address)
-    else:
-        task_runner = DaskTaskRunner(cluster_kwargs={"n_workers": runner.workers, "threads_per_worker": 1,
-                                                     "processes": True, "dashboard_address": None})
-    unit = task(fn, name=getattr(fn, "__name__", "work"))
+        return DaskTaskRunner(address=runner.dask_address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": runner.workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
+        # no dashboard, and the scheduler's HTTP endpoint on a free loopback port instead of a fixed :8787,
+        # so two stages (or two test runs) never collide
+        "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
+        "worker_dashboard_address": None,
+    })
 
-    @flow(name="data-shards", task_runner=task_runner, log_prints=False)
-    def shard_flow() -> list[R]:
-        futures = unit.map(items)
-        return [f.result() for f in futures]
 
-    return shard_flow()
+@contextlib.contextmanager
+def shared_prefect_api() -> Iterator[str]:
+    """Make sure this process and the Dask workers talk to one Prefect API; yield its URL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        yield url
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+    server = SubprocessASGIServer()  # the same instance Prefect's own client would start on demand
+    server.start()
+    with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        yield server.api_url
