@@ -1,0 +1,548 @@
+"""filter — drop low-quality documents with Gopher/C4-style document rules, each with its threshold in params.yaml.
+
+Runbook
+    dvc repro filter                                   # or: scratchlm stage filter / python -m tasks.filter
+    dvc exp run -S filter.word_count.min_words=10      # loosen one threshold
+    dvc exp run -S filter.boilerplate.enabled=false    # switch one rule off
+    zcat data/filter/shard-*.jsonl.gz | head           # look at what was kept
+    jq -r '[.rule, .detail, .excerpt] | @tsv' data/filter/rejects.jsonl | less    # and at what was not
+
+Reads   data/ingest/shard-*.jsonl.gz, data/ingest/labels.jsonl (builtin ground truth, may be empty)
+Writes  data/filter/shard-*.jsonl.gz   the kept documents, one output shard per input shard (same name)
+        data/filter/rejects.jsonl      up to `reject_samples` rejects per rule: {id, rule, detail, failed, excerpt}
+        data/filter/labels.jsonl       the ground-truth rows of the kept documents (for dedup's scores)
+        metrics/filter.json            docs in / kept / rejected, rejects by first failed rule and by any failed
+                                       rule, kept fraction, docs/s; with labels: junk recall (also per junk kind)
+                                       and the clean false-reject rate
+Rules   in this order; a document is attributed to the first rule it fails (`rejected_by_rule`), and every rule
+        it fails is counted too (`failed_by_rule`). Each rule has `enabled` and its thresholds:
+          word_count            whitespace words outside [min_words, max_words]                   (Gopher)
+          mean_word_length      mean characters per word outside [min_length, max_length]         (Gopher)
+          symbol_ratio          ('#' + '...' + '…') per word above max_ratio                        (Gopher)
+          ellipsis_lines        fraction of lines ending in '...' or '…' above max_fraction        (Gopher)
+          bullet_lines          fraction of lines starting with a bullet above max_fraction        (Gopher)
+          duplicate_lines       repeated lines: fraction of lines / of characters above the maxima (Gopher)
+          duplicate_paragraphs  the same for blank-line separated paragraphs                       (Gopher)
+          top_ngrams            characters in the most frequent word n-gram, n = 2..4              (Gopher)
+          duplicate_ngrams      characters inside repeated word n-grams, n = 5..10                 (Gopher)
+          alpha_ratio           alphabetic share of non-space characters below min_ratio
+          boilerplate           lines containing a blocklisted phrase (cookie notices, lorem ipsum, ...) (C4)
+Checks  docs_in = kept + rejected, always (metrics carry both; a test holds it). An unknown or impossible
+        threshold fails before any work, naming the key.
+Scale   shards are filtered independently in parallel on `data.parallel` (a local process pool or a Dask
+        cluster); memory is one shard at a time per worker.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+from tasks.common.config import DataConfig, ScratchError, check, load_section
+from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl_gz
+from tasks.common.parallel import parallel_map
+from tasks.common.stage import progress, stage_main
+from tasks.common.tracking import Tracker
+
+BULLETS = ("•", "●", "◦", "▪", "▫", "‣", "⁃", "∙", "·", "-", "*", "–", "—", "►", "→")
+ELLIPSES = ("...", "…")
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+@dataclass(frozen=True)
+class WordCount:
+    enabled: bool = True
+    """Apply this rule."""
+    min_words: int = 20
+    """Fewest whitespace-separated words a document may have (Gopher: 50; stories are short)."""
+    max_words: int = 100_000
+    """Most words a document may have (Gopher: 100,000)."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.min_words <= self.max_words, "min_words", "must satisfy 0 <= min_words <= max_words")
+
+
+@dataclass(frozen=True)
+class MeanWordLength:
+    enabled: bool = True
+    """Apply this rule."""
+    min_length: float = 3.0
+    """Smallest mean word length in characters, punctuation around words not counted (Gopher: 3)."""
+    max_length: float = 10.0
+    """Largest mean word length (Gopher: 10)."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.min_length <= self.max_length, "min_length", "must satisfy 0 <= min_length <= max_length")
+
+
+@dataclass(frozen=True)
+class SymbolRatio:
+    enabled: bool = True
+    """Apply this rule."""
+    max_ratio: float = 0.1
+    """Most '#' and ellipsis ('...' or '…') occurrences per word (Gopher: 0.1)."""
+
+    def __post_init__(self) -> None:
+        check(self.max_ratio >= 0, "max_ratio", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LineFraction:
+    enabled: bool = True
+    """Apply this rule."""
+    max_fraction: float = 0.3
+    """Largest fraction of non-empty lines that may have the property."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.max_fraction <= 1, "max_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Repetition:
+    enabled: bool = True
+    """Apply this rule."""
+    max_fraction: float = 0.3
+    """Largest fraction of the pieces (lines or paragraphs) that repeat an earlier piece (Gopher: 0.3)."""
+    max_char_fraction: float = 0.2
+    """Largest fraction of characters inside pieces that repeat an earlier piece (Gopher: 0.2)."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.max_fraction <= 1, "max_fraction", "must be in [0, 1]")
+        check(0 <= self.max_char_fraction <= 1, "max_char_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class NgramRule:
+    enabled: bool = True
+    """Apply this rule."""
+    n: list[int] = field(default_factory=lambda: [2, 3, 4])
+    """Word n-gram sizes to check (words lower-cased, punctuation around them stripped)."""
+    max_char_fraction: list[float] = field(default_factory=lambda: [0.2, 0.18, 0.16])
+    """Largest character fraction for each size in `n`, in the same order."""
+
+    def __post_init__(self) -> None:
+        check(len(self.n) == len(self.max_char_fraction), "max_char_fraction", "needs one value per entry of n")
+        check(all(k >= 1 for k in self.n), "n", "sizes must be >= 1")
+        check(all(0 <= f <= 1 for f in self.max_char_fraction), "max_char_fraction", "values must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AlphaRatio:
+    enabled: bool = True
+    """Apply this rule."""
+    min_ratio: float = 0.7
+    """Smallest share of alphabetic characters among non-whitespace characters."""
+
+    def __post_init__(self) -> None:
+        check(0 <= self.min_ratio <= 1, "min_ratio", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Boilerplate:
+    enabled: bool = True
+    """Apply this rule."""
+    phrases: list[str] = field(default_factory=lambda: [
+        "lorem ipsum", "terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
+        "use cookies", "enable javascript"])
+    """Blocklisted phrases, matched case-insensitively inside lines (C4 drops whole pages holding any of these)."""
+    max_line_fraction: float = 0.0
+    """Largest fraction of non-empty lines that may contain a blocklisted phrase (0: none may)."""
+
+    def __post_init__(self) -> None:
+        check(all(p.strip() for p in self.phrases), "phrases", "must not contain empty phrases")
+        check(0 <= self.max_line_fraction <= 1, "max_line_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Config:
+    word_count: WordCount = field(default_factory=WordCount)
+    """Document length bounds in words."""
+    mean_word_length: MeanWordLength = field(default_factory=MeanWordLength)
+    """Bounds on the mean word length (catches symbol soup and run-together tokens)."""
+    symbol_ratio: SymbolRatio = field(default_factory=SymbolRatio)
+    """Hash/ellipsis symbols per word."""
+    ellipsis_lines: LineFraction = field(default_factory=lambda: LineFraction(max_fraction=0.3))
+    """Lines ending in an ellipsis (truncated snippets, teaser lists)."""
+    bullet_lines: LineFraction = field(default_factory=lambda: LineFraction(max_fraction=0.9))
+    """Lines starting with a bullet (menus, link lists)."""
+    duplicate_lines: Repetition = field(default_factory=Repetition)
+    """Repeated lines."""
+    duplicate_paragraphs: Repetition = field(default_factory=Repetition)
+    """Repeated paragraphs (blank-line separated)."""
+    top_ngrams: NgramRule = field(default_factory=lambda: NgramRule(n=[2, 3, 4], max_char_fraction=[0.25, 0.22, 0.2]))
+    """Characters covered by the single most frequent word n-gram, per n (Gopher: n=2,3,4 → 0.20, 0.18, 0.16;
+    looser here because children's stories repeat their hero's name and refrains)."""
+    duplicate_ngrams: NgramRule = field(default_factory=lambda: NgramRule(
+        n=[5, 6, 7, 8, 9, 10], max_char_fraction=[0.3, 0.27, 0.24, 0.21, 0.18, 0.15]))
+    """Characters covered by repeats of an earlier word n-gram, per n (Gopher: n=5..10 → 0.15 .. 0.10; looser
+    here for the same reason)."""
+    alpha_ratio: AlphaRatio = field(default_factory=AlphaRatio)
+    """Share of alphabetic characters."""
+    boilerplate: Boilerplate = field(default_factory=Boilerplate)
+    """Blocklisted boilerplate phrases."""
+    reject_samples: int = 5
+    """Rejected documents kept per rule in rejects.jsonl for inspection."""
+    reject_excerpt_chars: int = 300
+    """Characters of each sampled reject written to rejects.jsonl."""
+
+    def __post_init__(self) -> None:
+        check(self.reject_samples >= 0, "reject_samples", "must be >= 0")
+        check(self.reject_excerpt_chars >= 0, "reject_excerpt_chars", "must be >= 0")
+
+
+# ------------------------------------------------------------------------------------------------ text statistics
+
+_WORD_EDGES = re.compile(r"^\W+|\W+$")
+_PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+
+
+@dataclass
+class TextStats:
+    """What the rules look at, computed once per document."""
+    text: str
+    words: list[str]              # whitespace tokens
+    norm_words: list[str]         # lower-cased, punctuation around them stripped, empty ones dropped
+    lines: list[str]              # non-empty lines, stripped
+    paragraphs: list[str]         # non-empty paragraphs, stripped
+
+    @classmethod
+    def of(cls, text: str) -> "TextStats":
+        words = text.split()
+        norm = [w for w in (_WORD_EDGES.sub("", t).lower() for t in words) if w]
+        lines = [s for s in (line.strip() for line in text.splitlines()) if s]
+        paragraphs = [s for s in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if s]
+        return cls(text, words, norm, lines, paragraphs)
+
+
+def repeated_fractions(pieces: list[str]) -> tuple[float, float]:
+    """(fraction of pieces equal to an earlier piece, fraction of their characters)."""
+    if not pieces:
+        return 0.0, 0.0
+    seen: set[str] = set()
+    repeats = repeat_chars = 0
+    for piece in pieces:
+        if piece in seen:
+            repeats += 1
+            repeat_chars += len(piece)
+        seen.add(piece)
+    return repeats / len(pieces), repeat_chars / max(1, sum(map(len, pieces)))
+
+
+def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
+    return list(zip(*(words[i:] for i in range(n))))
+
+
+def top_ngram_char_fraction(words: list[str], n: int) -> float:
+    """Characters covered by the most frequent n-gram (if it occurs more than once) over all word characters."""
+    grams = ngrams(words, n)
+    if not grams:
+        return 0.0
+    gram, count = Counter(grams).most_common(1)[0]
+    if count < 2:
+        return 0.0
+    return count * sum(map(len, gram)) / sum(map(len, words))
+
+
+def duplicate_ngram_char_fraction(words: list[str], n: int) -> float:
+    """Characters of the words covered by repeats of an earlier n-gram (overlaps counted once); the first
+    occurrence of each n-gram is not counted, so a document that says one thing twice scores about 0.5."""
+    grams = ngrams(words, n)
+    if not grams:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    covered = [False] * len(words)
+    for start, gram in enumerate(grams):
+        if gram in seen:
+            covered[start:start + n] = [True] * n
+        seen.add(gram)
+    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+# A rule returns None when the document passes, or a short human-readable reason when it fails.
+RuleFn = Callable[[TextStats, object], "str | None"]
+
+
+def rule_word_count(s: TextStats, r: WordCount) -> str | None:
+    n = len(s.words)
+    if n < r.min_words:
+        return f"{n} words < {r.min_words}"
+    if n > r.max_words:
+        return f"{n} words > {r.max_words}"
+    return None
+
+
+def rule_mean_word_length(s: TextStats, r: MeanWordLength) -> str | None:
+    if not s.norm_words:
+        return "no words"
+    mean = sum(map(len, s.norm_words)) / len(s.norm_words)
+    if not r.min_length <= mean <= r.max_length:
+        return f"mean word length {mean:.2f} outside [{r.min_length}, {r.max_length}]"
+    return None
+
+
+def rule_symbol_ratio(s: TextStats, r: SymbolRatio) -> str | None:
+    symbols = s.text.count("#") + s.text.count("...") + s.text.count("…")
+    ratio = symbols / max(1, len(s.words))
+    return f"{ratio:.3f} symbols per word > {r.max_ratio}" if ratio > r.max_ratio else None
+
+
+def rule_ellipsis_lines(s: TextStats, r: LineFraction) -> str | None:
+    frac = sum(line.endswith(ELLIPSES) for line in s.lines) / max(1, len(s.lines))
+    return f"{frac:.2f} of lines end in an ellipsis > {r.max_fraction}" if frac > r.max_fraction else None
+
+
+def rule_bullet_lines(s: TextStats, r: LineFraction) -> str | None:
+    frac = sum(line.startswith(BULLETS) for line in s.lines) / max(1, len(s.lines))
+    return f"{frac:.2f} of lines start with a bullet > {r.max_fraction}" if frac > r.max_fraction else None
+
+
+def _repetition(pieces: list[str], r: Repetition, what: str) -> str | None:
+    frac, char_frac = repeated_fractions(pieces)
+    if frac > r.max_fraction:
+        return f"{frac:.2f} of {what} repeat > {r.max_fraction}"
+    if char_frac > r.max_char_fraction:
+        return f"{char_frac:.2f} of {what} characters repeat > {r.max_char_fraction}"
+    return None
+
+
+def rule_duplicate_lines(s: TextStats, r: Repetition) -> str | None:
+    return _repetition(s.lines, r, "lines")
+
+
+def rule_duplicate_paragraphs(s: TextStats, r: Repetition) -> str | None:
+    return _repetition(s.paragraphs, r, "paragraphs")
+
+
+def rule_top_ngrams(s: TextStats, r: NgramRule) -> str | None:
+    for n, limit in zip(r.n, r.max_char_fraction):
+        frac = top_ngram_char_fraction(s.norm_words, n)
+        if frac > limit:
+            return f"top {n}-gram covers {frac:.2f} of characters > {limit}"
+    return None
+
+
+def rule_duplicate_ngrams(s: TextStats, r: NgramRule) -> str | None:
+    for n, limit in zip(r.n, r.max_char_fraction):
+        frac = duplicate_ngram_char_fraction(s.norm_words, n)
+        if frac > limit:
+            return f"repeated {n}-grams cover {frac:.2f} of characters > {limit}"
+    return None
+
+
+def rule_alpha_ratio(s: TextStats, r: AlphaRatio) -> str | None:
+    visible = [c for c in s.text if not c.isspace()]
+    ratio = sum(c.isalpha() for c in visible) / max(1, len(visible))
+    return f"alphabetic share {ratio:.2f} < {r.min_ratio}" if ratio < r.min_ratio else None
+
+
+def rule_boilerplate(s: TextStats, r: Boilerplate) -> str | None:
+    phrases = [p.lower() for p in r.phrases]
+    hits = [line for line in s.lines if any(p in line.lower() for p in phrases)]
+    frac = len(hits) / max(1, len(s.lines))
+    if hits and frac > r.max_line_fraction:
+        found = next(p for p in phrases if p in hits[0].lower())
+        return f"{len(hits)} of {len(s.lines)} lines hold blocklisted phrases (first: {found!r})"
+    return None
+
+
+# Rule name (= its Config field) → check. Order matters: a reject is attributed to the first rule it fails.
+RULES: dict[str, RuleFn] = {
+    "word_count": rule_word_count,
+    "mean_word_length": rule_mean_word_length,
+    "symbol_ratio": rule_symbol_ratio,
+    "ellipsis_lines": rule_ellipsis_lines,
+    "bullet_lines": rule_bullet_lines,
+    "duplicate_lines": rule_duplicate_lines,
+    "duplicate_paragraphs": rule_duplicate_paragraphs,
+    "top_ngrams": rule_top_ngrams,
+    "duplicate_ngrams": rule_duplicate_ngrams,
+    "alpha_ratio": rule_alpha_ratio,
+    "boilerplate": rule_boilerplate,
+}
+
+
+def failed_rules(text: str, cfg: Config) -> dict[str, str]:
+    """Every enabled rule `text` fails → its reason, in rule order (empty: the document is kept)."""
+    stats = TextStats.of(unicodedata.normalize("NFC", text))
+    failed = {}
+    for name, rule in RULES.items():
+        rule_cfg = getattr(cfg, name)
+        if rule_cfg.enabled:
+            reason = rule(stats, rule_cfg)
+            if reason is not None:
+                failed[name] = reason
+    return failed
+
+
+# ------------------------------------------------------------------------------------------------ per shard
+
+@dataclass
+class ShardResult:
+    shard: str
+    docs_in: int = 0
+    kept: int = 0
+    rejected_by_rule: Counter = field(default_factory=Counter)   # first failed rule
+    failed_by_rule: Counter = field(default_factory=Counter)     # every failed rule
+    samples: dict[str, list[dict]] = field(default_factory=dict)  # rule → first rejects in this shard
+    rejected_ids: list[str] = field(default_factory=list)
+
+
+def filter_shard(path: Path, out_dir: Path, cfg: Config) -> ShardResult:
+    """Filter one input shard into `out_dir/<same name>`; return its counts, reject samples and rejected ids."""
+    result = ShardResult(path.name)
+
+    def kept_docs() -> Iterable[dict]:
+        for doc in read_jsonl_gz(path):
+            result.docs_in += 1
+            failed = failed_rules(doc["text"], cfg)
+            if not failed:
+                result.kept += 1
+                yield doc
+                continue
+            first = next(iter(failed))
+            result.rejected_by_rule[first] += 1
+            result.failed_by_rule.update(failed.keys())
+            result.rejected_ids.append(doc["id"])
+            bucket = result.samples.setdefault(first, [])
+            if len(bucket) < cfg.reject_samples:
+                bucket.append({"id": doc["id"], "rule": first, "detail": failed[first], "failed": list(failed),
+                               "excerpt": doc["text"][:cfg.reject_excerpt_chars]})
+
+    write_jsonl_gz(out_dir / path.name, kept_docs())
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
+    data = load_section("data", DataConfig)
+    inputs = shards(paths.of("ingest"))
+    out = fresh_dir(paths.out)
+    started = time.perf_counter()
+    results = filter_shards(inputs, out, cfg, data)
+    seconds = time.perf_counter() - started
+    write_rejects(results, out / "rejects.jsonl", cfg.reject_samples)
+    labels = read_labels(paths.of("ingest") / "labels.jsonl")
+    rejected_ids = {i for r in results for i in r.rejected_ids}
+    write_labels([row for row in labels if row["id"] not in rejected_ids], out / "labels.jsonl")
+    metrics = {**summarise(results, seconds), **ground_truth_scores(labels, rejected_ids)}
+    print_summary(metrics, out)
+    tracker.log_artifact(out / "rejects.jsonl", "filter")
+    return metrics
+
+
+def filter_shards(inputs: list[Path], out: Path, cfg: Config, data: DataConfig) -> list[ShardResult]:
+    bar = progress(None, total=len(inputs), desc="filter", unit="shard")
+    done: list[ShardResult] = []
+
+    def advance(result: ShardResult) -> None:
+        done.append(result)
+        bar.update(1)
+        bar.set_postfix(docs=sum(r.docs_in for r in done), kept=sum(r.kept for r in done), refresh=False)
+
+    results = parallel_map(functools.partial(filter_shard, out_dir=out, cfg=cfg), inputs, data.parallel,
+                           on_result=advance)
+    bar.close()
+    return results
+
+
+def write_rejects(results: list[ShardResult], path: Path, per_rule: int) -> None:
+    """The first `per_rule` rejects of each rule in corpus order."""
+    taken: Counter = Counter()
+    with open(path, "w", encoding="utf-8") as f:
+        for rule in RULES:
+            for r in results:
+                for row in r.samples.get(rule, []):
+                    if taken[rule] < per_rule:
+                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        taken[rule] += 1
+
+
+def read_labels(path: Path) -> list[dict]:
+    """Ground-truth rows {id, label, of} (empty when the file is missing or empty: real corpora have none)."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append({"id": row["id"], "label": row["label"], "of": row.get("of")})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ScratchError(f"{path}:{number}: not a label row {{id, label, of}} ({e}); "
+                                   f"rerun ingest to rewrite it") from None
+    return rows
+
+
+def write_labels(rows: list[dict], path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+def summarise(results: list[ShardResult], seconds: float) -> dict:
+    rejected_by_rule: Counter = Counter()
+    failed_by_rule: Counter = Counter()
+    for r in results:
+        rejected_by_rule.update(r.rejected_by_rule)
+        failed_by_rule.update(r.failed_by_rule)
+    docs_in = sum(r.docs_in for r in results)
+    kept = sum(r.kept for r in results)
+    return {"docs_in": docs_in, "kept": kept, "rejected": docs_in - kept,
+            "kept_fraction": round(kept / max(1, docs_in), 6), "docs_per_s": round(docs_in / max(seconds, 1e-9), 1),
+            "rejected_by_rule": {k: rejected_by_rule[k] for k in RULES if rejected_by_rule[k]},
+            "failed_by_rule": {k: failed_by_rule[k] for k in RULES if failed_by_rule[k]}}
+
+
+def ground_truth_scores(labels: list[dict], rejected_ids: set[str]) -> dict:
+    """Junk recall (overall and per junk kind) and clean false-reject rate against builtin labels."""
+    if not labels:
+        return {}
+    junk = [row for row in labels if row["label"] == "junk"]
+    clean = [row for row in labels if row["label"] == "clean"]
+    by_kind: dict[str, list[int]] = {}
+    for row in junk:
+        hit_total = by_kind.setdefault(str(row["of"]), [0, 0])
+        hit_total[0] += row["id"] in rejected_ids
+        hit_total[1] += 1
+    return {"labelled": {
+        "junk": len(junk), "clean": len(clean),
+        "junk_recall": round(sum(r["id"] in rejected_ids for r in junk) / max(1, len(junk)), 6),
+        "clean_false_reject_rate": round(sum(r["id"] in rejected_ids for r in clean) / max(1, len(clean)), 6),
+        "junk_recall_by_kind": {k: round(h / t, 6) for k, (h, t) in sorted(by_kind.items())}}}
+
+
+def print_summary(m: dict, out: Path) -> None:
+    print(f"filter: {m['docs_in']:,} documents → {m['kept']:,} kept ({m['kept_fraction']:.1%}), "
+          f"{m['rejected']:,} rejected, {m['docs_per_s']:,.0f} docs/s")
+    print(f"  {'rule':<22}{'first':>9}{'any':>9}")
+    for rule in RULES:
+        first, any_ = m["rejected_by_rule"].get(rule, 0), m["failed_by_rule"].get(rule, 0)
+        if first or any_:
+            print(f"  {rule:<22}{first:>9,}{any_:>9,}")
+    if "labelled" in m:
+        g = m["labelled"]
+        print(f"  ground truth: junk recall {g['junk_recall']:.3f} of {g['junk']:,}, "
+              f"clean false-reject rate {g['clean_false_reject_rate']:.4f} of {g['clean']:,}")
+        for kind, recall in g["junk_recall_by_kind"].items():
+            print(f"    junk {kind:<20} recall {recall:.3f}")
+    print(f"  samples of rejects: {out / 'rejects.jsonl'}")
+
+
+def main() -> None:
+    stage_main("filter", Config, run)
+
+
+if __name__ == "__main__":
+    main()
