@@ -1,0 +1,548 @@
+"""evaluate — score every model the pipeline produced (base, SFT, DPO) and write the report card.
+
+Runbook
+    dvc repro evaluate                           # or: scratchlm stage evaluate / python -m tasks.evaluate
+    dvc metrics diff                             # compare experiments on metrics/evaluate.json
+    dvc plots show                               # bpb and benchmark plots (metrics/evaluate_plots/)
+    dvc exp run -S evaluate.limit=500            # more benchmark items (slower, tighter numbers)
+    scratchlm report                             # where the report card is (`--regenerate` to rebuild it)
+    lm_eval --model hf --model_args pretrained=data/dpo/model --include_path evals --tasks scratchlm_cloze
+                                                 # the same benchmark by hand, from the repository root
+
+Reads   data/<stage>/model/ for each `evaluate.models` entry (label → stage: base → pretrain, sft, dpo): HF
+        LlamaForCausalLM folders with their tokenizer; data/reward/model/ (the reward model, for win rates);
+        data/pretokenize/val.bin + meta.json + val_docs.jsonl.gz (the held-out split); `evaluate.data_dir`
+        (default ../shared/data) for the HellaSwag and PIQA slices; evals/*.yaml (the lm-eval task definitions)
+Writes  data/evaluate/benchmarks/<name>.jsonl    the items each benchmark scored (cloze generated from the builtin
+                                                 world with held-out seeds; slices capped at `limit`, items too
+                                                 long for the model's context counted and left out)
+        data/evaluate/lm_eval/<label>.json      lm-eval's results and, per item, the log-likelihood of each choice
+        data/evaluate/answers/<label>.jsonl     sampled answers to held-out prompts, constraint checks, rewards
+        data/evaluate/samples.md                generations for the fixed prompt set, model by model
+        metrics/evaluate.json                   per model: val loss/ppl/bpb, benchmark acc/acc_norm, constraint
+                                                satisfaction; win rates; what was skipped and why
+        metrics/evaluate_plots/*.json           DVC plots: bpb per model, benchmark accuracy per model
+        reports/report.md + reports/*.png       the report card (tasks/common/report.py), logged to MLflow
+Checks  a listed model that is missing fails the stage (`missing_models: skip` evaluates what exists instead,
+        saying what it skipped); a benchmark whose data folder is absent is skipped with the reason; lm-eval runs
+        fully offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 unless set otherwise) on local JSON files.
+Scale   every cap is a param: `val_max_tokens` (held-out tokens per model), `limit` (items per benchmark),
+        `sampling.prompts`. The CPU default takes about two minutes for three small models; on a GPU the same
+        code runs on CUDA (lm-eval and our own passes), and `lm_eval_tasks` adds standard lm-eval tasks by name
+        (MMLU, ARC, ...) when the network or an HF cache allows.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from tasks.common.alignment import SamplingConfig
+from tasks.common.config import ROOT, ScratchError, check
+from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
+from tasks.common.stage import progress, stage_main
+from tasks.common.tracking import Tracker
+
+EVALS_DIR = ROOT / "evals"
+PLOTS_DIR = "metrics/evaluate_plots"
+LN2 = math.log(2)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A multiple-choice task of evals/: where its items come from and how its prompt reads (for length checks)."""
+    task: str                                # the lm-eval task name (evals/<task>.yaml)
+    folder: str | None                       # sub-folder of `data_dir` holding the slice; None = generated here
+    text: Callable[[dict], str]              # the prompt, as the YAML's doc_to_text renders it
+    choices: Callable[[dict], list[str]]     # the answer options, as the YAML's doc_to_choice gives them
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    "cloze": Benchmark("scratchlm_cloze", None, lambda d: d["context"], lambda d: d["choices"]),
+    "hellaswag": Benchmark("scratchlm_hellaswag", "hellaswag", lambda d: d["query"], lambda d: d["endings"]),
+    "piqa": Benchmark("scratchlm_piqa", "piqa", lambda d: f"Question: {d['goal']}\nAnswer:",
+                      lambda d: [d["sol1"], d["sol2"]]),
+}
+
+DEFAULT_SAMPLE_PROMPTS = [
+    "Write a short story about a rabbit named Lily who goes to the beach.",
+    "Tell me a story about a dog called Max and a lost ball. Use at most 4 sentences.",
+    "Write a story for kids where Tom the cat spends a day at the park. Start with a title.",
+]
+DEFAULT_SAMPLE_TEXTS = ["Once upon a time, there was a little", "One day, Mia went to the"]
+
+
+@dataclass(frozen=True)
+class Config:
+    models: dict[str, str] = field(default_factory=lambda: {"base": "pretrain", "sft": "sft", "dpo": "dpo"})
+    """Models to evaluate: label → the stage whose data/<stage>/model folder holds it (report columns in order)."""
+    missing_models: Literal["error", "skip"] = "error"
+    """A listed model (or the reward model) whose folder is absent: `error` (the pipeline makes them all) or
+    `skip` it with a logged reason, to evaluate a partial pipeline (e.g. base only)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models run (lm-eval and our own passes): auto = CUDA when available, else CPU."""
+    batch_size: int = 16
+    """Sequences per forward pass for validation loss and lm-eval's log-likelihood requests."""
+    val_max_tokens: int = 24576
+    """Held-out tokens scored per model (whole documents from the start of val.bin; 0 = the whole split)."""
+    benchmarks: list[str] = field(default_factory=lambda: ["cloze", "hellaswag", "piqa"])
+    """lm-eval tasks of evals/ to run: cloze (builtin story cloze), hellaswag, piqa (slices in data_dir)."""
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    """Standard lm-eval task names to add (e.g. arc_easy); they need the network or a filled HF datasets cache."""
+    limit: int = 40
+    """Items per benchmark (the CPU default stays fast; raise it for tighter numbers)."""
+    cloze_seed: int = 9001
+    """Seed of the held-out story-cloze items (builtin split "test": combinations never trained on)."""
+    data_dir: str = "../shared/data"
+    """Folder holding hellaswag/ and piqa/ JSONL slices (relative to the repository); absent → those skipped."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts=24, prompt_seed=4242, seed=0,
+                                                                             max_new_tokens=160, batch_size=24))
+    """Held-out builtin "test" prompts answered by every model with the same seed: constraint satisfaction
+    (check_constraints) and the reward model's win rates are computed on these answers."""
+    reward_model: str = "reward"
+    """Stage whose data/<stage>/model is the reward model for win rates ("" = no win rates)."""
+    win_rates: list[str] = field(default_factory=lambda: ["sft:base", "dpo:sft"])
+    """Pairs `a:b` of model labels: the share of prompts where the reward model prefers a's answer (ties = 1/2)."""
+    sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
+    """Fixed user prompts every model answers (chat format) for the report's samples."""
+    sample_texts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_TEXTS))
+    """Fixed story openings every model continues as plain text."""
+    sample_max_new_tokens: int = 96
+    """Longest sample generation."""
+    report: bool = True
+    """Write the report card (reports/report.md + plots) at the end of the stage."""
+
+    def __post_init__(self) -> None:
+        check(len(self.models) > 0, "models", "list at least one model (label: stage)")
+        unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
+        check(not unknown, "benchmarks", f"unknown {unknown} (known: {', '.join(BENCHMARKS)}; standard lm-eval "
+              f"tasks go in lm_eval_tasks)")
+        check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        check(self.val_max_tokens >= 0, "val_max_tokens", "must be >= 0 (0 = the whole split)")
+        check(self.limit >= 1, "limit", "must be >= 1")
+        check(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be >= 1")
+        for pair in self.win_rates:
+            a, sep, b = pair.partition(":")
+            check(bool(sep) and a in self.models and b in self.models and a != b, "win_rates",
+                  f"{pair!r} must be `a:b` with two different labels of evaluate.models ({', '.join(self.models)})")
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+@dataclass
+class Evaluated:
+    """One model under evaluation."""
+    label: str
+    stage: str
+    folder: Path
+
+
+def find_models(cfg: Config, paths: StagePaths, skipped: dict[str, str]) -> list[Evaluated]:
+    found = []
+    for label, stage in cfg.models.items():
+        folder = paths.of(stage) / "model"
+        if (folder / "config.json").is_file():
+            found.append(Evaluated(label, stage, folder))
+            continue
+        reason = f"{folder} has no model (run `dvc repro {stage}`)"
+        if cfg.missing_models == "error":
+            raise ScratchError(f"evaluate.models.{label}: {reason}, or set evaluate.missing_models: skip")
+        skipped[f"model:{label}"] = reason
+        print(f"evaluate: skipping {label}: {reason}")
+    if not found:
+        raise ScratchError(f"evaluate.models: none of {dict(cfg.models)} has a model folder; run the training stages")
+    return found
+
+
+def pick_device(wanted: str) -> str:
+    import torch
+    if wanted == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ScratchError("evaluate.device: cuda requested but torch sees no CUDA device")
+    return wanted
+
+
+# ------------------------------------------------------------------------------------------------ held-out loss
+
+@dataclass
+class HeldOut:
+    """The first documents of the validation split: token ids (eot excluded) and UTF-8 bytes of their text."""
+    docs: list[np.ndarray]
+    text_bytes: int
+    eot_id: int
+
+
+def held_out(pretok: Path, max_tokens: int) -> HeldOut:
+    """Whole documents from the start of val.bin until `max_tokens` (0 = all), with their bytes from val_docs."""
+    meta_file = pretok / "meta.json"
+    if not meta_file.is_file():
+        raise ScratchError(f"{meta_file}: missing; run `dvc repro pretokenize`")
+    meta = read_json(meta_file)
+    tokens = np.memmap(pretok / "val.bin", dtype=meta["dtype"], mode="r")
+    eot = int(meta["eot_id"])
+    docs: list[np.ndarray] = []
+    start, n = 0, 0
+    for end in np.flatnonzero(tokens == eot):  # each document ends with one eot
+        docs.append(np.asarray(tokens[start:end], dtype=np.int64))
+        n += end + 1 - start
+        start = end + 1
+        if max_tokens and n >= max_tokens:
+            break
+    if not docs:
+        raise ScratchError(f"{pretok / 'val.bin'}: no complete document (no eot id {eot}); rerun pretokenize")
+    texts = _first_texts(pretok / meta.get("val_docs", "val_docs.jsonl.gz"), len(docs))
+    return HeldOut(docs, sum(len(t.encode("utf-8")) for t in texts), eot)
+
+
+def _first_texts(path: Path, n: int) -> list[str]:
+    texts = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            texts.append(json.loads(line)["text"])
+            if len(texts) == n:
+                return texts
+    raise ScratchError(f"{path}: {len(texts)} documents, but val.bin holds at least {n}; rerun pretokenize")
+
+
+def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[str, float]:
+    """Loss over every token of the documents and their closing eot, each document read after an eot (as in
+    training); documents longer than the context are scored in disjoint windows. bpb = nats / ln 2 / text bytes."""
+    import torch
+
+    from model.losses import token_logprobs
+    T = model.cfg.max_seq_len
+    windows = []
+    for doc in data.docs:
+        seq = [data.eot_id, *doc.tolist(), data.eot_id]
+        windows += [seq[s:s + T + 1] for s in range(0, len(seq) - 1, T)]
+    windows.sort(key=len)
+    nats, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(windows), batch_size):
+            rows = windows[start:start + batch_size]
+            width = max(len(r) for r in rows) - 1
+            x = torch.full((len(rows), width), data.eot_id, dtype=torch.long)  # (B,W) right-padded
+            y = torch.full((len(rows), width), -100, dtype=torch.long)
+            for i, r in enumerate(rows):
+                x[i, :len(r) - 1] = torch.tensor(r[:-1])
+                y[i, :len(r) - 1] = torch.tensor(r[1:])
+            logits, _ = model(x.to(device), all_logits=True)  # (B,W,V)
+            nats -= float(token_logprobs(logits, y.to(device)).sum())
+            count += int((y != -100).sum())
+    loss = nats / count
+    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nats / LN2 / data.text_bytes,
+            "val_tokens": count, "val_docs": len(data.docs)}
+
+
+# ------------------------------------------------------------------------------------------------ benchmarks
+
+def prepare_benchmarks(cfg: Config, paths: StagePaths, tokenizer_file: Path, max_len: int,
+                       skipped: dict[str, str]) -> tuple[dict[str, Path], dict[str, dict]]:
+    """Write each benchmark's items to data/evaluate/benchmarks/<name>.jsonl: (files, item counts)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    out = paths.out / "benchmarks"
+    out.mkdir(parents=True, exist_ok=True)
+    files, counts = {}, {}
+    for name in cfg.benchmarks:
+        bench = BENCHMARKS[name]
+        source, rows = benchmark_rows(name, bench, cfg, paths.root)
+        if rows is None:
+            skipped[f"benchmark:{name}"] = source
+            print(f"evaluate: skipping {name}: {source}")
+            continue
+        kept, too_long = [], 0
+        for row in rows:
+            if len(kept) == cfg.limit:
+                break
+            if fits(tok, bench.text(row), bench.choices(row), max_len):
+                kept.append(row)
+            else:
+                too_long += 1
+        files[name] = out / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        counts[name] = {"items": len(kept), "too_long_for_context": too_long, "source": source}
+    return files, counts
+
+
+def benchmark_rows(name: str, bench: Benchmark, cfg: Config, root: Path) -> tuple[str, Any]:
+    """(source description, rows) — rows None when the data is absent (the source then says why)."""
+    if bench.folder is None:
+        from tasks.sources.builtin import generate_cloze
+        # more than `limit`, so items too long for the context can be left out without running short
+        return (f"builtin generate_cloze(seed={cfg.cloze_seed}, split=test)",
+                generate_cloze(cfg.limit * 2, cfg.cloze_seed, "test"))
+    folder = (root / cfg.data_dir / bench.folder).resolve()
+    found = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    if not found:
+        return f"no {bench.folder} slice (*.jsonl) in {folder} (evaluate.data_dir)", None
+    return str(found[0]), _jsonl(found[0])
+
+
+def _jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScratchError(f"{path}:{i}: not JSON ({e.msg})") from None
+
+
+def fits(tok, text: str, choices: list[str], max_len: int) -> bool:
+    """True when prompt + the longest choice fit the context (lm-eval would otherwise cut the prompt's start)."""
+    prompt = len(tok.encode(text, add_special_tokens=False).ids)
+    longest = max(len(tok.encode(" " + c, add_special_tokens=False).ids) for c in choices)
+    return prompt + longest + 2 <= max_len  # + 2: a merge across the boundary can shift a token either way
+
+
+def run_lm_eval(folder: Path, files: dict[str, Path], extra_tasks: list[str], limit: int, batch_size: int,
+                device: str, seed: int) -> dict:
+    """lm-eval (`hf` model on the exported folder) on our offline tasks (+ standard ones by name).
+
+    Returns {"scores": {name: {acc, acc_norm}}, "items": {name: [{doc_id, target, loglikelihoods, acc}]},
+    "results": lm-eval's own results dict}."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+    names = {BENCHMARKS[n].task: n for n in files}
+    tasks: list[Any] = [*extra_tasks]
+    if files:
+        # our YAMLs are loaded by name from evals/; the item files are passed as overrides of `data_files`
+        tasks.append({"group": "scratchlm_evaluate", "task": [
+            {"task": BENCHMARKS[n].task, "dataset_kwargs": {"data_files": {"test": str(p)}}} for n, p in files.items()]})
+    manager = TaskManager(include_path=str(EVALS_DIR), include_defaults=bool(extra_tasks))
+    out = simple_evaluate(model="hf", model_args={"pretrained": str(folder), "dtype": "float32"}, tasks=tasks,
+                          task_manager=manager, limit=limit, batch_size=batch_size, device=device,
+                          log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
+                          torch_random_seed=seed, fewshot_random_seed=seed)
+    scores, items = {}, {}
+    for task, result in out["results"].items():
+        if "acc,none" not in result:
+            continue  # the group entry
+        name = names.get(task, task)
+        scores[name] = {k.split(",")[0]: float(v) for k, v in result.items()
+                        if k.endswith(",none") and "stderr" not in k and isinstance(v, (int, float))}
+        items[name] = [{"doc_id": s["doc_id"], "target": s["target"],
+                        "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]], "acc": float(s["acc"])}
+                       for s in out["samples"].get(task, [])]
+    return {"scores": scores, "items": items, "results": out["results"]}
+
+
+def quiet_libraries() -> None:
+    """lm-eval, transformers and datasets log at INFO with progress bars; the stage prints its own summary."""
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets", "accelerate"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    with_offline_defaults()
+
+
+def with_offline_defaults() -> None:
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ.setdefault(name, "1")
+    try:  # datasets reads its offline flag at import: make sure a late import sees it too
+        import datasets.config
+        datasets.config.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"] == "1" or datasets.config.HF_HUB_OFFLINE
+    except ImportError:
+        pass
+
+
+# ------------------------------------------------------------------------------------------------ generations
+
+def answer_prompts(model, tok, held: list[dict], cfg: SamplingConfig, label: str) -> tuple[dict, list[dict], list]:
+    from tasks.common.alignment import evaluate_answers
+    return evaluate_answers(model, tok, held, cfg, desc=f"evaluate: {label} answers")
+
+
+def rewards(reward_model, answers: list, tok, batch_size: int, device: str) -> list[float]:
+    """The reward model's score of each (prompt, reply) pair, the reply ending in <|end|> when it finished."""
+    import torch
+
+    from tasks.common.alignment import rewards_of, sequences_batch
+    scores: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(answers), batch_size):
+            chunk = answers[start:start + batch_size]
+            batch = sequences_batch([a.prompt for a in chunk], [a.reply(tok.end_id) for a in chunk], tok.pad_id)
+            scores += rewards_of(reward_model, batch.to(device)).float().tolist()
+    return scores
+
+
+def win_rate(a: list[float], b: list[float]) -> float:
+    """Share of prompts where reward a > reward b, ties counting one half."""
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / max(len(a), 1)
+
+
+def fixed_samples(model, tok, cfg: Config) -> list[dict]:
+    """Generations for the fixed prompt set: chat replies to sample_prompts, continuations of sample_texts."""
+    from model import generate
+
+    from tasks.common import chat
+    rows = []
+    s = cfg.sampling
+    for i, prompt in enumerate(cfg.sample_prompts):
+        ids = chat.encode_chat(tok.tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
+        new = generate(model, [ids], min(cfg.sample_max_new_tokens, model.cfg.max_seq_len - len(ids)),
+                       temperature=s.temperature, top_p=s.top_p, stop_tokens=tok.stop_ids, seed=s.seed + i)[0]
+        rows.append({"kind": "chat", "prompt": prompt, "text": tok.decode(new)})
+    for i, text in enumerate(cfg.sample_texts):
+        ids = [tok.special[chat.EOT], *tok.plain(text)]
+        new = generate(model, [ids], min(cfg.sample_max_new_tokens, model.cfg.max_seq_len - len(ids)),
+                       temperature=s.temperature, top_p=s.top_p, stop_tokens=[tok.special[chat.EOT]],
+                       seed=s.seed + 1000 + i)[0]
+        rows.append({"kind": "text", "prompt": text, "text": tok.decode(new)})
+    return rows
+
+
+def samples_markdown(samples: dict[str, list[dict]]) -> str:
+    lines = ["# Samples", ""]
+    labels = list(samples)
+    if not labels:
+        return "\n".join(lines)
+    for i, row in enumerate(samples[labels[0]]):
+        kind = "User prompt" if row["kind"] == "chat" else "Story opening"
+        lines += [f"## {kind}: {row['prompt']}", ""]
+        for label in labels:
+            text = samples[label][i]["text"].strip() or "(empty)"
+            lines += [f"**{label}**", "", "> " + text.replace("\n", "\n> "), ""]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
+    from tasks.common.alignment import held_out_prompts, load_model_folder, load_tokenizer
+    quiet_libraries()
+    device = pick_device(cfg.device)
+    skipped: dict[str, str] = {}
+    models = find_models(cfg, paths, skipped)
+    reward_folder = find_reward_model(cfg, paths, skipped)
+    out = fresh_dir(paths.out)
+    tok = load_tokenizer(models[0].folder)
+    max_len = min(json.loads((m.folder / "config.json").read_text())["max_position_embeddings"] for m in models)
+    files, items = prepare_benchmarks(cfg, paths, models[0].folder / "tokenizer.json", max_len, skipped)
+    data = held_out(paths.of("pretokenize"), cfg.val_max_tokens)
+    held = held_out_prompts(cfg.sampling.prompts, cfg.sampling.prompt_seed) if cfg.sampling.prompts else []
+
+    metrics: dict[str, Any] = {"models": [m.label for m in models]}
+    answers: dict[str, list] = {}
+    answer_rows: dict[str, list[dict]] = {}
+    samples: dict[str, list[dict]] = {}
+    timings: dict[str, float] = {}
+    for m in models:
+        started = time.perf_counter()
+        model = load_model_folder(m.folder, f"{m.label} model").to(device)
+        result = held_out_loss(model, data, cfg.batch_size, device)
+        if held:
+            scores, answer_rows[m.label], answers[m.label] = answer_prompts(model, tok, held, cfg.sampling, m.label)
+            result.update({"satisfaction": scores["satisfied"], "constraint_rate": scores["constraint_rate"],
+                           "per_constraint": scores["per_constraint"]})
+        samples[m.label] = fixed_samples(model, tok, cfg)
+        del model
+        bench = run_lm_eval(m.folder, files, cfg.lm_eval_tasks, cfg.limit, cfg.batch_size, device, cfg.sampling.seed)
+        result["bench"] = bench["scores"]
+        write_json(out / "lm_eval" / f"{m.label}.json", {"results": bench["results"], "items": bench["items"]})
+        metrics[m.label] = result
+        timings[m.label] = round(time.perf_counter() - started, 1)
+        print(f"evaluate: {m.label} ({m.stage}) in {timings[m.label]:.0f}s: bpb {result['val_bpb']:.3f}"
+              + "".join(f", {n} {s['acc']:.3f}" for n, s in bench["scores"].items())
+              + (f", satisfaction {result['satisfaction']:.2f}" if held else ""), flush=True)
+
+    metrics["win_rate"] = compare_with_rewards(cfg, reward_folder, answers, answer_rows, tok, device, skipped)
+    for label, rows in answer_rows.items():
+        _write_jsonl(out / "answers" / f"{label}.jsonl", rows)
+    (out / "samples.md").write_text(samples_markdown(samples), encoding="utf-8")
+    metrics.update({"benchmark_items": items, "skipped": skipped, "device": device, "seconds_per_model": timings,
+                    "val_text_bytes": data.text_bytes})
+    write_plots(paths.root, metrics)
+    tracker.log_artifact(out / "samples.md", "evaluate")
+    tracker.log_artifact(out / "lm_eval", "evaluate/lm_eval")
+    print_table(metrics)
+    if cfg.report:
+        from tasks.common.report import build_report
+        report = build_report(paths.root, evaluation=metrics, tracker=tracker)
+        print(f"  report card    {report}")
+    return metrics
+
+
+def find_reward_model(cfg: Config, paths: StagePaths, skipped: dict[str, str]) -> Path | None:
+    if not cfg.reward_model or not cfg.win_rates or not cfg.sampling.prompts:
+        return None
+    folder = paths.of(cfg.reward_model) / "model"
+    if (folder / "reward_head.safetensors").is_file():
+        return folder
+    reason = f"{folder} has no reward model (run `dvc repro {cfg.reward_model}`)"
+    if cfg.missing_models == "error":
+        raise ScratchError(f"evaluate.reward_model: {reason}, or set evaluate.missing_models: skip")
+    skipped["win_rates"] = reason
+    print(f"evaluate: no win rates: {reason}")
+    return None
+
+
+def compare_with_rewards(cfg: Config, reward_folder: Path | None, answers: dict[str, list],
+                         answer_rows: dict[str, list[dict]], tok, device: str,
+                         skipped: dict[str, str]) -> dict[str, float]:
+    """Win rates `a_vs_b` on the shared prompts; each answer row gets its reward."""
+    if reward_folder is None:
+        return {}
+    from model.heads import RewardModel
+    reward_model = RewardModel.load(reward_folder, device=device)
+    scored = {label: rewards(reward_model, answers[label], tok, cfg.batch_size, device) for label in answers}
+    for label, values in scored.items():
+        for row, value in zip(answer_rows[label], values):
+            row["reward"] = value
+    rates = {}
+    for pair in cfg.win_rates:
+        a, _, b = pair.partition(":")
+        if a in scored and b in scored:
+            rates[f"{a}_vs_{b}"] = win_rate(scored[a], scored[b])
+        else:
+            skipped[f"win_rate:{a}_vs_{b}"] = "a model of the pair was skipped"
+    return rates
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+
+
+def write_plots(root: Path, metrics: dict) -> None:
+    """DVC plot data: bpb per model, and accuracy per (model, benchmark)."""
+    labels = metrics["models"]
+    write_json(root / PLOTS_DIR / "bpb.json", [{"model": m, "val_bpb": metrics[m]["val_bpb"]} for m in labels])
+    write_json(root / PLOTS_DIR / "benchmarks.json",
+               [{"model": m, "benchmark": b, "acc": s["acc"]} for m in labels for b, s in metrics[m]["bench"].items()])
+
+
+def print_table(metrics: dict) -> None:
+    labels = metrics["models"]
+    rows = [("val loss", "val_loss"), ("val ppl", "val_ppl"), ("val bpb", "val_bpb"), ("satisfaction", "satisfaction")]
+    print("\n" + f"{'':<20}" + "".join(f"{m:>10}" for m in labels))
+    for name, key in rows:
+        if all(key in metrics[m] for m in labels):
+            print(f"{name:<20}" + "".join(f"{metrics[m][key]:>10.3f}" for m in labels))
+    for bench in sorted({b for m in labels for b in metrics[m]["bench"]}):
+        print(f"{bench + ' acc':<20}" + "".join(
+            f"{metrics[m]['bench'][bench]['acc']:>10.3f}" if bench in metrics[m]["bench"] else f"{'-':>10}"
+            for m in labels))
+    for pair, rate in metrics["win_rate"].items():
+        print(f"  win rate {pair:<12} {rate:.3f}")
+    for what, why in metrics["skipped"].items():
+        print(f"  skipped {what}: {why}")
+
+
+def main() -> None:
+    stage_main("evaluate", Config, run)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""register — log the final model to MLflow as a servable pyfunc, register it as `scratchlm`, alias it `@challenger`.
+
+Runbook
+    dvc repro register                         # or: scratchlm stage register / python -m tasks.register
+    scratchlm promote                          # then: move @champion here if the gates in params.yaml pass
+    mlflow models serve -m models:/scratchlm@challenger --env-manager local -p 5001
+    scratchlm chat --model models:/scratchlm@challenger
+
+Reads   data/<register.model_stage>/model/     the final model (DPO by default): an HF LlamaForCausalLM folder with
+                                               its tokenizer and chat template
+        metrics/evaluate.json                  that model's evaluation (bpb, benchmarks, satisfaction, win rates)
+        dvc.lock                               the hashes of the data, params and code the model came from
+Writes  MLflow: in this stage's run, a logged model `model` (pyfunc from code: tasks/common/pyfunc.py, artifacts =
+                the HF folder, code = model/ + tasks/common/chat.py, signature with prompt/messages inputs and
+                max_new_tokens/temperature/top_p/seed params, an input example), registered as a new version of
+                `register.model_name` with the alias `register.alias`; the version's tags: the pipeline run id,
+                the git commit, the dvc.lock hashes of the model's stage and of evaluate, and `eval.*` = the
+                model's evaluation (what `flows/promote.py` gates on)
+        data/register/registered.json          {name, version, alias, run_id, pipeline_run_id, model_uri, ...}
+        metrics/register.json                  version and the evaluation numbers it was registered with
+Checks  the model folder and its evaluation must exist; MLflow must be on (SCRATCHLM_NO_MLFLOW=1 is an error here);
+        the logged model is loaded back and answers its input example before the alias moves.
+Scale   the model is logged once per run; on an MLflow server (MLFLOW_TRACKING_URI) with S3/MinIO artifacts the
+        same code uploads there. Serving scales with MLflow's own options (workers, Docker images, KServe).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.common.config import ROOT, ScratchError, check, load_section
+from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
+from tasks.common.stage import stage_main
+from tasks.common.tracking import PARENT_ENV, Tracker, dvc_lock_tags, flatten, git_commit
+
+PYFUNC_FILE = ROOT / "tasks" / "common" / "pyfunc.py"
+CODE_PATHS = [ROOT / "model", ROOT / "tasks" / "common" / "chat.py"]
+INPUT_EXAMPLE_PROMPT = "Write a short story about a cat named Tom who goes to the park."
+
+
+@dataclass(frozen=True)
+class Config:
+    model_name: str = "scratchlm"
+    """Registered model name in the MLflow model registry."""
+    model_stage: str = "dpo"
+    """The stage whose data/<stage>/model folder is the final model (dpo; sft or pretrain for a shorter pipeline)."""
+    alias: str = "challenger"
+    """Alias the new version gets; `flows/promote.py` moves @champion to it when the gates pass."""
+
+    def __post_init__(self) -> None:
+        check(bool(self.model_name.strip()), "model_name", "must not be empty")
+        check(self.alias not in ("", "champion", "latest"), "alias",
+              "must name the candidate (e.g. challenger); @champion is moved only by the promote flow")
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def model_folder(paths: StagePaths, stage: str) -> Path:
+    folder = paths.of(stage) / "model"
+    if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
+        raise ScratchError(f"{folder}: no exported model (config.json + tokenizer.json); run `dvc repro {stage}` "
+                           f"or set register.model_stage")
+    return folder
+
+
+def model_evaluation(root: Path, stage: str) -> dict:
+    """The evaluation of the model that `stage` produced, from metrics/evaluate.json (labels from evaluate.models)."""
+    file = root / "metrics" / "evaluate.json"
+    if not file.is_file():
+        raise ScratchError(f"{file}: missing; run `dvc repro evaluate` before register")
+    metrics = read_json(file)
+    from tasks.evaluate import Config as EvaluateConfig
+    labels = [label for label, s in load_section("evaluate", EvaluateConfig).models.items() if s == stage]
+    found = [label for label in labels if isinstance(metrics.get(label), dict)]
+    if not found:
+        raise ScratchError(f"{file}: no evaluation of the {stage!r} model (evaluate.models maps "
+                           f"{labels or 'no label'} to it); rerun evaluate")
+    label = found[0]
+    return {"label": label, **metrics[label], "win_rate": metrics.get("win_rate", {})}
+
+
+def eval_tags(evaluation: dict) -> dict[str, str]:
+    """`eval.<key>` tags from an evaluation: numbers only (what the promotion gates read back)."""
+    flat = flatten({k: v for k, v in evaluation.items() if k != "label"})
+    return {f"eval.{k}": str(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def lineage_tags(model_stage: str) -> dict[str, str]:
+    """Pipeline run id, git commit and the dvc.lock hashes of the model's stage and of evaluate."""
+    tags = {"git_commit": git_commit(), "model_stage": model_stage}
+    if os.environ.get(PARENT_ENV):
+        tags["pipeline_run_id"] = os.environ[PARENT_ENV]
+    for stage in (model_stage, "evaluate"):
+        tags.update({f"dvc.{stage}.{k.removeprefix('dvc.')}": v for k, v in dvc_lock_tags(stage).items()})
+    return tags
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+
+def pip_requirements() -> list[str]:
+    """The packages the pyfunc imports, pinned to what runs here (so `--env-manager virtualenv` rebuilds it)."""
+    from importlib.metadata import version
+    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")]
+
+
+def signature():
+    from tasks.common.pyfunc import signature as pyfunc_signature
+    return pyfunc_signature()
+
+
+def input_example() -> tuple:
+    import pandas as pd
+    # every row names both inputs (an empty one is absent): a column missing from some rows would be NaN there
+    frame = pd.DataFrame([{"prompt": "", "messages": [{"role": "user", "content": INPUT_EXAMPLE_PROMPT}]},
+                          {"prompt": "Once upon a time", "messages": []}])
+    return frame, {"max_new_tokens": 16, "temperature": 0.8, "top_p": 0.95, "seed": 0}
+
+
+def log_and_register(folder: Path, cfg: Config, run_id: str, tags: dict[str, str]):
+    """Log the pyfunc into run `run_id`, register it, tag the version; returns (ModelVersion, model_uri)."""
+    import mlflow
+    client = mlflow.MlflowClient()
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(PYFUNC_FILE), artifacts={"model": str(folder)},
+            code_paths=[str(p) for p in CODE_PATHS], signature=signature(), input_example=input_example(),
+            pip_requirements=pip_requirements())
+    version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
+    for key, value in tags.items():  # register_model's tags land on the version; set again for older servers
+        client.set_model_version_tag(cfg.model_name, version.version, key, value)
+    return version, info.model_uri
+
+
+def smoke_test(model_uri: str) -> str:
+    """Load the logged model back as MLflow will serve it and generate from its input example."""
+    import mlflow
+    frame, params = input_example()
+    out = mlflow.pyfunc.load_model(model_uri).predict(frame.iloc[:1], params=params)
+    text = out[0]["text"] if isinstance(out, list) else str(out)
+    if not isinstance(text, str):
+        raise ScratchError(f"{model_uri}: the logged model answered {out!r}, not text")
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
+    if not tracker.active:
+        raise ScratchError("register needs MLflow (unset SCRATCHLM_NO_MLFLOW); the model registry lives there")
+    folder = model_folder(paths, cfg.model_stage)
+    evaluation = model_evaluation(paths.root, cfg.model_stage)
+    out = fresh_dir(paths.out)
+    tags = {**lineage_tags(cfg.model_stage), "pipeline_run_id": os.environ.get(PARENT_ENV) or tracker.run_id,
+            "run_id": tracker.run_id, **eval_tags(evaluation)}
+    import mlflow
+    client = mlflow.MlflowClient()
+    version, logged_uri = log_and_register(folder, cfg, tracker.run_id, tags)
+    sample = smoke_test(f"models:/{cfg.model_name}/{version.version}")
+    client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
+    client.update_registered_model(cfg.model_name, description="scratchlm: a Llama-style LM built from scratch by "
+                                   "the scratchlm pipeline (chat or plain-text generation pyfunc).")
+    record = {"name": cfg.model_name, "version": int(version.version), "alias": cfg.alias, "run_id": tracker.run_id,
+              "pipeline_run_id": tags["pipeline_run_id"], "model_uri": f"models:/{cfg.model_name}@{cfg.alias}",
+              "version_uri": f"models:/{cfg.model_name}/{version.version}", "logged_model_uri": logged_uri,
+              "model_stage": cfg.model_stage, "git_commit": tags["git_commit"]}
+    write_json(out / "registered.json", record)
+    tracker.log_artifact(out / "registered.json", "register")
+    if (paths.root / "dvc.lock").is_file():
+        tracker.log_artifact(paths.root / "dvc.lock", "lineage")
+    print_summary(record, evaluation, sample)
+    numbers = {k.removeprefix("eval."): float(v) for k, v in eval_tags(evaluation).items()}
+    return {"version": record["version"], "eval": numbers}
+
+
+def print_summary(record: dict, evaluation: dict, sample: str) -> None:
+    print(f"register: {record['name']} version {record['version']} is @{record['alias']} "
+          f"(the {record['model_stage']} model, evaluated as {evaluation['label']!r})")
+    for key in ("val_bpb", "satisfaction"):
+        if key in evaluation:
+            print(f"  {key:<14} {evaluation[key]:.4f}")
+    print(f"  model uri      {record['model_uri']}  (= {record['version_uri']})")
+    print(f"  smoke test     {sample[:70]!r}")
+    print(f"  promote        scratchlm promote   (moves @champion when the gates in params.yaml pass)")
+    print(f"  serve          mlflow models serve -m {record['model_uri']} --env-manager local -p 5001")
+
+
+def main() -> None:
+    stage_main("register", Config, run)
+
+
+if __name__ == "__main__":
+    main()

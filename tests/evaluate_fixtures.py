@@ -1,0 +1,76 @@
+"""Small real artefacts for the evaluate/register/promote/serve/chat tests: a tokenizer trained here by the
+tokenizer stage's own code (byte-level BPE, the chat special tokens and template) and tiny Llamas exported as HF
+folders (model.hf.save), randomly initialised or trained for a few steps. They keep those tests fast and
+independent of a full pipeline run."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig
+from model.hf import save
+from model.llama import Llama
+
+NAMES = ["Mia", "Tom", "Lily", "Ben", "Sara", "Max"]
+PLACES = ["park", "garden", "river", "school", "forest", "market"]
+THINGS = ["ball", "kite", "book", "cat", "apple", "boat"]
+
+
+def story_sentences(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        name, place, thing = rng.choice(NAMES), rng.choice(PLACES), rng.choice(THINGS)
+        out.append(f"{name} went to the {place}. {name} found a {thing} and smiled. The {thing} was red.")
+    return out
+
+
+def train_tokenizer(folder: Path, vocab_size: int = 512) -> Path:
+    """An HF tokenizer folder exactly as the tokenizer stage writes one (tokenizer.json + configs + template)."""
+    from tasks.tokenizer import Config, save_folder, train_bpe
+    texts = story_sentences(400, 0)
+    tok = train_bpe(iter([texts]), Config(vocab_size=vocab_size, min_frequency=1), len(texts))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_folder(tok, folder)
+    return folder
+
+
+def _vocab_size(tokenizer_dir: Path) -> int:
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+
+
+def tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, max_seq_len: int = 512, **overrides) -> Path:
+    """A randomly initialised tiny Llama saved as an HF folder with the tokenizer files beside it."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig.from_preset("tiny", vocab_size=_vocab_size(tokenizer_dir), max_seq_len=max_seq_len, **overrides)
+    save(Llama(cfg).eval(), folder, tokenizer_dir=tokenizer_dir)
+    return folder
+
+
+def train_tiny(folder: Path, tokenizer_dir: Path, texts: list[str], steps: int = 60, seed: int = 0,
+               max_seq_len: int = 512) -> Path:
+    """A tiny Llama trained for a few AdamW steps on `texts` (documents joined by <|endoftext|>)."""
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    ids: list[int] = []
+    for text in texts:
+        ids += tok.encode(text, add_special_tokens=False).ids + [eot]
+    data = torch.tensor(ids)
+    torch.manual_seed(seed)
+    model = Llama(ModelConfig.from_preset("tiny", vocab_size=tok.get_vocab_size(), max_seq_len=max_seq_len))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 65, (16,), generator=g)
+        x = torch.stack([data[s:s + 64] for s in starts])  # (16,64)
+        y = torch.stack([data[s + 1:s + 65] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save(model.eval(), folder, tokenizer_dir=tokenizer_dir)
+    return folder
