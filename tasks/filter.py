@@ -37,12 +37,15 @@ from __future__ import annotations
 import functools
 import json
 import re
+import string
 import time
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
+
+import numpy as np
 
 from tasks.common.config import DataConfig, ScratchError, check, load_section
 from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl_gz
@@ -199,8 +202,10 @@ class Config:
 
 # ------------------------------------------------------------------------------------------------ text statistics
 
-_WORD_EDGES = re.compile(r"^\W+|\W+$")
+# Punctuation stripped from both ends of a word before length and n-gram statistics.
+_PUNCTUATION = string.punctuation + "\u2018\u2019\u201c\u201d\u00ab\u00bb\u2026\u2013\u2014\u00bf\u00a1"
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_NOT_LETTER = re.compile(r"[\W\d_]+")
 
 
 @dataclass
@@ -211,14 +216,37 @@ class TextStats:
     norm_words: list[str]         # lower-cased, punctuation around them stripped, empty ones dropped
     lines: list[str]              # non-empty lines, stripped
     paragraphs: list[str]         # non-empty paragraphs, stripped
+    _ranks: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @classmethod
     def of(cls, text: str) -> "TextStats":
         words = text.split()
-        norm = [w for w in (_WORD_EDGES.sub("", t).lower() for t in words) if w]
+        norm = [w for w in (t.strip(_PUNCTUATION) for t in text.lower().split()) if w]
         lines = [s for s in (line.strip() for line in text.splitlines()) if s]
         paragraphs = [s for s in (p.strip() for p in _PARAGRAPH_BREAK.split(text)) if s]
         return cls(text, words, norm, lines, paragraphs)
+
+    def ngram_ids(self, n: int) -> np.ndarray:
+        """An id per word n-gram of norm_words, equal ids for equal n-grams → (len(norm_words) - n + 1,) int64.
+
+        Built up exactly, one n at a time: the id of an n-gram ranks the pair (id of its (n-1)-gram prefix,
+        id of its last word)."""
+        if not self._ranks:
+            vocab: dict[str, int] = {}
+            self._ranks.append(np.array([vocab.setdefault(w, len(vocab)) for w in self.norm_words], dtype=np.int64))
+        while len(self._ranks) < n:
+            prev, unigram = self._ranks[-1], self._ranks[0]
+            k = len(self._ranks) + 1                                   # the n-gram size being built
+            if len(unigram) < k:
+                self._ranks.append(np.zeros(0, dtype=np.int64))
+                continue
+            pair = prev[:len(unigram) - k + 1] * (len(unigram) + 1) + unigram[k - 1:]
+            self._ranks.append(np.unique(pair, return_inverse=True)[1].astype(np.int64))
+        return self._ranks[n - 1]
+
+    def word_chars(self) -> np.ndarray:
+        """Characters per normalised word → (len(norm_words),) int64."""
+        return np.fromiter(map(len, self.norm_words), dtype=np.int64, count=len(self.norm_words))
 
 
 def repeated_fractions(pieces: list[str]) -> tuple[float, float]:
@@ -235,34 +263,37 @@ def repeated_fractions(pieces: list[str]) -> tuple[float, float]:
     return repeats / len(pieces), repeat_chars / max(1, sum(map(len, pieces)))
 
 
-def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
-    return list(zip(*(words[i:] for i in range(n))))
-
-
-def top_ngram_char_fraction(words: list[str], n: int) -> float:
-    """Characters covered by the most frequent n-gram (if it occurs more than once) over all word characters."""
-    grams = ngrams(words, n)
-    if not grams:
+def top_ngram_char_fraction(s: TextStats, n: int) -> float:
+    """Characters covered by the most frequent n-gram (if it occurs more than once; among equally frequent ones
+    the longest) over all word characters."""
+    ids = s.ngram_ids(n)
+    if len(ids) == 0:
         return 0.0
-    gram, count = Counter(grams).most_common(1)[0]
-    if count < 2:
+    counts = np.bincount(ids)
+    if counts.max() < 2:
         return 0.0
-    return count * sum(map(len, gram)) / sum(map(len, words))
+    window_chars = np.convolve(s.word_chars(), np.ones(n, dtype=np.int64), mode="valid")   # chars per window
+    top = counts[ids] == counts.max()
+    return float(counts.max() * window_chars[top].max() / s.word_chars().sum())
 
 
-def duplicate_ngram_char_fraction(words: list[str], n: int) -> float:
+def duplicate_ngram_char_fraction(s: TextStats, n: int) -> float:
     """Characters of the words covered by repeats of an earlier n-gram (overlaps counted once); the first
     occurrence of each n-gram is not counted, so a document that says one thing twice scores about 0.5."""
-    grams = ngrams(words, n)
-    if not grams:
+    ids = s.ngram_ids(n)
+    if len(ids) == 0:
         return 0.0
-    seen: set[tuple[str, ...]] = set()
-    covered = [False] * len(words)
-    for start, gram in enumerate(grams):
-        if gram in seen:
-            covered[start:start + n] = [True] * n
-        seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered) if c) / sum(map(len, words))
+    first = np.full(ids.max() + 1, len(ids), dtype=np.int64)
+    np.minimum.at(first, ids, np.arange(len(ids)))
+    repeat_starts = np.flatnonzero(first[ids] != np.arange(len(ids)))
+    if len(repeat_starts) == 0:
+        return 0.0
+    edges = np.zeros(len(s.norm_words) + 1, dtype=np.int64)     # +1 where a repeat starts, -1 after it ends
+    np.add.at(edges, repeat_starts, 1)
+    np.add.at(edges, repeat_starts + n, -1)
+    covered = np.cumsum(edges[:-1]) > 0
+    chars = s.word_chars()
+    return float(chars[covered].sum() / chars.sum())
 
 
 # ------------------------------------------------------------------------------------------------ rules
@@ -324,7 +355,7 @@ def rule_duplicate_paragraphs(s: TextStats, r: Repetition) -> str | None:
 
 def rule_top_ngrams(s: TextStats, r: NgramRule) -> str | None:
     for n, limit in zip(r.n, r.max_char_fraction):
-        frac = top_ngram_char_fraction(s.norm_words, n)
+        frac = top_ngram_char_fraction(s, n)
         if frac > limit:
             return f"top {n}-gram covers {frac:.2f} of characters > {limit}"
     return None
@@ -332,15 +363,15 @@ def rule_top_ngrams(s: TextStats, r: NgramRule) -> str | None:
 
 def rule_duplicate_ngrams(s: TextStats, r: NgramRule) -> str | None:
     for n, limit in zip(r.n, r.max_char_fraction):
-        frac = duplicate_ngram_char_fraction(s.norm_words, n)
+        frac = duplicate_ngram_char_fraction(s, n)
         if frac > limit:
             return f"repeated {n}-grams cover {frac:.2f} of characters > {limit}"
     return None
 
 
 def rule_alpha_ratio(s: TextStats, r: AlphaRatio) -> str | None:
-    visible = [c for c in s.text if not c.isspace()]
-    ratio = sum(c.isalpha() for c in visible) / max(1, len(visible))
+    visible = sum(map(len, s.words))                     # non-whitespace characters
+    ratio = len(_NOT_LETTER.sub("", s.text)) / max(1, visible)
     return f"alphabetic share {ratio:.2f} < {r.min_ratio}" if ratio < r.min_ratio else None
 
 

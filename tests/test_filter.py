@@ -88,10 +88,16 @@ def test_thresholds_come_from_the_config():
 
 
 def test_ngram_fractions():
-    words = "a b c a b c".split()
-    assert quality.top_ngram_char_fraction(words, 2) == pytest.approx(4 / 6)   # "a b" twice
-    assert quality.duplicate_ngram_char_fraction(words, 3) == pytest.approx(3 / 6)   # the second "a b c"
-    assert quality.duplicate_ngram_char_fraction("a b c d".split(), 2) == 0.0
+    s = quality.TextStats.of("A b, c. a B c!")
+    assert s.norm_words == ["a", "b", "c", "a", "b", "c"]
+    assert s.ngram_ids(2).tolist() == [0, 1, 2, 0, 1] and s.ngram_ids(6).tolist() == [0]
+    assert len(s.ngram_ids(7)) == 0
+    assert quality.top_ngram_char_fraction(s, 2) == pytest.approx(4 / 6)        # "a b" twice
+    assert quality.duplicate_ngram_char_fraction(s, 3) == pytest.approx(3 / 6)  # the second "a b c"
+    assert quality.duplicate_ngram_char_fraction(s, 2) == pytest.approx(3 / 6)  # "a b", "b c" again: 3 words
+    long = quality.TextStats.of("xx yy zz xx yy q xx yyy")
+    assert quality.top_ngram_char_fraction(long, 1) == pytest.approx(3 * 2 / 16)  # xx three times
+    assert quality.duplicate_ngram_char_fraction(quality.TextStats.of("a b c d"), 2) == 0.0
     assert quality.repeated_fractions(["x", "yy", "x"]) == (pytest.approx(1 / 3), pytest.approx(1 / 4))
 
 
