@@ -29,6 +29,7 @@ import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -86,6 +87,7 @@ class ShardJob:
     dtype: str
     eot_id: int
     batch_docs: int
+    threads: int = 0       # tokenizers threads in this worker process (0 = its default: every core)
 
 
 @dataclass
@@ -112,6 +114,8 @@ def part_file(parts: Path, index: int, name: str) -> Path:
 
 def encode_shard(job: ShardJob) -> ShardResult:
     """Encode one shard into its part files: <i>.train.bin, <i>.val.bin, <i>.val_docs.jsonl.gz (one gzip member)."""
+    if job.threads:  # read when tokenizers first starts its thread pool in this (forked) worker
+        os.environ["RAYON_NUM_THREADS"] = str(job.threads)
     tok = load_plain(job.tokenizer_file)
     result = ShardResult(job.index)
     pending: dict[str, list[dict]] = {s: [] for s in SPLITS}
@@ -187,7 +191,8 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     parts = out / ".parts"
     parts.mkdir()
 
-    jobs = [ShardJob(i, p, parts, tok_dir / "tokenizer.json", split, dtype, tmeta["eot_id"], cfg.batch_docs)
+    threads = threads_per_worker(data, len(docs))
+    jobs = [ShardJob(i, p, parts, tok_dir / "tokenizer.json", split, dtype, tmeta["eot_id"], cfg.batch_docs, threads)
             for i, p in enumerate(docs)]
     started = time.perf_counter()
     results = encode_all(jobs, data)
@@ -211,6 +216,15 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     print_summary(meta, metrics, out)
     tracker.log_artifact(out / "meta.json", "pretokenize")
     return metrics
+
+
+def threads_per_worker(data: DataConfig, n_shards: int) -> int:
+    """Share this machine's cores among local worker processes, so N workers x all-core thread pools do not
+    oversubscribe it; 0 (tokenizers' default) when encoding runs in this process or on a Dask cluster."""
+    procs = min(data.parallel.workers, n_shards)
+    if data.parallel.runner != "local" or procs <= 1:
+        return 0
+    return max(1, (os.cpu_count() or 1) // procs)
 
 
 def checked_tokenizer_meta(tok_dir: Path) -> dict:

@@ -274,7 +274,7 @@ def test_real_tinystories_bytes_per_token(tmp_path):
     from tasks.sources import files
     folder = shared("tinystories")
     records = files.read_txt(folder / "TinyStories-train_first2MiB.txt", "<|endoftext|>", keep_tail=False)
-    docs = [{"id": r.location.rsplit("/", 1)[-1], "text": r.text, "source": "tinystories"}
+    docs = [{"id": files.relative_location(r.location, ROOT), "text": r.text, "source": "tinystories"}
             for r in records if r.text is not None]
     write_corpus(tmp_path, docs, n_shards=2)
     m = run_tokenizer(tmp_path, vocab_size=4096, val_fraction=0.05)
