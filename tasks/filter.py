@@ -557,7 +557,8 @@ def ground_truth_scores(labels: list[dict], rejected_ids: set[str]) -> dict:
 def print_summary(m: dict, out: Path) -> None:
     print(f"filter: {m['docs_in']:,} documents → {m['kept']:,} kept ({m['kept_fraction']:.1%}), "
           f"{m['rejected']:,} rejected, {m['docs_per_s']:,.0f} docs/s")
-    print(f"  {'rule':<22}{'first':>9}{'any':>9}")
+    if m["rejected"]:
+        print(f"  {'rejected by rule':<22}{'first':>9}{'any':>9}")
     for rule in RULES:
         first, any_ = m["rejected_by_rule"].get(rule, 0), m["failed_by_rule"].get(rule, 0)
         if first or any_:

@@ -145,7 +145,8 @@ class MinHasher:
             hv = fmix32(hv.astype(np.uint32))
             for lo in range(0, len(hv), self.chunk_rows):
                 rows = owner[lo:lo + self.chunk_rows]
-                phv = a * hv[None, lo:lo + self.chunk_rows] + b           # (num_perm, rows), wraps mod 2**32
+                phv = a * hv[None, lo:lo + self.chunk_rows]               # (num_perm, rows), wraps mod 2**32
+                phv += b
                 starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
                 docs_here = rows[starts]
                 sig[:, docs_here] = np.minimum(sig[:, docs_here], np.minimum.reduceat(phv, starts, axis=1))
