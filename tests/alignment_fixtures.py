@@ -1,0 +1,92 @@
+"""A small world for the alignment tests (sft, reward, dpo): a BPE tokenizer and a tiny Llama pretrained on builtin
+stories, built once per pytest session under its base temp folder and shared by every alignment test module.
+
+    root = alignment_world(tmp_path_factory)     # root/data/tokenizer/, root/data/pretrain/model/
+    stage_root(tmp_path, root)                   # a fresh root whose data/ links to the world's upstream folders
+
+The tokenizer is the tokenizer stage's own BPE trainer and folder writer; the pretraining is a plain AdamW loop on
+random windows of the tokenized stories (the pretrain stage itself is tested in tests/test_pretrain.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TEST_PRESET = "tiny"
+MODEL_OVERRIDES = {"max_seq_len": 320}
+"""The tiny preset with room for a builtin instruction (about 205 tokens with this vocabulary) and its answer."""
+VOCAB = 2048
+STORY_DOCS = 3000
+PRETRAIN_STEPS = 220
+
+
+def make_tokenizer(folder: Path, vocab: int = VOCAB, docs: int = STORY_DOCS, seed: int = 7) -> Path:
+    """A byte-level BPE with the chat special tokens, trained on builtin stories and instruction answers."""
+    from tasks import tokenizer as tokenizer_stage
+    from tasks.sources import builtin
+    texts = [d.text for d in builtin.generate_corpus(docs, seed, 0.0, 0.0, 0.0)]
+    texts += [m["content"] for ex in builtin.generate_instructions(300, seed, "train") for m in ex["messages"]]
+    cfg = tokenizer_stage.Config(vocab_size=vocab)
+    tok = tokenizer_stage.train_bpe(iter([texts[i:i + 500] for i in range(0, len(texts), 500)]), cfg, len(texts))
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer_stage.save_folder(tok, folder)
+    return folder
+
+
+def pretrain_tiny(tokenizer_dir: Path, out: Path, steps: int = PRETRAIN_STEPS, docs: int = STORY_DOCS,
+                  seed: int = 11, batch: int = 16, seq_len: int = 256, lr: float = 3e-3) -> Path:
+    """A tiny Llama trained on builtin stories (each followed by <|endoftext|>), saved as an HF folder."""
+    from model import Llama, ModelConfig, save
+    from tasks.common import alignment as al
+    from tasks.sources import builtin
+    tok = al.load_tokenizer(tokenizer_dir)
+    eot = tok.special["<|endoftext|>"]
+    ids: list[int] = []
+    for d in builtin.generate_corpus(docs, seed, 0.0, 0.0, 0.0):
+        ids += [eot] + tok.plain(d.text)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    cfg = ModelConfig.from_preset(TEST_PRESET, vocab_size=tok.tok.get_vocab_size(), **MODEL_OVERRIDES)
+    torch.manual_seed(seed)
+    model = Llama(cfg).train()
+    opt = torch.optim.AdamW(model.optim_groups(0.0), lr=lr, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 20) * (0.1 + 0.45 * (1 + np.cos(np.pi * step / steps)))
+        starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g)
+        rows = torch.stack([tokens[s:s + seq_len + 1] for s in starts])
+        _, loss = model(rows[:, :-1], rows[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    save(model.eval(), out, tokenizer_dir=tokenizer_dir)
+    (out / "pretrain_loss.json").write_text(json.dumps({"loss": loss.item(), "steps": steps}))
+    return out
+
+
+def alignment_world(tmp_path_factory) -> Path:
+    """The shared world (built on first use in this session): data/tokenizer and data/pretrain/model."""
+    root = tmp_path_factory.getbasetemp() / "alignment-world"
+    done = root / "ready"
+    if not done.is_file():
+        started = time.perf_counter()
+        make_tokenizer(root / "data" / "tokenizer")
+        pretrain_tiny(root / "data" / "tokenizer", root / "data" / "pretrain" / "model")
+        done.write_text(f"{time.perf_counter() - started:.1f}s\n")
+    return root
+
+
+def stage_root(tmp_path: Path, world: Path, *upstream: str) -> Path:
+    """A fresh project root for one stage run: data/<stage> of `upstream` link to the world's folders."""
+    (tmp_path / "data").mkdir(parents=True, exist_ok=True)
+    for stage in ("tokenizer", "pretrain", *upstream):
+        link = tmp_path / "data" / stage
+        if not link.exists():
+            os.symlink(world / "data" / stage, link)
+    return tmp_path
