@@ -37,9 +37,18 @@ run: install  ## run the whole pipeline (Prefect flow -> dvc repro per stage -> 
 test: install  ## run the test suite
 	$(PY) -m pytest -q tests
 
-deploy: install  ## create the work pool and deployments on the Prefect server at PREFECT_API_URL
-	cd infra && ../$(VENV)/bin/prefect work-pool create scratchlm-process --type process --overwrite
-	cd infra && ../$(VENV)/bin/prefect --no-prompt deploy --all
+# work pools `make deploy` creates (scratchlm-<type>); the deployments of infra/prefect.yaml name them
+PREFECT_POOLS ?= process docker kubernetes
+
+deploy: install  ## create the work pools and deployments (infra/prefect.yaml) on the Prefect server at PREFECT_API_URL
+	@test -n "$$PREFECT_API_URL" || { echo "deploy: set PREFECT_API_URL to the Prefect server to deploy to," \
+		"e.g. PREFECT_API_URL=http://127.0.0.1:4200/api make deploy (docs/SCALE.md)" >&2; exit 2; }
+	for type in $(PREFECT_POOLS); do \
+		$(VENV)/bin/prefect work-pool create scratchlm-$$type --type $$type --overwrite >/dev/null || exit 1; \
+		echo "work pool scratchlm-$$type ($$type) ready"; done
+	# from the repository root: entrypoints are relative to it, and process runs start in this checkout
+	$(VENV)/bin/prefect --no-prompt deploy --prefect-file infra/prefect.yaml --all
+	@echo "deployed to $$PREFECT_API_URL; start a worker: $(VENV)/bin/prefect worker start --pool scratchlm-process"
 
 clean:  ## remove pipeline outputs (not the DVC cache)
 	rm -rf data metrics reports mlruns.db mlartifacts
