@@ -3,9 +3,10 @@
 Architecture choices (all match Hugging Face ``LlamaForCausalLM``, so model/hf.py only renames weights):
 - token embedding, no absolute positions; optional weight tying of the embedding and the output projection
 - pre-norm residual blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)); a final RMSNorm before lm_head
-- RMSNorm without bias, computed in float32 (HF's numerics)
+- RMSNorm without bias, computed in float32 (HF's numerics), with a hand-written backward (fewer kernels)
 - rotary position embeddings, "rotate-half" convention (channel i pairs with i + head_dim/2), cos/sin tables
-  precomputed in float32 for ``max_seq_len`` positions and kept as non-persistent buffers (never checkpointed)
+  precomputed in float32 for ``max_seq_len`` positions and kept as non-persistent buffers (never checkpointed);
+  rotate_half(x) * sin is computed as roll(x) * signed_sin (one fused multiply-add, no cat/neg)
 - grouped-query attention: ``n_kv_heads`` = ``n_heads`` is MHA, 1 is MQA; no biases anywhere
 - attention through ``F.scaled_dot_product_attention``: ``is_causal=True`` with no mask tensor when training, a
   boolean mask only for padding or chunked prefill; single-token decode folds the query heads of a KV group into
@@ -41,6 +42,36 @@ from model.losses import cross_entropy
 __all__ = ["Llama", "KVCache", "RMSNorm", "rope_tables", "apply_rope"]
 
 
+def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = (x * rstd).to(x.dtype) * w, rstd = 1/sqrt(mean(x^2) + eps), in float32, with a hand-written backward.
+
+    Autograd through the composite F.rms_norm saves and replays ~10 elementwise kernels per call; this keeps x, w
+    and rstd (B,T,1) only and does the backward in five.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        xf = x.to(_at_least_fp32(x.dtype))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (...,1)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd).to(x.dtype) * weight
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        x, weight, rstd = ctx.saved_tensors
+        x_hat = x.to(rstd.dtype) * rstd  # (...,D)
+        grad = grad.to(rstd.dtype)
+        grad_weight = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_x_hat = grad * weight.to(rstd.dtype)
+        # d/dx of x*rstd: rstd * (g - x_hat * mean(g * x_hat))
+        grad_x = (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True)) * rstd
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, normalised in float32 and cast back before the weight (as HF does)."""
 
@@ -50,25 +81,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        return F.rms_norm(x.float(), (x.shape[-1],), None, self.eps).to(x.dtype) * self.weight
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables of shape (max_len, head_dim) in float32, rotate-half layout (frequencies repeated twice)."""
+    """cos and signed sin tables, (max_len, head_dim) float32, rotate-half layout (frequencies repeated twice).
+
+    The sin table's first half is negated so that rotate_half(x) * sin == roll(x, hd/2) * signed_sin.
+    """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
     positions = torch.arange(max_len, dtype=torch.int64, device=device).float()
     freqs = torch.outer(positions, inv_freq)  # (S, hd/2)
-    angles = torch.cat((freqs, freqs), dim=-1)  # (S, hd)
-    return angles.cos(), angles.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (B,H,T,hd) by position; cos/sin are (T,hd) or (B,1,T,hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # rotate_half
-    return x * cos + rotated * sin
+def apply_rope(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """Rotate x (B,H,T,hd) by position (HF's x*cos + rotate_half(x)*sin); cos/sin are (T,hd) or (B,1,T,hd)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), signed_sin)
 
 
 class KVCache:
@@ -186,7 +215,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hd)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)  # (max_seq_len, hd), first half negated
         self.reset_parameters()
 
     # ---- init ----------------------------------------------------------------------------------------------

@@ -34,16 +34,52 @@ def _counted_targets(targets: Tensor, mask: Tensor | None) -> Tensor:
     return targets.masked_fill(mask == 0, IGNORE_INDEX)
 
 
+class _CrossEntropyFunction(torch.autograd.Function):
+    """Mean CE over rows with target != -100, for logits (N,V) of any float dtype; a memory-lean F.cross_entropy.
+
+    F.cross_entropy on (N,V) logits allocates an fp32 copy (under bf16), a log-softmax output, a zero-filled NLL
+    gradient and a log-softmax gradient, each (N,V). This saves only the logits and the per-row logsumexp, works
+    through the rows in chunks of about 4M elements, and allocates just the (N,V) gradient in the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor) -> Tensor:
+        n_rows, vocab = logits.shape
+        chunk = max(1, (1 << 22) // vocab)
+        valid = targets != IGNORE_INDEX  # (N,)
+        safe_targets = torch.where(valid, targets, 0)
+        compute = torch.promote_types(logits.dtype, torch.float32)
+        lse = torch.empty(n_rows, dtype=compute, device=logits.device)  # (N,)
+        for start in range(0, n_rows, chunk):
+            lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].to(compute), dim=-1)
+        target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).to(compute)  # (N,)
+        count = valid.sum().clamp(min=1)
+        loss = ((lse - target_logits) * valid).sum() / count
+        ctx.save_for_backward(logits, lse, safe_targets, valid, count)
+        ctx.chunk = chunk
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor) -> tuple[Tensor, None]:
+        logits, lse, safe_targets, valid, count = ctx.saved_tensors
+        row_scale = (grad_loss.to(lse.dtype) / count) * valid  # (N,) d loss / d nll_row
+        grad = torch.empty_like(logits)  # (N,V)
+        for start in range(0, logits.shape[0], ctx.chunk):
+            end = start + ctx.chunk
+            # d nll / d logits = softmax - one_hot(target)
+            probs = (logits[start:end].to(lse.dtype) - lse[start:end, None]).exp_()  # (n,V)
+            probs.scatter_add_(1, safe_targets[start:end, None], probs.new_full((probs.shape[0], 1), -1.0))
+            grad[start:end] = probs.mul_(row_scale[start:end, None])
+        return grad, None
+
+
 def cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -> Tensor:
     """Mean next-token CE over positions where mask == 1 and target != -100; 0 (with a gradient) if none count.
 
-    logits (B,T,V), targets (B,T), mask (B,T) or None.
+    logits (B,T,V) in any float dtype (computed in float32), targets (B,T) int, mask (B,T) or None.
     """
     targets = _counted_targets(targets, mask).reshape(-1)  # (B*T,)
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    count = (targets != IGNORE_INDEX).sum().clamp(min=1)
-    return total / count
+    return _CrossEntropyFunction.apply(logits.reshape(-1, logits.shape[-1]), targets)
 
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
