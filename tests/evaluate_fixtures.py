@@ -74,3 +74,46 @@ def train_tiny(folder: Path, tokenizer_dir: Path, texts: list[str], steps: int =
         opt.step()
     save(model.eval(), folder, tokenizer_dir=tokenizer_dir)
     return folder
+
+
+VAL_TEXTS = [
+    "Mia went to the park. She found a red ball and smiled.",
+    "Le café était fermé, so Tom walked to the river — naïve and happy. 🙂",
+    "Ben read a book in the garden. The book was about a boat.",
+]
+
+
+def write_pretokenize(root: Path, tokenizer_dir: Path, texts: list[str]) -> Path:
+    """data/pretokenize/{val.bin, meta.json, val_docs.jsonl.gz} in the pretokenize stage's format (its encoder)."""
+    import json
+
+    from tasks.common.dvcio import write_jsonl_gz
+    from tasks.pretokenize import encode_docs, load_plain
+    out = root / "data" / "pretokenize"
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_plain(tokenizer_dir / "tokenizer.json")
+    eot = tok.token_to_id("<|endoftext|>")
+    tokens = encode_docs(tok, texts, eot, "uint16")
+    tokens.tofile(out / "val.bin")
+    write_jsonl_gz(out / "val_docs.jsonl.gz", [{"id": f"v{i}", "text": t, "source": "test"} for i, t in enumerate(texts)])
+    meta = {"dtype": "uint16", "byteorder": "little", "eot_id": eot, "pad_id": tok.token_to_id("<|pad|>"),
+            "vocab_size": tok.get_vocab_size(), "val_docs": "val_docs.jsonl.gz",
+            "splits": {"val": {"documents": len(texts), "tokens": int(len(tokens)),
+                               "text_bytes": sum(len(t.encode("utf-8")) for t in texts)}}}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def pipeline_outputs(root: Path, stages: tuple[str, ...] = ("pretrain", "sft", "dpo"), reward: bool = True) -> Path:
+    """What the stages upstream of evaluate leave under <root>/data: tokenizer, pretokenize, models, reward model."""
+    from model.heads import RewardModel
+    from model.hf import load
+    tok_dir = train_tokenizer(root / "data" / "tokenizer")
+    write_pretokenize(root, tok_dir, VAL_TEXTS + story_sentences(20, 7))
+    for i, stage in enumerate(stages):  # random weights, a different seed per stage: evaluation needs no skill
+        tiny_model(root / "data" / stage / "model", tok_dir, seed=i)
+    if reward:
+        torch.manual_seed(3)
+        backbone = load(root / "data" / stages[-1] / "model")
+        RewardModel.from_backbone(backbone).save(root / "data" / "reward" / "model", tokenizer_dir=tok_dir)
+    return root

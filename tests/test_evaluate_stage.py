@@ -1,0 +1,139 @@
+"""The evaluate stage end to end on tiny models: held-out loss / bpb against a plain per-document computation,
+lm-eval benchmarks, constraint satisfaction and reward win rates on shared prompts, samples, DVC plot files and
+the report card; missing models fail or are skipped with the reason."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from model.hf import load
+from tasks.common.alignment import SamplingConfig
+from tasks.common.config import ScratchError
+from tasks.common.dvcio import stage_paths
+from tasks.common.tracking import Tracker
+from tasks.evaluate import Config, held_out, held_out_loss, quiet_libraries, run, win_rate
+from tests.evaluate_fixtures import VAL_TEXTS, pipeline_outputs
+
+SMALL = dict(limit=6, val_max_tokens=0, benchmarks=["cloze"], batch_size=8,
+             sampling=SamplingConfig(prompts=4, prompt_seed=4242, seed=0, max_new_tokens=24, batch_size=4),
+             sample_prompts=["Tell me a story about a cat."], sample_texts=["Once upon a time"],
+             sample_max_new_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    quiet_libraries()
+    return pipeline_outputs(tmp_path_factory.mktemp("evaluate"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(project):
+    import os
+    os.environ["SCRATCHLM_NO_MLFLOW"] = "1"
+    try:
+        metrics = run(Config(**SMALL), stage_paths("evaluate", root=project), Tracker("evaluate", None))
+    finally:
+        del os.environ["SCRATCHLM_NO_MLFLOW"]
+    return project, metrics
+
+
+def test_bits_per_byte_counts_the_texts_utf8_bytes(project):
+    data = held_out(project / "data" / "pretokenize", 0)
+    texts = data_texts(project)
+    assert texts[:len(VAL_TEXTS)] == VAL_TEXTS
+    assert data.text_bytes == sum(len(t.encode("utf-8")) for t in texts)
+    assert data.text_bytes > sum(len(t) for t in texts)  # the multi-byte characters count as bytes, not chars
+    model = load(project / "data" / "pretrain" / "model")
+    got = held_out_loss(model, data, batch_size=4, device="cpu")
+    # plain reference: each document alone, after an eot, predicting its tokens and the closing eot
+    nats, count = 0.0, 0
+    for doc in data.docs:
+        seq = torch.tensor([[data.eot_id, *doc.tolist(), data.eot_id]])
+        with torch.no_grad():
+            logits, _ = model(seq[:, :-1], all_logits=True)
+        nats += float(torch.nn.functional.cross_entropy(logits[0].double(), seq[0, 1:], reduction="sum"))
+        count += seq.shape[1] - 1
+    assert got["val_tokens"] == count and got["val_docs"] == len(texts)
+    assert got["val_loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert got["val_bpb"] == pytest.approx(nats / math.log(2) / data.text_bytes, rel=1e-5)
+    assert got["val_ppl"] == pytest.approx(math.exp(nats / count), rel=1e-5)
+
+
+def data_texts(project) -> list[str]:
+    import gzip
+    with gzip.open(project / "data" / "pretokenize" / "val_docs.jsonl.gz", "rt") as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+def test_val_max_tokens_takes_whole_documents(project):
+    data = held_out(project / "data" / "pretokenize", 5)
+    assert len(data.docs) == 1 and data.text_bytes == len(VAL_TEXTS[0].encode("utf-8"))
+
+
+def test_stage_writes_metrics_for_every_model(evaluated):
+    project, m = evaluated
+    assert m["models"] == ["base", "sft", "dpo"]
+    for label in m["models"]:
+        r = m[label]
+        assert r["val_bpb"] > 0 and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
+        assert 0.0 <= r["satisfaction"] <= r["constraint_rate"] <= 1.0  # all met <= share of constraints met
+        assert set(r["bench"]["cloze"]) >= {"acc", "acc_norm"}
+        saved = json.loads((project / "data/evaluate/lm_eval" / f"{label}.json").read_text())
+        assert len(saved["items"]["cloze"]) == 6
+    assert set(m["win_rate"]) == {"sft_vs_base", "dpo_vs_sft"}
+    assert all(0.0 <= v <= 1.0 for v in m["win_rate"].values())
+    assert m["benchmark_items"]["cloze"]["items"] == 6
+    json.dumps(m)  # what stage_main writes to metrics/evaluate.json
+
+
+def test_answers_carry_constraints_and_rewards(evaluated):
+    project, m = evaluated
+    for label in m["models"]:
+        rows = [json.loads(x) for x in (project / "data/evaluate/answers" / f"{label}.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and all(isinstance(r["reward"], float) and r["constraints"] for r in rows)
+    prompts = {label: [json.loads(x)["prompt"] for x in
+                       (project / "data/evaluate/answers" / f"{label}.jsonl").read_text().splitlines()]
+               for label in m["models"]}
+    assert prompts["base"] == prompts["sft"] == prompts["dpo"]  # the same held-out prompts for every model
+
+
+def test_win_rate_counts_ties_as_half():
+    assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx(2.5 / 4)
+
+
+def test_plots_samples_and_report(evaluated):
+    project, m = evaluated
+    bpb = json.loads((project / "metrics/evaluate_plots/bpb.json").read_text())
+    assert [r["model"] for r in bpb] == ["base", "sft", "dpo"] and bpb[0]["val_bpb"] == m["base"]["val_bpb"]
+    bench = json.loads((project / "metrics/evaluate_plots/benchmarks.json").read_text())
+    assert {(r["model"], r["benchmark"]) for r in bench} == {(x, "cloze") for x in ("base", "sft", "dpo")}
+    samples = (project / "data/evaluate/samples.md").read_text()
+    assert "Tell me a story about a cat." in samples and "**dpo**" in samples
+    report = (project / "reports/report.md").read_text()
+    assert "![bits per byte per model](bpb.png)" in report and (project / "reports/bpb.png").stat().st_size > 1000
+    assert "![benchmark accuracy](benchmarks.png)" in report and (project / "reports/benchmarks.png").is_file()
+    assert "| bits per byte |" in report and "MLflow is off" in report
+
+
+def test_missing_model_fails_or_is_skipped(tmp_path, project, monkeypatch):
+    import shutil
+    monkeypatch.setenv("SCRATCHLM_NO_MLFLOW", "1")
+    for part in ("tokenizer", "pretokenize", "pretrain", "reward"):
+        shutil.copytree(project / "data" / part, tmp_path / "data" / part)
+    paths = stage_paths("evaluate", root=tmp_path)
+    with pytest.raises(ScratchError, match=r"evaluate.models.sft: .*data/sft/model has no model .*dvc repro sft"):
+        run(Config(**SMALL), paths, Tracker("evaluate", None))
+    cfg = Config(**{**SMALL, "missing_models": "skip", "report": False, "sample_prompts": [], "sample_texts": []})
+    m = run(cfg, paths, Tracker("evaluate", None))
+    assert m["models"] == ["base"] and "data/sft/model" in m["skipped"]["model:sft"]
+    assert m["win_rate"] == {} and set(m["skipped"]) >= {"win_rate:sft_vs_base", "win_rate:dpo_vs_sft"}
+
+
+def test_config_rejects_unknown_benchmark_and_bad_pairs():
+    with pytest.raises(ScratchError, match="benchmarks: unknown"):
+        Config(benchmarks=["mmlu"])
+    with pytest.raises(ScratchError, match="win_rates"):
+        Config(win_rates=["dpo:nope"])
