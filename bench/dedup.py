@@ -94,7 +94,8 @@ def ours(docs: Docs, cfg: dedup.Config, workers: int, batch: int) -> set[str]:
 def baseline(docs: Docs, cfg: dedup.Config) -> set[str]:
     from datasketch import MinHash
     from datasketch import MinHashLSH
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows) if cfg.bands else None)
+    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm,
+                     params=(cfg.bands, cfg.rows) if cfg.bands else None)
     ordered = sorted(range(len(docs)), key=lambda i: dedup.id_order(docs[i][0]))
     minhashes: dict[int, MinHash] = {}
     pairs = []

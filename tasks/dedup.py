@@ -16,9 +16,11 @@ Writes  data/dedup/shard-*.jsonl.gz   the unique documents, one output shard per
 How     1. exact: a 128-bit BLAKE2b of the normalised text (NFKC, lower-case, whitespace collapsed).
         2. near: word `shingle_size`-gram shingles → MinHash signatures (`num_perm`, `seed`), computed per shard
            in parallel and vectorised (tasks/common/minhash.py: bit-equal to datasketch.MinHash with its
-           `ngram_hash32` hashfunc) → datasketch MinHashLSH (`threshold`, or explicit `bands` x `rows`) →
-           candidate pairs = documents sharing a bucket → kept when their estimated Jaccard >= `threshold`
-           (`verify`) → connected components are the clusters.
+           `ngram_hash32` hashfunc) → LSH with the bands x rows MinHashLSH picks for `threshold` (or explicit
+           `bands` x `rows`): `index: numpy` sorts each band and yields exactly MinHashLSH's candidates (tested),
+           `index: datasketch` inserts every document into MinHashLSH → candidate pairs = documents sharing a
+           bucket → kept when their estimated Jaccard >= `threshold` (`verify`) → connected components are the
+           clusters.
         Every cluster keeps its first document by id (numbers inside ids compared as numbers, so `a.txt#2`
         comes before `a.txt#10`) and drops the rest; the order of shards or workers never changes the result.
 Checks  docs_in = kept + exact_duplicates + near_duplicates, always (a test holds it).

@@ -23,7 +23,8 @@ from tasks.sources import builtin
 from tests.conftest import ROOT, shared
 
 ODD_TEXTS = ["", "   ", "one", "two words", "a b c", "!!! ???", "Café au lait, s'il vous plaît — naïve façade.",
-             "Tab\tseparated\nand\r\nnewlines", "under_score and digits 42 x2", "日本語のテキスト と English mixed"]
+             "Tab\tseparated\nand\r\nnewlines", "under_score and digits 42 x2",
+             "日本語のテキスト と English mixed"]
 
 
 def datasketch_signature(items: list[bytes], num_perm: int, seed: int, hashfunc=None) -> np.ndarray:
@@ -185,8 +186,8 @@ def write_filter_output(root: Path, docs: list[builtin.BuiltinDoc], per_shard: i
     folder = root / "data" / "filter"
     folder.mkdir(parents=True)
     for n, start in enumerate(range(0, len(docs), per_shard)):
-        write_jsonl_gz(folder / f"shard-00000-{n:04d}.jsonl.gz",
-                       [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start:start + per_shard]])
+        rows = [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start:start + per_shard]]
+        write_jsonl_gz(folder / f"shard-00000-{n:04d}.jsonl.gz", rows)
     (folder / "labels.jsonl").write_text("".join(json.dumps({"id": d.id, "label": d.label, "of": d.of}) + "\n"
                                                  for d in docs))
 

@@ -142,8 +142,8 @@ def write_ingest(root: Path, docs: list[builtin.BuiltinDoc], per_shard: int) -> 
     folder = root / "data" / "ingest"
     folder.mkdir(parents=True)
     for n, start in enumerate(range(0, len(docs), per_shard)):
-        write_jsonl_gz(folder / f"shard-00000-{n:04d}.jsonl.gz",
-                       [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start:start + per_shard]])
+        rows = [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start:start + per_shard]]
+        write_jsonl_gz(folder / f"shard-00000-{n:04d}.jsonl.gz", rows)
     (folder / "labels.jsonl").write_text("".join(json.dumps({"id": d.id, "label": d.label, "of": d.of}) + "\n"
                                                  for d in docs))
 
