@@ -38,7 +38,6 @@ from typing import Literal
 
 import numpy as np
 
-from tasks.common import chat
 from tasks.common.config import DataConfig, ScratchError, check, load_section
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, read_jsonl_gz, shards, write_json
 from tasks.common.parallel import parallel_map

@@ -10,7 +10,7 @@ import pytest
 
 from tasks import pretokenize as stage
 from tasks.common.config import ConfigError, ScratchError, build, load_section
-from tasks.common.dvcio import read_jsonl_gz, shard_name, stage_paths, write_jsonl_gz
+from tasks.common.dvcio import read_jsonl_gz, stage_paths
 from tasks.common.split import load_split
 from tasks.common.tracking import Tracker
 from tests.test_tokenizer import make_docs, run_tokenizer, write_corpus, write_params
