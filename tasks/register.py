@@ -86,13 +86,12 @@ def eval_tags(evaluation: dict) -> dict[str, str]:
     return {f"eval.{k}": str(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def lineage_tags(model_stage: str) -> dict[str, str]:
-    """Pipeline run id, git commit and the dvc.lock hashes of the model's stage and of evaluate."""
+def lineage_tags(model_stage: str, root: Path = ROOT) -> dict[str, str]:
+    """Git commit and the dvc.lock hashes (deps and outs) of the model's stage and of evaluate."""
     tags = {"git_commit": git_commit(), "model_stage": model_stage}
-    if os.environ.get(PARENT_ENV):
-        tags["pipeline_run_id"] = os.environ[PARENT_ENV]
     for stage in (model_stage, "evaluate"):
-        tags.update({f"dvc.{stage}.{k.removeprefix('dvc.')}": v for k, v in dvc_lock_tags(stage).items()})
+        locked = dvc_lock_tags(stage, root / "dvc.lock")
+        tags.update({f"dvc.{stage}.{k.removeprefix('dvc.')}": v for k, v in locked.items()})
     return tags
 
 
@@ -121,7 +120,7 @@ def log_and_register(folder: Path, cfg: Config, run_id: str, tags: dict[str, str
     """Log the pyfunc into run `run_id`, register it, tag the version; returns (ModelVersion, model_uri)."""
     import mlflow
     client = mlflow.MlflowClient()
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):  # log_model logs to the active run
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(PYFUNC_FILE), artifacts={"model": str(folder)},
             code_paths=[str(p) for p in CODE_PATHS], signature=signature(), input_example=input_example(),
@@ -151,8 +150,9 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     folder = model_folder(paths, cfg.model_stage)
     evaluation = model_evaluation(paths.root, cfg.model_stage)
     out = fresh_dir(paths.out)
-    tags = {**lineage_tags(cfg.model_stage), "pipeline_run_id": os.environ.get(PARENT_ENV) or tracker.run_id,
-            "run_id": tracker.run_id, **eval_tags(evaluation)}
+    pipeline_run = os.environ.get(PARENT_ENV) or tracker.run_id  # run alone (dvc repro), the stage is the pipeline
+    tags = {**lineage_tags(cfg.model_stage, paths.root), "pipeline_run_id": pipeline_run, "run_id": tracker.run_id,
+            "eval_label": evaluation["label"], **eval_tags(evaluation)}
     import mlflow
     client = mlflow.MlflowClient()
     version, logged_uri = log_and_register(folder, cfg, tracker.run_id, tags)

@@ -117,3 +117,57 @@ def pipeline_outputs(root: Path, stages: tuple[str, ...] = ("pretrain", "sft", "
         backbone = load(root / "data" / stages[-1] / "model")
         RewardModel.from_backbone(backbone).save(root / "data" / "reward" / "model", tokenizer_dir=tok_dir)
     return root
+
+
+def evaluation(dpo_bpb: float = 1.5, satisfaction: float = 0.25, cloze: float = 0.5) -> dict:
+    """A metrics/evaluate.json as the evaluate stage writes it (the register stage reads the DPO model's part)."""
+    def model(bpb: float, sat: float, acc: float) -> dict:
+        return {"val_loss": bpb * 2.4, "val_ppl": 10.0, "val_bpb": bpb, "val_tokens": 1000, "val_docs": 10,
+                "satisfaction": sat, "constraint_rate": 0.6, "per_constraint": {"name": 0.9},
+                "bench": {"cloze": {"acc": acc, "acc_norm": acc - 0.05}, "piqa": {"acc": 0.55, "acc_norm": 0.5}}}
+    return {"models": ["base", "sft", "dpo"], "base": model(dpo_bpb + 0.1, 0.0, cloze - 0.1),
+            "sft": model(dpo_bpb + 0.05, satisfaction / 2, cloze), "dpo": model(dpo_bpb, satisfaction, cloze),
+            "win_rate": {"sft_vs_base": 0.7, "dpo_vs_sft": 0.6}, "skipped": {}}
+
+
+PARAMS = """\
+evaluate: {}
+register: {}
+promote:
+  max_val_bpb: 3.0
+  min_satisfaction: 0.1
+  max_benchmark_drop: 0.05
+  min_win_rate: null
+"""
+
+
+def registry_project(root: Path, monkeypatch, metrics: dict | None = None) -> Path:
+    """A project folder ready for the register stage: data/dpo/model, metrics/evaluate.json, dvc.lock, params;
+    MLflow pointed at a SQLite file inside it (artifacts under it too: the working directory moves there)."""
+    import json
+    tok_dir = train_tokenizer(root / "data" / "tokenizer")
+    tiny_model(root / "data" / "dpo" / "model", tok_dir, seed=5)
+    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    (root / "metrics" / "evaluate.json").write_text(json.dumps(metrics or evaluation()))
+    (root / "dvc.lock").write_text(
+        "schema: '2.0'\nstages:\n  dpo:\n    cmd: python -m tasks.dpo\n    outs:\n    - path: data/dpo\n"
+        "      md5: 1111.dir\n  evaluate:\n    cmd: python -m tasks.evaluate\n    deps:\n    - path: data/dpo\n"
+        "      md5: 1111.dir\n    outs:\n    - path: data/evaluate\n      md5: 2222.dir\n")
+    (root / "params.yaml").write_text(PARAMS)
+    monkeypatch.setenv("SCRATCHLM_PARAMS", str(root / "params.yaml"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlruns.db'}")
+    monkeypatch.delenv("SCRATCHLM_NO_MLFLOW", raising=False)
+    monkeypatch.chdir(root)
+    return root
+
+
+def run_register(root: Path) -> dict:
+    """The register stage's run() inside its own MLflow run, as stage_main does it; returns registered.json."""
+    import json
+
+    from tasks.common.dvcio import stage_paths
+    from tasks.common.tracking import stage_run
+    from tasks.register import Config, run
+    with stage_run("register", {}) as tracker:
+        run(Config(), stage_paths("register", root=root), tracker)
+    return json.loads((root / "data" / "register" / "registered.json").read_text())

@@ -117,6 +117,8 @@ class ModelSection:
 
 
 BASE_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection}
+EXTRA_SECTIONS: dict[str, str] = {"promote": "tasks.common.promotion:PromoteConfig"}
+"""Sections that configure no stage: name → "module:Class" of their dataclass (imported when loaded)."""
 
 
 def check(ok: bool, key: str, message: str) -> None:
@@ -142,11 +144,15 @@ def read_params(path: Path | str | None = None) -> dict[str, Any]:
 
 
 def section_class(name: str) -> type:
-    """The dataclass of section `name`: `data`/`model` here, else `Config` in `tasks/<name>.py`."""
+    """The dataclass of section `name`: `data`/`model` here, EXTRA_SECTIONS (`promote`), else `Config` in
+    `tasks/<name>.py`."""
     if name in BASE_SECTIONS:
         return BASE_SECTIONS[name]
+    if name in EXTRA_SECTIONS:
+        module, _, cls = EXTRA_SECTIONS[name].partition(":")
+        return getattr(importlib.import_module(module), cls)
     if not (ROOT / "tasks" / f"{name}.py").is_file():
-        known = ", ".join(sorted([*BASE_SECTIONS, *stage_modules()]))
+        known = ", ".join(sorted([*BASE_SECTIONS, *EXTRA_SECTIONS, *stage_modules()]))
         raise ConfigError(f"unknown section {name!r} (known: {known})")
     module = importlib.import_module(f"tasks.{name}")
     return module.Config

@@ -21,10 +21,14 @@ This module imports no scratchlm stage code: only `model` (torch), `chat` and ML
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+
+# the signature (tasks/register.py) validates inputs; MLflow's nudge towards type hints on predict is noise here
+warnings.filterwarnings("ignore", message=r".*type hints to the `predict` method.*")
 
 ARTIFACT = "model"
 """Name of the HF model folder among the logged model's artifacts."""

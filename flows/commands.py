@@ -1,0 +1,210 @@
+"""The CLI commands that drive what the pipeline produced: `scratchlm report`, `scratchlm chat`, `scratchlm promote`.
+
+flows/cli.py imports this module (`load_extra_commands`), and each `command(...)` below adds a subcommand:
+
+    scratchlm report [--regenerate] [--run PARENT_RUN_ID]   where the report card is (rebuilt on request)
+    scratchlm chat [--model PATH_OR_URI] [--temperature T] [--max-new-tokens N] [--seed S] [--system TEXT]
+                                                             a terminal chat, tokens streamed as they are decoded;
+                                                             the model: models:/scratchlm@champion by default,
+                                                             any models:/ or runs:/ URI, or an HF model folder
+    scratchlm promote [--dry-run] [--name NAME]              the promotion flow (exit 1 when a gate refuses)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from flows.cli import command
+from tasks.common.config import ROOT, ScratchError
+
+REPORT = ROOT / "reports" / "report.md"
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print where the report card is; --regenerate rebuilds it from metrics/*.json and MLflow first."""
+    if args.regenerate:
+        from tasks.common.report import build_report
+        build_report(ROOT, parent_run_id=args.run)
+    if not REPORT.is_file():
+        print(f"error: no report card yet at {REPORT}: the evaluate stage writes it "
+              f"(scratchlm run, or dvc repro evaluate), or build it from what exists: scratchlm report --regenerate",
+              file=sys.stderr)
+        return 1
+    plots = sorted(p.name for p in REPORT.parent.glob("*.png"))
+    print(f"report   {REPORT}")
+    print(f"plots    {', '.join(plots) or '(none)'}  in {REPORT.parent}/")
+    print("mlflow   artifacts `report/` of the latest `evaluate` run (mlflow ui → experiment scratchlm)")
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--regenerate", action="store_true", help="rebuild reports/ from metrics/*.json and MLflow")
+    p.add_argument("--run", metavar="PARENT_RUN_ID",
+                   help="take training curves from this pipeline run's stages (default: the latest run per stage)")
+
+
+# ------------------------------------------------------------------------------------------------ chat
+
+DEFAULT_MODEL = "models:/scratchlm@champion"
+
+
+def resolve_model(spec: str | None) -> tuple[Path, str]:
+    """(HF model folder, description) for an HF folder, a models:/ or runs:/ URI, or the default champion."""
+    if spec and Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise ScratchError(f"--model {spec}: not an exported model folder (no config.json)")
+        return Path(spec), spec
+    uri = spec or DEFAULT_MODEL
+    if "://" not in uri and ":/" not in uri:
+        raise ScratchError(f"--model {uri}: neither a folder nor a models:/ or runs:/ URI")
+    try:
+        return download_model(uri), uri
+    except ScratchError:
+        if spec:
+            raise
+        fallback = DEFAULT_MODEL.replace("@champion", "@challenger")
+        print(f"(no @champion yet, chatting with {fallback}; `scratchlm promote` sets @champion)")
+        return download_model(fallback), fallback
+
+
+def download_model(uri: str) -> Path:
+    """Download a logged scratchlm pyfunc and return its HF model folder (the `model` artifact)."""
+    import yaml
+    from mlflow.exceptions import MlflowException
+
+    from tasks.common.tracking import setup_mlflow
+    mlflow = setup_mlflow()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="chat-")))
+    except MlflowException as e:
+        raise ScratchError(f"{uri}: cannot be loaded from {mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})")
+    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
+    artifact = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("model", {})
+    if not artifact:
+        raise ScratchError(f"{uri}: not a scratchlm model (no `model` artifact in its MLmodel)")
+    return local / artifact["path"]
+
+
+class ChatSession:
+    """A conversation with one model: the history, and one streamed reply per user turn."""
+
+    def __init__(self, folder: Path, system: str | None, temperature: float, top_p: float, max_new_tokens: int,
+                 seed: int) -> None:
+        from model.hf import load
+        from tasks.common.alignment import load_tokenizer
+        self.model, self.tok = load(folder), load_tokenizer(folder)
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.history: list[dict] = []
+        self.temperature, self.top_p, self.max_new_tokens, self.seed = temperature, top_p, max_new_tokens, seed
+        self.turn = 0
+
+    def prompt_ids(self) -> list[int]:
+        """The conversation's ids ending in the generation prompt, the oldest turns dropped to leave room."""
+        from tasks.common.chat import encode_chat
+        room = self.model.cfg.max_seq_len - min(self.max_new_tokens, self.model.cfg.max_seq_len // 2)
+        while True:
+            ids, _ = encode_chat(self.tok.tok, self.system + self.history, add_generation_prompt=True)
+            if len(ids) <= room or len(self.history) <= 1:
+                return ids[-room:]  # a single over-long message keeps its end: the part being answered
+            self.history = self.history[2:]
+
+    def reply(self, text: str, write) -> str:
+        """Stream the model's answer to `text` through write(str); returns the whole answer."""
+        from model.generate import stream
+        self.history.append({"role": "user", "content": text})
+        ids = self.prompt_ids()
+        budget = min(self.max_new_tokens, self.model.cfg.max_seq_len - len(ids))
+        new: list[int] = []
+        shown = ""
+        for token in stream(self.model, ids, budget, temperature=self.temperature, top_p=self.top_p,
+                            stop_tokens=self.tok.stop_ids, seed=self.seed + self.turn):
+            new.append(token)
+            text_so_far = self.tok.decode(new)
+            if text_so_far.endswith("\ufffd"):
+                continue  # half of a multi-byte character: wait for the rest
+            write(text_so_far[len(shown):])
+            shown = text_so_far
+        answer = self.tok.decode(new)
+        write(answer[len(shown):])
+        self.history.append({"role": "assistant", "content": answer})
+        self.turn += 1
+        return answer
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with the model in the terminal, its reply streamed token by token (/reset clears, /exit or EOF ends)."""
+    folder, where = resolve_model(args.model)
+    session = ChatSession(folder, args.system, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    print(f"scratchlm chat: {where} ({session.model.num_params():,} parameters, context "
+          f"{session.model.cfg.max_seq_len} tokens). /reset clears the conversation, /exit ends it.", flush=True)
+
+    def write(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    while True:
+        write("you> ")
+        line = sys.stdin.readline()
+        if not line:  # end of input (a script, or ctrl-D)
+            write("\n")
+            break
+        text = line.strip()
+        if not sys.stdin.isatty():
+            write(text + "\n")  # echo scripted input so the transcript reads like a conversation
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            session.history.clear()
+            write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        write("model> ")
+        session.reply(text, write)
+        write("\n")
+    print(f"chat ended after {session.turn} replies.")
+    return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH_OR_URI",
+                   help=f"an HF model folder (e.g. data/dpo/model) or a models:/ or runs:/ URI (default: {DEFAULT_MODEL})")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply in tokens (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed of the first reply (+1 per turn)")
+    p.add_argument("--system", help="a system message that opens the conversation")
+
+
+# ------------------------------------------------------------------------------------------------ promote
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Move @champion to @challenger if the gates in params.yaml (promote:) pass; exit 1 when refused."""
+    from flows.promote import promote
+    outcome = promote(model_name=args.name, dry_run=args.dry_run)
+    name, version = outcome["name"], outcome["challenger"]
+    if outcome["failed"]:
+        print(f"\nrefused: {name} v{version} failed gate(s) {', '.join(outcome['failed'])}; "
+              f"@champion stays {outcome['champion_before'] or '(none)'}")
+        return 1
+    if outcome["promoted"]:
+        print(f"\npromoted: models:/{name}@champion is v{version}")
+    elif outcome.get("already_champion"):
+        print(f"\n{name} v{version} is already @champion")
+    else:
+        print(f"\ndry run: {name} v{version} passes every gate")
+    return 0
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dry-run", action="store_true", help="check the gates only; move nothing")
+    p.add_argument("--name", help="registered model name (default: register.model_name)")
+
+
+command("report", _report_args)(cmd_report)
+command("chat", _chat_args)(cmd_chat)
+command("promote", _promote_args)(cmd_promote)

@@ -1,0 +1,107 @@
+"""The register stage against a real (SQLite) MLflow registry: a pyfunc version of the DPO model with its HF
+folder, signature and input example, the @challenger alias, lineage and evaluation tags, registered.json; the
+registered model generates exactly what our own generate() does."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.evaluate_fixtures import registry_project, run_register
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    root = tmp_path_factory.mktemp("register")
+    with pytest.MonkeyPatch.context() as mp:
+        registry_project(root, mp)
+        import mlflow
+
+        from tasks.common.tracking import setup_mlflow
+        setup_mlflow()
+        parent = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("scratchlm").experiment_id,
+                                                  run_name="build_llm")  # the flow's parent run
+        mp.setenv("SCRATCHLM_PARENT_RUN_ID", parent.info.run_id)
+        record = run_register(root)
+        yield root, record, parent.info.run_id
+
+
+def test_version_alias_and_record(registered):
+    import mlflow
+    root, record, parent = registered
+    client = mlflow.MlflowClient()
+    version = client.get_model_version_by_alias("scratchlm", "challenger")
+    assert record["name"] == "scratchlm" and record["alias"] == "challenger"
+    assert int(version.version) == record["version"] and record["model_uri"] == "models:/scratchlm@challenger"
+    assert version.run_id == record["run_id"] and record["pipeline_run_id"] == parent
+    assert client.get_run(record["run_id"]).info.run_name == "register"
+    saved = json.loads((root / "data/register/registered.json").read_text())
+    assert saved == record
+
+
+def test_version_tags_trace_lineage_and_evaluation(registered):
+    import mlflow
+    root, record, parent = registered
+    tags = mlflow.MlflowClient().get_model_version("scratchlm", str(record["version"])).tags
+    assert tags["pipeline_run_id"] == parent and tags["run_id"] == record["run_id"]
+    assert tags["git_commit"] and tags["git_commit"] != "unknown"
+    assert tags["dvc.dpo.outs.data/dpo"] == "1111.dir" and tags["dvc.evaluate.outs.data/evaluate"] == "2222.dir"
+    assert float(tags["eval.val_bpb"]) == 1.5 and float(tags["eval.satisfaction"]) == 0.25
+    assert float(tags["eval.bench.cloze.acc"]) == 0.5 and float(tags["eval.win_rate.dpo_vs_sft"]) == 0.6
+    assert tags["eval_label"] == "dpo"
+
+
+def test_logged_model_has_folder_signature_and_example(registered):
+    import mlflow
+    _, record, _ = registered
+    info = mlflow.models.get_model_info(record["version_uri"])
+    assert [i["name"] for i in info.signature.inputs.to_dict()] == ["prompt", "messages"]
+    assert {p.name for p in info.signature.params.params} == {"max_new_tokens", "temperature", "top_p", "seed"}
+    local = mlflow.artifacts.download_artifacts(record["version_uri"])
+    from pathlib import Path
+    files = {p.name for p in Path(local).rglob("*")}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert "chat_template" in json.loads(next(Path(local).rglob("tokenizer_config.json")).read_text())
+    assert {"input_example.json", "serving_input_example.json", "chat.py"} <= files
+
+
+def test_pyfunc_generates_what_our_generate_does(registered):
+    import mlflow
+    import pandas as pd
+
+    from model.generate import generate
+    from model.hf import load
+    from tasks.common.alignment import load_tokenizer
+    from tasks.common.chat import encode_chat
+    root, record, _ = registered
+    pyfunc = mlflow.pyfunc.load_model("models:/scratchlm@challenger")
+    params = {"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, "seed": 3}
+    messages = [{"role": "user", "content": "Tell me a story about a fox."}]
+    out = pyfunc.predict(pd.DataFrame([{"prompt": "", "messages": messages}, {"prompt": "Once upon", "messages": []}]),
+                         params=params)
+    model, tok = load(root / "data/dpo/model"), load_tokenizer(root / "data/dpo/model")
+    chat_ids = encode_chat(tok.tok, messages, add_generation_prompt=True)[0]
+    want_chat = generate(model, [chat_ids], 10, temperature=0.8, top_p=0.95, stop_tokens=tok.stop_ids, seed=3)[0]
+    text_ids = [tok.special["<|endoftext|>"], *tok.plain("Once upon")]
+    want_text = generate(model, [text_ids], 10, temperature=0.8, top_p=0.95,
+                         stop_tokens=[tok.special["<|endoftext|>"]], seed=3)[0]
+    decode = lambda ids: tok.tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    assert [o["text"] for o in out] == [decode(want_chat), decode(want_text)]
+
+
+def test_register_refuses_without_mlflow_or_evaluation(tmp_path, monkeypatch):
+    from tasks.common.config import ScratchError
+    from tasks.common.dvcio import stage_paths
+    from tasks.common.tracking import Tracker
+    from tasks.register import Config, run
+    with pytest.raises(ScratchError, match="register needs MLflow"):
+        run(Config(), stage_paths("register", root=tmp_path), Tracker("register", None))
+    with pytest.raises(ScratchError, match=r"data/dpo/model: no exported model .*dvc repro dpo"):
+        run(Config(), stage_paths("register", root=tmp_path), Tracker("register", "some-run"))
+
+
+def test_alias_champion_is_reserved_for_promotion():
+    from tasks.common.config import ScratchError
+    from tasks.register import Config
+    with pytest.raises(ScratchError, match="alias"):
+        Config(alias="champion")
