@@ -3,7 +3,8 @@
 `parallel_map(fn, items, runner)` returns results in input order, whatever the backend:
     local   a process pool of `runner.workers` processes (1 = inline, in this process)
     dask    Prefect task mapping on a Dask cluster (`prefect-dask`): `runner.dask_address` of an existing
-            scheduler, or a local cluster of `runner.workers` processes (on 127.0.0.1) when empty
+            scheduler, or, when empty, a local cluster of `runner.workers` processes on 127.0.0.1 (one per
+            process, reused by every map of the stage)
 `fn` and `items` must be picklable (top-level functions or functools.partial of them, plain data); results come
 back to the caller, and `on_result` is called on each, in input order, as soon as it and those before it are done.
 
@@ -15,6 +16,7 @@ an existing cluster must be able to import this project (same checkout and venv)
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -64,8 +66,6 @@ def _dask_map(fn: Callable[[T], R], items: list[T], runner: RunnerConfig, collec
     # DVC is the only cache: Prefect must neither cache nor persist these results
     unit = task(fn, name=name, cache_policy=NO_CACHE, persist_result=False)
 
-    @flow(name="data-shards", flow_run_name=f"{name} x{len(items)}", task_runner=dask_task_runner(runner),
-          log_prints=False, persist_result=False)
     def shard_flow() -> None:
         futures = unit.map(items)  # all submitted at once; the cluster decides the order they run in
         for future in futures:     # ... and results are taken back in input order
@@ -73,8 +73,9 @@ def _dask_map(fn: Callable[[T], R], items: list[T], runner: RunnerConfig, collec
 
     if not items:
         return
-    with shared_prefect_api():
-        shard_flow()
+    with shared_prefect_api():  # first: a local cluster must stop before a temporary server does
+        flow(shard_flow, name="data-shards", flow_run_name=f"{name} x{len(items)}",
+             task_runner=dask_task_runner(runner), log_prints=False, persist_result=False)()
 
 
 def work_name(fn: Callable) -> str:
@@ -85,21 +86,34 @@ def work_name(fn: Callable) -> str:
 
 
 def dask_task_runner(runner: RunnerConfig):
-    """The DaskTaskRunner for `runner`: an existing scheduler, or a LocalCluster bound to 127.0.0.1."""
+    """The DaskTaskRunner for `runner`: the scheduler at `dask_address`, or this process's local cluster."""
     from prefect_dask import DaskTaskRunner
 
     # after distributed's import (which sets its own levels): the scheduler's INFO lines would bury the stage's
     # output in the flow logs
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    if runner.dask_address:
-        return DaskTaskRunner(address=runner.dask_address)
-    return DaskTaskRunner(cluster_kwargs={
-        "n_workers": runner.workers, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1",
-        # no dashboard, and the scheduler's HTTP endpoint on a free loopback port instead of a fixed :8787,
-        # so two stages (or two test runs) never collide
-        "dashboard_address": None, "scheduler_kwargs": {"dashboard_address": "127.0.0.1:0"},
-        "worker_dashboard_address": None,
-    })
+    return DaskTaskRunner(address=runner.dask_address or local_cluster(runner.workers).scheduler_address)
+
+
+_LOCAL_CLUSTERS: dict[int, Any] = {}
+
+
+def local_cluster(workers: int):
+    """A LocalCluster of `workers` single-threaded processes on 127.0.0.1, started once per process and reused by
+    every later map (a stage that maps twice pays the start-up once) and closed at exit."""
+    cluster = _LOCAL_CLUSTERS.get(workers)
+    if cluster is None or cluster.status.name != "running":
+        from distributed import LocalCluster
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            # no dashboard, and the scheduler's HTTP endpoint on a free loopback port instead of a fixed :8787,
+            # so two stages (or two test runs) never collide
+            dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            worker_dashboard_address=None)
+        _LOCAL_CLUSTERS[workers] = cluster
+        # at exit, before the temporary Prefect server (registered earlier) goes: workers report to it
+        atexit.register(cluster.close)
+    return cluster
 
 
 @contextlib.contextmanager
