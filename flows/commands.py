@@ -52,8 +52,9 @@ def _report_args(p: argparse.ArgumentParser) -> None:
 DEFAULT_MODEL = "models:/scratchlm@champion"
 
 
-def resolve_model(spec: str | None) -> tuple[Path, str]:
-    """(HF model folder, description) for an HF folder, a models:/ or runs:/ URI, or the default champion."""
+def resolve_model(spec: str | None, workdir: Path) -> tuple[Path, str]:
+    """(HF model folder, description) for an HF folder, a models:/ or runs:/ URI, or the default champion;
+    a registered model is downloaded into `workdir`."""
     if spec and Path(spec).is_dir():
         if not (Path(spec) / "config.json").is_file():
             raise ScratchError(f"--model {spec}: not an exported model folder (no config.json)")
@@ -62,16 +63,16 @@ def resolve_model(spec: str | None) -> tuple[Path, str]:
     if "://" not in uri and ":/" not in uri:
         raise ScratchError(f"--model {uri}: neither a folder nor a models:/ or runs:/ URI")
     try:
-        return download_model(uri), uri
+        return download_model(uri, workdir), uri
     except ScratchError:
         if spec:
             raise
         fallback = DEFAULT_MODEL.replace("@champion", "@challenger")
         print(f"(no @champion yet, chatting with {fallback}; `scratchlm promote` sets @champion)")
-        return download_model(fallback), fallback
+        return download_model(fallback, workdir), fallback
 
 
-def download_model(uri: str) -> Path:
+def download_model(uri: str, workdir: Path) -> Path:
     """Download a logged scratchlm pyfunc and return its HF model folder (the `model` artifact)."""
     import yaml
     from mlflow.exceptions import MlflowException
@@ -79,7 +80,7 @@ def download_model(uri: str) -> Path:
     from tasks.common.tracking import setup_mlflow
     mlflow = setup_mlflow()
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tempfile.mkdtemp(prefix="chat-")))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
     except MlflowException as e:
         raise ScratchError(f"{uri}: cannot be loaded from {mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})")
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
@@ -137,8 +138,14 @@ class ChatSession:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with the model in the terminal, its reply streamed token by token (/reset clears, /exit or EOF ends)."""
-    folder, where = resolve_model(args.model)
-    session = ChatSession(folder, args.system, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    with tempfile.TemporaryDirectory(prefix="scratchlm-chat-") as workdir:
+        folder, where = resolve_model(args.model, Path(workdir))
+        session = ChatSession(folder, args.system, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    return converse(session, where)
+
+
+def converse(session: ChatSession, where: str) -> int:
+    """The read-reply loop on stdin/stdout."""
     print(f"scratchlm chat: {where} ({session.model.num_params():,} parameters, context "
           f"{session.model.cfg.max_seq_len} tokens). /reset clears the conversation, /exit ends it.", flush=True)
 
