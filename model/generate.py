@@ -89,8 +89,7 @@ def _token_steps(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens:
             token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             yield token
             if pos + 1 < total:
-                logits, _ = model(token[:, None], kv_cache=cache, start_pos=pos,
-                                  attention_mask=mask[:, : pos + 1] if padded else None)
+                logits = model.decode_step(token[:, None], cache, pos, mask[:, : pos + 1] if padded else None)
     finally:
         model.train(was_training)
 

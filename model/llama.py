@@ -81,7 +81,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return _RMSNormFunction.apply(x, self.weight, self.eps)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm without autograd bookkeeping (inference), same numerics as _RMSNormFunction."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.to(_at_least_fp32(x.dtype)), (x.shape[-1],), None, eps).to(x.dtype) * weight
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -285,6 +294,36 @@ class Llama(nn.Module):
             else:
                 x = block(x, cos, sin, mask, kv_cache, start_pos)
         return self.norm(x)
+
+    def decode_step(self, token: Tensor, kv_cache: KVCache, start_pos: int,
+                    attention_mask: Tensor | None = None) -> Tensor:
+        """Logits (B,1,V) for one new token per row, token (B,1) at position start_pos: forward() for generation.
+
+        Same result as ``forward(token, kv_cache=..., start_pos=..., attention_mask=...)``, written as straight
+        tensor calls on the weights (no module dispatch, dropout or checkpoint branches): at batch 1 the decode
+        loop is bound by per-op overhead, and this halves it. Call under torch.inference_mode().
+        """
+        if start_pos + 1 > kv_cache.max_len:
+            raise ValueError(f"position {start_pos} is past the KVCache's {kv_cache.max_len} slots")
+        B = token.shape[0]
+        cfg = self.cfg
+        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        cos, sin, mask = self._positions_and_mask(1, start_pos, attention_mask, token.device, cached=True)
+        x = F.embedding(token, self.tok_emb.weight)  # (B,1,D)
+        for i, block in enumerate(self.blocks):
+            attn, ffn = block.attn, block.ffn
+            h = rms_norm(x, block.attn_norm.weight, cfg.norm_eps)
+            q = apply_rope(F.linear(h, attn.wq.weight).view(B, H, 1, hd), cos, sin)  # (B,H,1,hd)
+            k = apply_rope(F.linear(h, attn.wk.weight).view(B, KV, 1, hd), cos, sin)  # (B,KV,1,hd)
+            v = F.linear(h, attn.wv.weight).view(B, KV, 1, hd)
+            k, v = kv_cache.update(i, k, v, start_pos)  # (B,KV,S,hd)
+            y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, hd), k, v, attn_mask=mask)  # (B,KV,g,hd)
+            x = x + F.linear(y.reshape(B, 1, H * hd), attn.wo.weight)
+            h = rms_norm(x, block.ffn_norm.weight, cfg.norm_eps)
+            x = x + F.linear(F.silu(F.linear(h, ffn.w_gate.weight)) * F.linear(h, ffn.w_up.weight), ffn.w_down.weight)
+        return F.linear(rms_norm(x, self.norm.weight, cfg.norm_eps), self.lm_head.weight)  # (B,1,V)
 
     def _positions_and_mask(self, T: int, start_pos: int, attention_mask: Tensor | None, device: torch.device,
                             cached: bool) -> tuple[Tensor, Tensor, Tensor | None]:

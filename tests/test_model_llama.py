@@ -60,6 +60,23 @@ def test_kv_cache_decode_matches_full_forward(n_kv_heads):
         assert torch.allclose(logits, full[:, 20:30], atol=ATOL)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_forward(padded):
+    model = make(n_kv_heads=1)
+    idx = tokens(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    if padded:
+        mask[1, :4] = 0
+    with torch.inference_mode():
+        a, b = KVCache.for_model(model, 2, 12), KVCache.for_model(model, 2, 12)
+        model(idx[:, :8], kv_cache=a, start_pos=0, attention_mask=mask[:, :8])
+        model(idx[:, :8], kv_cache=b, start_pos=0, attention_mask=mask[:, :8])
+        for pos in range(8, 12):
+            lean = model.decode_step(idx[:, pos:pos + 1], a, pos, mask[:, :pos + 1])
+            full, _ = model(idx[:, pos:pos + 1], kv_cache=b, start_pos=pos, attention_mask=mask[:, :pos + 1])
+            assert lean.shape == (2, 1, 512) and torch.allclose(lean, full, atol=ATOL)
+
+
 def test_left_padded_batch_decodes_like_each_prompt_alone():
     model = make()
     prompts = [tokens(1, 9, seed=2)[0], tokens(1, 4, seed=3)[0], tokens(1, 6, seed=4)[0]]
