@@ -104,7 +104,7 @@ class Config:
     data_dir: str = "../shared/data"
     """Folder holding hellaswag/ and piqa/ JSONL slices (relative to the repository); absent → those skipped."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts=24, prompt_seed=4242, seed=0,
-                                                                             max_new_tokens=160, batch_size=24))
+                                                                             max_new_tokens=200, batch_size=24))
     """Held-out builtin "test" prompts answered by every model with the same seed: constraint satisfaction
     (check_constraints) and the reward model's win rates are computed on these answers."""
     reward_model: str = "reward"
@@ -383,23 +383,24 @@ def win_rate(a: list[float], b: list[float]) -> float:
 
 
 def fixed_samples(model, tok, cfg: Config) -> list[dict]:
-    """Generations for the fixed prompt set: chat replies to sample_prompts, continuations of sample_texts."""
+    """Generations for the fixed prompt set: chat replies to sample_prompts, continuations of sample_texts
+    (each set decoded as one left-padded batch with the sampling seed)."""
     from model import generate
 
     from tasks.common import chat
-    rows = []
     s = cfg.sampling
-    for i, prompt in enumerate(cfg.sample_prompts):
-        ids = chat.encode_chat(tok.tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)[0]
-        new = generate(model, [ids], min(cfg.sample_max_new_tokens, model.cfg.max_seq_len - len(ids)),
-                       temperature=s.temperature, top_p=s.top_p, stop_tokens=tok.stop_ids, seed=s.seed + i)[0]
-        rows.append({"kind": "chat", "prompt": prompt, "text": tok.decode(new)})
-    for i, text in enumerate(cfg.sample_texts):
-        ids = [tok.special[chat.EOT], *tok.plain(text)]
-        new = generate(model, [ids], min(cfg.sample_max_new_tokens, model.cfg.max_seq_len - len(ids)),
-                       temperature=s.temperature, top_p=s.top_p, stop_tokens=[tok.special[chat.EOT]],
-                       seed=s.seed + 1000 + i)[0]
-        rows.append({"kind": "text", "prompt": text, "text": tok.decode(new)})
+    eot = tok.special[chat.EOT]
+    sets = [("chat", cfg.sample_prompts, tok.stop_ids,
+             lambda p: chat.encode_chat(tok.tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]),
+            ("text", cfg.sample_texts, (eot,), lambda p: [eot, *tok.plain(p)])]
+    rows = []
+    for kind, prompts, stops, encode in sets:
+        if not prompts:
+            continue
+        ids = [encode(p) for p in prompts]
+        budget = min(cfg.sample_max_new_tokens, model.cfg.max_seq_len - max(len(i) for i in ids))
+        new = generate(model, ids, budget, temperature=s.temperature, top_p=s.top_p, stop_tokens=stops, seed=s.seed)
+        rows += [{"kind": kind, "prompt": p, "text": tok.decode(n)} for p, n in zip(prompts, new)]
     return rows
 
 
@@ -520,7 +521,9 @@ def write_plots(root: Path, metrics: dict) -> None:
     labels = metrics["models"]
     write_json(root / PLOTS_DIR / "bpb.json", [{"model": m, "val_bpb": metrics[m]["val_bpb"]} for m in labels])
     write_json(root / PLOTS_DIR / "benchmarks.json",
-               [{"model": m, "benchmark": b, "acc": s["acc"]} for m in labels for b, s in metrics[m]["bench"].items()])
+               [{"name": f"{b} · {m}", "model": m, "benchmark": b, "acc": s["acc"]}
+                for b in sorted({b for m in labels for b in metrics[m]["bench"]})
+                for m in labels if (s := metrics[m]["bench"].get(b))])
 
 
 def print_table(metrics: dict) -> None:
