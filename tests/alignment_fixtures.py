@@ -90,3 +90,64 @@ def stage_root(tmp_path: Path, world: Path, *upstream: str) -> Path:
         if not link.exists():
             os.symlink(world / "data" / stage, link)
     return tmp_path
+
+
+# ------------------------------------------------------------------------------------------------ stage runs
+
+def run_stage(stage: str, cfg, root: Path) -> dict:
+    """`tasks.<stage>.run` in-process (a world of one rank, no MLflow) with outputs under root."""
+    import importlib
+
+    from tasks.common.dvcio import stage_paths, write_json
+    from tasks.common.tracking import Tracker
+    module = importlib.import_module(f"tasks.{stage}")
+    paths = stage_paths(stage, root)
+    started = time.perf_counter()
+    metrics = module.run(cfg, paths, Tracker(stage, None))
+    metrics["seconds"] = round(time.perf_counter() - started, 2)
+    write_json(paths.metrics, metrics)
+    return metrics
+
+
+def cached_stage(tmp_path_factory, stage: str, cfg) -> tuple[Path, dict]:
+    """Run `stage` once per session in the shared world (after its upstream); (world root, its metrics)."""
+    from tasks.common.dvcio import read_json
+    root = alignment_world(tmp_path_factory)
+    metrics_file = root / "metrics" / f"{stage}.json"
+    if not metrics_file.is_file():
+        run_stage(stage, cfg, root)
+    return root, read_json(metrics_file)
+
+
+# ------------------------------------------------------------------------------------------------ test budgets
+
+EVAL = dict(prompts=32, prompt_seed=4242, seed=0, max_new_tokens=160, temperature=0.7, top_p=0.95, batch_size=32)
+
+
+def sft_config(**changes):
+    """A short SFT: enough to learn the chat format, short enough to leave DPO room to improve."""
+    from tasks.common.alignment import SamplingConfig
+    from tasks.common.trainer import TrainConfig
+    from tasks.sft import Config
+    train = TrainConfig(max_steps=12, batch_size=16, micro_batch_size=16, lr=2e-3, warmup_steps=2, weight_decay=0.0,
+                        log_every=4, eval_every=0, checkpoint_every=0)
+    base = dict(builtin_train=400, builtin_val=32, sampling=SamplingConfig(**EVAL), train=train)
+    return Config(**{**base, **changes})
+
+
+def reward_config(**changes):
+    from tasks.common.trainer import TrainConfig
+    from tasks.reward import Config
+    train = TrainConfig(max_steps=60, batch_size=16, micro_batch_size=16, lr=1e-3, warmup_steps=4, weight_decay=0.0,
+                        log_every=10, eval_every=0, checkpoint_every=0)
+    return Config(**{**dict(builtin_train=960, builtin_val=200, train=train), **changes})
+
+
+def dpo_config(**changes):
+    from tasks.common.alignment import SamplingConfig
+    from tasks.common.trainer import TrainConfig
+    from tasks.dpo import Config
+    train = TrainConfig(max_steps=40, batch_size=16, micro_batch_size=16, lr=5e-4, warmup_steps=4, weight_decay=0.0,
+                        log_every=10, eval_every=0, checkpoint_every=0)
+    base = dict(builtin_train=640, builtin_val=32, beta=0.1, sampling=SamplingConfig(**EVAL), train=train)
+    return Config(**{**base, **changes})

@@ -1,0 +1,317 @@
+"""dpo — Direct Preference Optimization of the SFT policy against a frozen copy of itself.
+
+Runbook
+    dvc repro dpo                                  # or: scratchlm stage dpo / python -m tasks.dpo
+    dvc exp run -S dpo.beta=0.3                    # a stronger pull toward the reference
+    dvc exp run -S 'dpo.sources=[../shared/data/hh-rlhf-harmless-base/harmless-base_test_rows0000-1811.jsonl.gz]'
+    python -m tasks.dpo                            # launcher: checks the params, then execs
+        deepspeed --num_gpus <train.ranks> ... --module tasks.dpo --worker
+    A killed run resumes from checkpoints/dpo/<fingerprint>/ (the shared trainer, tasks/common/trainer.py).
+
+Reads   data/sft/model/           the SFT HF Llama: the policy's starting weights AND the frozen reference
+        data/reward/model/        the reward model (RewardModel.load): judges DPO answers against SFT answers
+        data/tokenizer/           tokenizer.json with the chat special tokens
+        `dpo.sources`             builtin:preferences and/or prompt/chosen/rejected or HH-RLHF .jsonl files
+Writes  data/dpo/model/           the aligned policy, an HF Llama folder with the tokenizer files (model.hf.save)
+        data/dpo/quarantine.jsonl every row that could not be used: {location, reason, source}
+        data/dpo/samples.jsonl    SFT and DPO answers to the held-out prompts, with constraints and rewards
+        data/dpo/history.jsonl    the logged training curve
+        metrics/dpo.json          loss, implicit rewards (chosen, rejected, margin), preference accuracy, KL to the
+                                  reference; constraint satisfaction of SFT vs DPO answers and the reward model's
+                                  win rate of DPO answers over SFT answers
+Checks  malformed pairs are quarantined and counted (rows_in = train + val + quarantined).
+        log π(y|x) sums the reply's token log-probs (content + `<|end|>`), the prompt masked;
+        loss = -log σ(β[(log π(y_c|x) - log π_ref(y_c|x)) - (log π(y_r|x) - log π_ref(y_r|x))]) (+ sft_weight x
+        the chosen replies' per-token NLL when set, as in RPO); implicit reward = β(log π - log π_ref).
+        KL: val/kl sums, over each held-out chosen reply's positions, the exact KL(π(.|ctx) || π_ref(.|ctx)) over
+        the vocabulary; `kl_to_reference` does the same along the DPO policy's own sampled answers (an estimate of
+        the sequence-level KL(π || π_ref) when sampling at temperature 1).
+        The end evaluation samples SFT (= the reference) and DPO answers to the same builtin "test" prompts with the
+        same seed; win rate = share of prompts where r(x, DPO answer) > r(x, SFT answer), ties counting 1/2.
+Scale   the reference is a second, frozen copy of the SFT weights on each rank (forward only, no optimizer
+        state); DeepSpeed ranks, ZeRO 0-3 and bf16 through `dpo.train`.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tasks.common import alignment as al
+from tasks.common.checkpoint import checkpoint_dir, fingerprint
+from tasks.common.config import ScratchError, as_dict, check
+from tasks.common.distributed import WORKER_FLAG, launch_main, planned_world_size
+from tasks.common.dvcio import StagePaths, fresh_dir, stage_paths
+from tasks.common.stage import stage_main
+from tasks.common.tracking import Tracker
+from tasks.common.trainer import TrainConfig
+
+
+@dataclass(frozen=True)
+class Config:
+    sources: list[str] = field(default_factory=lambda: ["builtin:preferences"])
+    """Preference pairs, in order: builtin:preferences and/or .json/.jsonl/.jsonl.gz files (relative paths are
+    relative to the repository) with prompt/chosen/rejected rows or HH-RLHF chosen/rejected transcripts."""
+    builtin_train: int = 1000
+    """Pairs drawn from the builtin generator's "train" split."""
+    builtin_val: int = 64
+    """Pairs drawn from the builtin generator's "val" split (validation loss, rewards, accuracy, KL)."""
+    data_seed: int = 1337
+    """Seed of the builtin preference generator."""
+    val_fraction: float = 0.1
+    """Share of file rows held out for validation, chosen by a hash of the row's location (0 = none)."""
+    max_len: int = 0
+    """Longest prompt + reply in tokens (a longer prompt keeps its end, then replies are cut); 0 = the model's
+    max_seq_len."""
+    beta: float = 0.1
+    """DPO temperature β: how far the policy may move from the reference (higher = stays closer)."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the share of pairs assumed mislabelled (0 = plain DPO)."""
+    sft_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen replies (RPO, Pang et al. 2024; TRL's rpo_alpha); 0 = plain DPO."""
+    sampling: al.SamplingConfig = field(default_factory=al.SamplingConfig)
+    """Held-out prompts and sampling settings of the end evaluation (satisfaction, win rate, KL)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        max_steps=40, batch_size=16, micro_batch_size=16, lr=1e-4, warmup_steps=4, weight_decay=0.0,
+        eval_every=0, checkpoint_every=0))
+    """The shared training loop: ranks, ZeRO stage, precision, batch split, AdamW, schedule, budget, cadence."""
+
+    def __post_init__(self) -> None:
+        check(len(self.sources) > 0, "sources", "list at least one source (e.g. builtin:preferences)")
+        check(self.builtin_train >= 0 and self.builtin_val >= 0, "builtin_train", "counts must be >= 0")
+        check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        check(self.max_len >= 0, "max_len", "must be >= 0 (0 = the model's max_seq_len)")
+        check(self.beta > 0, "beta", "must be > 0")
+        check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
+
+
+def max_len_of(cfg: Config, model_max: int) -> int:
+    if cfg.max_len > model_max:
+        raise ScratchError(f"dpo.max_len: {cfg.max_len} is longer than the model's max_seq_len ({model_max})")
+    return cfg.max_len or model_max
+
+
+# ------------------------------------------------------------------------------------------------ loss, eval
+
+class DPOLoss:
+    """loss_fn of the trainer: DPO on summed reply log-probs, the reference closed over (frozen, no grad)."""
+
+    def __init__(self, reference, beta: float, label_smoothing: float, sft_weight: float) -> None:
+        self.reference, self.beta, self.label_smoothing, self.sft_weight = reference, beta, label_smoothing, sft_weight
+
+    def terms(self, policy, batch: al.PairBatch):
+        """(loss, metrics) of one pair batch."""
+        import torch
+
+        from model.losses import dpo_loss
+        k = batch.pairs
+        policy_lp = al.response_logprobs(policy, batch)  # (2B,)
+        with torch.no_grad():
+            reference_lp = al.response_logprobs(self.reference, batch)
+        loss, r_chosen, r_rejected = dpo_loss(policy_lp[:k], policy_lp[k:], reference_lp[:k], reference_lp[k:],
+                                              self.beta, self.label_smoothing)
+        metrics = {"rewards_chosen": r_chosen.mean(), "rewards_rejected": r_rejected.mean(),
+                   "margin": (r_chosen - r_rejected).mean(), "accuracy": (r_chosen > r_rejected).float().mean(),
+                   "dpo_loss": loss.detach()}
+        if self.sft_weight:
+            tokens = batch.response_mask[:k, 1:].sum(-1).clamp(min=1)  # (B,) chosen reply tokens
+            nll = -(policy_lp[:k] / tokens).mean()
+            loss = loss + self.sft_weight * nll
+            metrics["chosen_nll"] = nll.detach()
+        return loss, metrics
+
+    def __call__(self, engine, batch: dict):
+        return self.terms(engine, al.PairBatch(**batch))
+
+
+class PreferenceEval:
+    """val/loss, val/rewards_*, val/margin, val/accuracy and val/kl (per reply, on the chosen replies), over ranks."""
+
+    NAMES = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl")
+
+    def __init__(self, loss: DPOLoss, pairs: list[al.PairExample], micro_batch_size: int, pad_id: int) -> None:
+        self.loss, self.pairs, self.micro, self.pad_id = loss, pairs, micro_batch_size, pad_id
+
+    def __call__(self, engine) -> dict[str, float]:
+        import torch
+
+        from tasks.common.distributed import all_reduce_sum
+        device = al.device_of(engine.module)
+        totals = torch.zeros(1 + len(self.NAMES), dtype=torch.float64, device=device)  # [pairs, *sums]
+        for share in al.rank_share(len(self.pairs), self.micro):
+            batch = al.collate_pairs([self.pairs[i] for i in (share or [0])], self.pad_id).to(device)
+            _, m = self.loss.terms(engine, batch)
+            chosen_only = al.PairBatch(batch.ids[:batch.pairs], batch.attention_mask[:batch.pairs],
+                                       batch.response_mask[:batch.pairs])
+            kl = al.token_kl(engine, self.loss.reference, chosen_only).mean()
+            if share is None:
+                continue
+            n = float(len(share))
+            values = [m["dpo_loss"], m["rewards_chosen"], m["rewards_rejected"], m["margin"], m["accuracy"], kl]
+            totals += torch.stack([torch.tensor(n, dtype=torch.float64, device=device)] +
+                                  [torch.as_tensor(v, device=device).double() * n for v in values])
+        all_reduce_sum(totals)
+        n = totals[0].clamp(min=1)
+        return {name: (totals[1 + i] / n).item() for i, name in enumerate(self.NAMES)}
+
+
+def compare_with_reference(policy, reference, reward_model, tok: al.ChatTokenizer, sampling: al.SamplingConfig,
+                           samples_file: Path) -> dict:
+    """SFT (reference) vs DPO answers to the same held-out prompts and seed: constraint satisfaction, the reward
+    model's win rate of DPO over SFT, mean rewards, and the KL of the policy to the reference along its answers."""
+    import torch
+    held_out = al.held_out_prompts(sampling.prompts, sampling.prompt_seed)
+    metrics: dict = {"eval_prompts": len(held_out)}
+    answers, rows = {}, {}
+    for name, model in (("sft", reference), ("dpo", policy)):
+        scores, rows[name], answers[name] = al.evaluate_answers(model, tok, held_out, sampling, f"dpo: {name} answers")
+        metrics.update({f"{name}_satisfaction": scores["constraint_rate"], f"{name}_all_satisfied": scores["satisfied"],
+                        f"{name}_per_constraint": scores["per_constraint"]})
+    rewards = {}
+    with torch.no_grad():
+        for name in ("sft", "dpo"):
+            rewards[name] = score_answers(reward_model, answers[name], tok.end_id, tok.pad_id, sampling.batch_size)
+        kl = kl_along(policy, reference, answers["dpo"], tok.end_id, tok.pad_id, sampling.batch_size)
+    wins = [1.0 if d > s else 0.5 if d == s else 0.0 for d, s in zip(rewards["dpo"], rewards["sft"])]
+    n = max(len(wins), 1)
+    metrics.update({"win_rate": sum(wins) / n, "sft_reward": sum(rewards["sft"]) / n,
+                    "dpo_reward": sum(rewards["dpo"]) / n, "kl_to_reference": sum(kl) / n,
+                    "dpo_answer_tokens": sum(len(a.ids) for a in answers["dpo"]) / n,
+                    "sft_answer_tokens": sum(len(a.ids) for a in answers["sft"]) / n})
+    out = []
+    for name in ("sft", "dpo"):
+        out += [{"model": name, "reward": r, **row} for row, r in zip(rows[name], rewards[name])]
+    al.write_jsonl(samples_file, out)
+    return metrics
+
+
+def _batches(answers: list[al.Answer], end_id: int, pad_id: int, batch_size: int):
+    for start in range(0, len(answers), batch_size):
+        chunk = answers[start:start + batch_size]
+        yield al.sequences_batch([a.prompt for a in chunk], [a.reply(end_id) for a in chunk], pad_id)
+
+
+def score_answers(reward_model, answers: list[al.Answer], end_id: int, pad_id: int, batch_size: int) -> list[float]:
+    return [r for batch in _batches(answers, end_id, pad_id, batch_size) for r in al.rewards_of(reward_model, batch).tolist()]
+
+
+def kl_along(policy, reference, answers: list[al.Answer], end_id: int, pad_id: int, batch_size: int) -> list[float]:
+    return [k for batch in _batches(answers, end_id, pad_id, batch_size)
+            for k in al.token_kl(policy, reference, batch).tolist()]
+
+
+# ------------------------------------------------------------------------------------------------ stage
+
+def preflight(cfg: Config, root: Path | None = None) -> TrainConfig:
+    """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
+    from model.hf import load_config
+    paths = stage_paths("dpo", root) if root else stage_paths("dpo")
+    al.load_tokenizer(paths.of("tokenizer"))
+    sft, reward = paths.of("sft") / "model", paths.of("reward") / "model"
+    for folder, stage in ((sft, "sft"), (reward, "reward")):
+        if not (folder / "config.json").is_file():
+            raise ScratchError(f"{folder}: no {stage} model; run the {stage} stage first (dvc repro {stage})")
+    max_len = max_len_of(cfg, load_config(sft).max_seq_len)
+    world = planned_world_size(cfg.train, paths.root)
+    accum = cfg.train.grad_accum(world)
+    steps = cfg.train.total_steps(2 * max_len)
+    print(f"dpo: {steps:,} steps x {cfg.train.batch_size} pairs (≤ {max_len} tokens a row), β={cfg.beta}, "
+          f"policy and reference from {sft}\n"
+          f"  batch {cfg.train.batch_size} = micro {cfg.train.micro_batch_size} x accumulation {accum} x ranks "
+          f"{world}; sources {', '.join(cfg.sources)}", flush=True)
+    return cfg.train
+
+
+def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict | None:
+    """One rank's DPO; rank 0 also evaluates against the SFT policy, writes the model and returns the metrics."""
+    import torch
+
+    from model.heads import RewardModel
+    from model.hf import load, load_config, save
+    from tasks.common.distributed import init_distributed
+    from tasks.common.trainer import Trainer
+
+    world = init_distributed()
+    tokenizer_dir, sft, reward = paths.of("tokenizer"), paths.of("sft") / "model", paths.of("reward") / "model"
+    tok = al.load_tokenizer(tokenizer_dir)
+    model_cfg = load_config(sft)
+    max_len = max_len_of(cfg, model_cfg.max_seq_len)
+    loaded = al.load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
+                                     cfg.val_fraction)
+    train, val, truncated = al.encode_pairs(loaded, tok, max_len)
+    if world.is_main:
+        fresh_dir(paths.out)
+        al.write_quarantine(paths.out / "quarantine.jsonl", loaded.quarantine)
+
+    info = {"dpo": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "train")},
+            "train": cfg.train.fingerprint_dict(),
+            "upstream": al.upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
+    folder = checkpoint_dir("dpo", fingerprint(info), paths.root)
+
+    reference = al.load_model_folder(sft, "the sft stage's output").to(world.device).eval().requires_grad_(False)
+
+    def build_model():
+        torch.manual_seed(cfg.train.seed)
+        return load(sft).train()
+
+    loss = DPOLoss(reference, cfg.beta, cfg.label_smoothing, cfg.sft_weight)
+    lengths = [al.pair_length(e) for e in train]
+    mean_len = round(2 * sum(lengths) / max(len(lengths), 1))
+    trainer = Trainer(
+        build_model, cfg.train, name="dpo", checkpoint_dir=folder, fingerprint_info=info, tracker=tracker,
+        batches=al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
+                               lambda exs: al.collate_pairs(exs, tok.pad_id).as_dict(), "training pairs"),
+        loss_fn=loss,
+        eval_fn=PreferenceEval(loss, val, cfg.train.micro_batch_size, tok.pad_id) if val else None,
+        # the reference's forward adds a third to the policy's forward + backward
+        tokens_per_example=mean_len, flops_per_token=model_cfg.flops_per_token(mean_len // 2) * 4 / 3)
+    summary = trainer.fit()
+    policy = trainer.final_model()
+    if not world.is_main:
+        return None
+
+    save(policy, paths.out / "model", tokenizer_dir=tokenizer_dir)
+    shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
+    metrics = {**summary, **loaded.counts(), "truncated": truncated, "max_len": max_len, "beta": cfg.beta,
+               "fingerprint": folder.name}
+    if cfg.sampling.prompts:
+        reward_model = RewardModel.load(reward)
+        metrics.update(compare_with_reference(policy, reference.cpu(), reward_model, tok, cfg.sampling,
+                                              paths.out / "samples.jsonl"))
+        tracker.log_artifact(paths.out / "samples.jsonl", "dpo")
+    tracker.log_artifact(paths.out / "quarantine.jsonl", "dpo")
+    print_summary(metrics, paths)
+    return metrics
+
+
+def print_summary(m: dict, paths: StagePaths) -> None:
+    print(f"\ndpo: {m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
+          f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens), β={m['beta']}")
+    for reason, n in m["quarantined_by_reason"].items():
+        print(f"  quarantined {n:>6,}  {reason}")
+    print(f"  train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
+    if "val_accuracy" in m:
+        print(f"  held-out pairs: loss {m['val_loss']:.4f}  implicit rewards chosen {m['val_rewards_chosen']:+.3f} "
+              f"rejected {m['val_rewards_rejected']:+.3f}  margin {m['val_margin']:.3f}  accuracy "
+              f"{m['val_accuracy']:.1%}  KL/reply {m['val_kl']:.3f} nats")
+    if "win_rate" in m:
+        print(f"  held-out constraint satisfaction ({m['eval_prompts']} prompts): SFT {m['sft_satisfaction']:.1%} "
+              f"(all {m['sft_all_satisfied']:.1%}) → DPO {m['dpo_satisfaction']:.1%} (all {m['dpo_all_satisfied']:.1%})")
+        print(f"  reward model: DPO beats SFT on {m['win_rate']:.1%} of prompts (mean reward {m['sft_reward']:+.3f} → "
+              f"{m['dpo_reward']:+.3f}); KL(DPO || SFT) along DPO answers {m['kl_to_reference']:.3f} nats")
+    print(f"  model        {paths.out / 'model'}")
+    print(f"  samples      {paths.out / 'samples.jsonl'}")
+    print(f"  quarantine   {paths.out / 'quarantine.jsonl'}")
+
+
+def main() -> None:
+    if WORKER_FLAG in sys.argv[1:]:
+        stage_main("dpo", Config, run)
+    else:
+        launch_main("dpo", Config, preflight)
+
+
+if __name__ == "__main__":
+    main()
