@@ -141,3 +141,37 @@ def test_deployment_run_on_a_process_worker_completes_and_logs_to_the_mlflow_ser
     stored = list((stack.base / "mlflow" / "artifacts").rglob("ingest.json"))
     assert stored, "the artifact lives in the server's artifact store"
 
+
+
+REGISTER = '''
+import json, sys
+from pathlib import Path
+import pytest
+from tests.evaluate_fixtures import registry_project, run_register
+root, url = Path(sys.argv[1]), sys.argv[2]
+mp = pytest.MonkeyPatch()
+registry_project(root, mp)                   # a tiny DPO model + its evaluation, as the upstream stages leave them
+mp.setenv("MLFLOW_TRACKING_URI", url)        # ... and the MLflow server instead of the project's SQLite file
+print("RECORD " + json.dumps(run_register(root)))
+'''
+
+
+def test_register_stage_registers_the_model_on_the_mlflow_server(stack, tmp_path):
+    """The register stage's run() (as stage_main runs it) against the server: the version, its alias and its
+    files live on the server and its artifact store, nothing in the project folder."""
+    script = tmp_path / "register_on_server.py"
+    script.write_text(REGISTER)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "project"), stack.mlflow.url],
+                          env=tool_env(PYTHONPATH=str(Path(__file__).resolve().parents[1])),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(proc.stdout.split("RECORD ", 1)[1])
+
+    import mlflow
+    client = mlflow.MlflowClient(tracking_uri=stack.mlflow.url, registry_uri=stack.mlflow.url)
+    version = client.get_model_version_by_alias(record["name"], "challenger")
+    assert int(version.version) == record["version"] and version.run_id == record["run_id"]
+    assert client.get_run(record["run_id"]).info.run_name == "register"
+    stored = {p.name for p in (stack.base / "mlflow" / "artifacts").rglob("*")}
+    assert {"model.safetensors", "tokenizer.json", "MLmodel"} <= stored, "the model lives in the server's store"
+    assert not (tmp_path / "project" / "mlruns.db").exists() and not (tmp_path / "project" / "mlartifacts").exists()
