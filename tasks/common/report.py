@@ -94,7 +94,8 @@ def _pyplot():
 
 def plot_curves(stage: str, series: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> Path:
     plt = _pyplot()
-    names = sorted(series, key=lambda n: (n not in ("loss", "bpb"), n))[:MAX_PANELS]
+    first = {"loss": 0, "bpb": 1}
+    names = sorted(series, key=lambda n: (first.get(n, 2), n))[:MAX_PANELS]
     cols = min(3, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -113,14 +114,20 @@ def plot_curves(stage: str, series: dict[str, dict[str, list[tuple[int, float]]]
     return _save(fig, out / f"curves_{stage}.png")
 
 
-def plot_bars(title: str, labels: list[str], values: list[float], ylabel: str, out: Path, name: str) -> Path:
+def _number(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
+
+
+def plot_bars(title: str, labels: list[str], values: list[float], xlabel: str, out: Path, name: str) -> Path:
+    """Horizontal bars, first label on top, each bar labelled with its value."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 2), 3.2))
-    bars = ax.bar(labels, values, color="#4c72b0")
-    ax.bar_label(bars, fmt="%.3g", fontsize=8)
+    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(labels) + 1.3))
+    bars = ax.barh(labels[::-1], values[::-1], color="#4c72b0")
+    ax.bar_label(bars, labels=[_number(v) for v in values[::-1]], fontsize=8, padding=3)
     ax.set_title(title)
-    ax.set_ylabel(ylabel)
-    ax.grid(axis="y", alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_xlim(0, max(values) * 1.18 if values and max(values) > 0 else 1)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     return _save(fig, out / name)
 
@@ -136,7 +143,7 @@ def plot_grouped(title: str, groups: list[str], series: dict[str, list[float | N
         ax.bar(xs, [v if v is not None else 0 for v in values], width, label=label)
     for g, group in enumerate(groups):
         if reference and group in reference:
-            ax.hlines(reference[group], g - 0.45, g + 0.45, colors="grey", linestyles="dashed")
+            ax.hlines(reference[group], g - 0.45, g + 0.45, colors="black", linestyles="dashed", zorder=3)
     ax.set_xticks(range(len(groups)), groups)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
