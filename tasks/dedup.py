@@ -26,10 +26,13 @@ How     1. exact: a 128-bit BLAKE2b of the normalised text (NFKC, lower-case, wh
 Checks  docs_in = kept + exact_duplicates + near_duplicates, always (a test holds it).
 Scale   sketches are computed shard by shard on `data.parallel` (process pool or Dask); signatures of every
         document (num_perm x 4 bytes each) and the LSH index live in the main process: ~0.6 KB per document
-        at num_perm=128, so ~10M documents per 8 GB. Beyond that, MinHashLSH's Redis storage backend.
+        at num_perm=128, so ~10M documents per 8 GB. Beyond that, MinHashLSH's Redis storage backend:
+        `index: datasketch` + `lsh_storage: redis` + `redis_url` keep the LSH tables in a Redis server, under a
+        per-run key prefix deleted at the end (docs/SCALE.md; a test holds the clusters equal to in-memory).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -40,7 +43,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal, Sequence
+from typing import Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 
@@ -74,6 +77,11 @@ class Config:
     """LSH index: `numpy` sorts each band (the same candidate pairs as datasketch MinHashLSH insert/query, a
     test holds it, at a fraction of the cost); `datasketch` inserts every document into MinHashLSH itself
     (the reference, and the way to its Redis storage when signatures outgrow one machine)."""
+    lsh_storage: Literal["memory", "redis"] = "memory"
+    """Where `index: datasketch` keeps MinHashLSH's hash tables: `memory` (this process) or `redis` (datasketch's
+    Redis storage at `redis_url`, under a per-run key prefix that is deleted when the stage ends)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """The Redis server of `lsh_storage: redis`, as redis://host:port[/db]."""
 
     def __post_init__(self) -> None:
         check(self.shingle_size >= 1, "shingle_size", "must be >= 1")
@@ -84,6 +92,10 @@ class Config:
         check(self.bands * self.rows <= self.num_perm, "bands",
               f"bands x rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
         check(self.bands != 1, "bands", "MinHashLSH needs at least 2 bands")
+        check(self.lsh_storage == "memory" or self.index == "datasketch", "lsh_storage",
+              "redis storage needs index: datasketch (the numpy index is in memory only)")
+        if self.lsh_storage == "redis":
+            redis_address(self.redis_url)
 
 
 # ------------------------------------------------------------------------------------------------ sketches
@@ -196,18 +208,58 @@ def minhashlsh_candidate_pairs(signatures: np.ndarray, positions: np.ndarray, cf
 
     Reading the buckets once gives exactly the pairs that `lsh.query` of every document would."""
     from datasketch import MinHashLSH
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(bands, rows))
     hasher = MinHasher(cfg.num_perm, cfg.seed)
-    with lsh.insertion_session() as session:
-        for i in positions.tolist():
-            session.insert(i, hasher.lean(signatures[i]), check_duplication=False)
     pairs: set[tuple[int, int]] = set()
-    for table in lsh.hashtables:
-        for bucket in table.keys():
-            members = table.get(bucket)
-            if len(members) > 1:
-                pairs.update(itertools.combinations(sorted(members), 2))
+    with lsh_storage(cfg) as (storage, key):
+        lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm, params=(bands, rows), **storage)
+        with lsh.insertion_session() as session:
+            for i in positions.tolist():
+                session.insert(key(i), hasher.lean(signatures[i]), check_duplication=False)
+        for table in lsh.hashtables:
+            shared = [bucket for bucket, n in table.itemcounts().items() if n > 1]  # one round trip on Redis
+            for members in table.getmany(*shared) if shared else []:
+                pairs.update(itertools.combinations(sorted(int(m) for m in members), 2))
     return np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
+
+
+def redis_address(url: str) -> dict:
+    """{host, port, db} of a redis://host:port[/db] URL, or a ConfigError naming `redis_url`."""
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        port, db = parts.port or 6379, parts.path.strip("/") or "0"
+    except ValueError:
+        port, db, parts = 0, "", None
+    check(parts is not None and parts.scheme == "redis" and bool(parts.hostname) and db.isdigit() and port > 0,
+          "redis_url", f"expected redis://host:port[/db], got {url!r}")
+    return {"host": parts.hostname, "port": port, "db": int(db)}
+
+
+@contextlib.contextmanager
+def lsh_storage(cfg: Config) -> Iterator[tuple[dict, object]]:
+    """MinHashLSH's storage arguments and the key of document position i: memory (ints), or Redis (bytes keys
+    under a fresh prefix, so concurrent runs never mix; every key with the prefix is deleted afterwards)."""
+    if cfg.lsh_storage == "memory":
+        yield {}, int
+        return
+    import uuid
+
+    import redis
+    address = redis_address(cfg.redis_url)
+    client = redis.Redis(**address)
+    try:
+        client.ping()
+    except redis.exceptions.RedisError as e:
+        raise ScratchError(f"dedup.redis_url: no Redis at {cfg.redis_url} ({e}); start redis-server there or set "
+                           "dedup.lsh_storage: memory") from None
+    prefix = f"scratchlm-dedup-{uuid.uuid4().hex[:12]}-".encode()
+    try:
+        yield ({"storage_config": {"type": "redis", "basename": prefix, "redis": address}, "prepickle": False},
+               lambda i: str(i).encode())
+    finally:
+        stale = list(client.scan_iter(match=prefix + b"*", count=10_000))
+        for start in range(0, len(stale), 10_000):
+            client.delete(*stale[start:start + 10_000])
 
 
 def components(pairs: np.ndarray, rank: np.ndarray, signatures: np.ndarray) -> list[Cluster]:
