@@ -105,6 +105,15 @@ def test_latest_run_per_stage_without_a_parent(project):
     assert "latest run of each stage in the experiment" in text and newer["sft"] in text
 
 
+def test_stages_a_pipeline_run_skipped_come_from_their_latest_run(project):
+    client, exp, _, first = make_runs("first")
+    parent = client.create_run(exp, run_name="build_llm").info.run_id  # DVC reran only sft this time
+    sft = log_stage(client, exp, "sft", parent, {"train/loss": [1.5, 1.0]})
+    text = build_report(project, parent_run_id=parent).read_text()
+    assert f"children of pipeline run {parent}; stages it skipped as up to date (pretrain, dpo)" in text
+    assert sft in text and first["pretrain"] in text and first["sft"] not in text
+
+
 def test_report_is_logged_to_mlflow_and_renders_without_inputs(tmp_path, monkeypatch, mlflow_uri):
     import mlflow
 

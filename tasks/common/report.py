@@ -53,18 +53,23 @@ def stage_runs(stages: list[str], parent_run_id: str | None = None) -> tuple[dic
     from tasks.common.tracking import EXPERIMENT, find_stage_runs, setup_mlflow
     mlflow = setup_mlflow()
     parent = parent_run_id or os.environ.get(PARENT_ENV)
-    if parent:
-        runs = find_stage_runs(parent)
-        if runs:
-            return runs, f"children of pipeline run {parent}"
+    children = find_stage_runs(parent) if parent else {}
     runs = {}
     for stage in stages:
+        if stage in children:
+            runs[stage] = children[stage]
+            continue
+        # DVC skipped this stage in the pipeline run (up to date): its curves are in the run that last made it
         found = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", max_results=1,
                                    filter_string=f"tags.`scratchlm.stage` = '{stage}'",
                                    order_by=["attributes.start_time DESC"])
         if found:
             runs[stage] = found[0]
-    return runs, "latest run of each stage in the experiment"
+    if not children:
+        return runs, "latest run of each stage in the experiment"
+    reused = [s for s in runs if s not in children]
+    return runs, (f"children of pipeline run {parent}"
+                  + (f"; stages it skipped as up to date ({', '.join(reused)}): their latest run" if reused else ""))
 
 
 def curves(run: Any) -> dict[str, dict[str, list[tuple[int, float]]]]:
