@@ -101,15 +101,18 @@ class DPOLoss:
     def __init__(self, reference, beta: float, label_smoothing: float, sft_weight: float) -> None:
         self.reference, self.beta, self.label_smoothing, self.sft_weight = reference, beta, label_smoothing, sft_weight
 
-    def terms(self, policy, batch: al.PairBatch):
-        """(loss, metrics) of one pair batch."""
+    def terms(self, policy, batch: al.PairBatch, logits: tuple | None = None):
+        """(loss, metrics) of one pair batch; `logits` = (policy, reference) reply logits when already computed."""
         import torch
 
         from model.losses import dpo_loss
         k = batch.pairs
-        policy_lp = al.response_logprobs(policy, batch)  # (2B,)
-        with torch.no_grad():
-            reference_lp = al.response_logprobs(self.reference, batch)
+        if logits is None:
+            with torch.no_grad():
+                reference_logits = al.reply_logits(self.reference, batch)
+            logits = (al.reply_logits(policy, batch), reference_logits)
+        policy_lp = al.reply_logprobs(logits[0], batch)  # (2B,)
+        reference_lp = al.reply_logprobs(logits[1], batch)
         loss, r_chosen, r_rejected = dpo_loss(policy_lp[:k], policy_lp[k:], reference_lp[:k], reference_lp[k:],
                                               self.beta, self.label_smoothing)
         metrics = {"rewards_chosen": r_chosen.mean(), "rewards_rejected": r_rejected.mean(),
@@ -142,10 +145,10 @@ class PreferenceEval:
         totals = torch.zeros(1 + len(self.NAMES), dtype=torch.float64, device=device)  # [pairs, *sums]
         for share in al.rank_share(len(self.pairs), self.micro):
             batch = al.collate_pairs([self.pairs[i] for i in (share or [0])], self.pad_id).to(device)
-            _, m = self.loss.terms(engine, batch)
-            chosen_only = al.PairBatch(batch.ids[:batch.pairs], batch.attention_mask[:batch.pairs],
-                                       batch.response_mask[:batch.pairs])
-            kl = al.token_kl(engine, self.loss.reference, chosen_only).mean()
+            logits = (al.reply_logits(engine, batch), al.reply_logits(self.loss.reference, batch))
+            _, m = self.loss.terms(engine, batch, logits)
+            chosen = slice(0, batch.pairs)
+            kl = al.reply_kl(logits[0][chosen], logits[1][chosen], batch.rows(chosen)).mean()
             if share is None:
                 continue
             n = float(len(share))

@@ -214,7 +214,8 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict | None:
                                lambda exs: al.collate_sft(exs, tok.pad_id), "training conversations"),
         loss_fn=response_loss,
         eval_fn=ResponseLoss(data.val, cfg.train.micro_batch_size, tok.pad_id) if data.val else None,
-        sample_fn=HeldOutSamples(tok, cfg.sampling) if cfg.sampling.prompts else None,
+        # samples at intermediate evaluations only: the end report samples every held-out prompt anyway
+        sample_fn=HeldOutSamples(tok, cfg.sampling) if cfg.sampling.prompts and cfg.train.eval_every else None,
         tokens_per_example=mean_len, flops_per_token=model_cfg.flops_per_token(mean_len))
     summary = trainer.fit()
     model = trainer.final_model()

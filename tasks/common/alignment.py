@@ -333,6 +333,9 @@ class PairBatch:
     def pairs(self) -> int:
         return self.ids.shape[0] // 2
 
+    def rows(self, part: slice) -> "PairBatch":
+        return PairBatch(self.ids[part], self.attention_mask[part], self.response_mask[part])
+
     def to(self, device: torch.device | str) -> "PairBatch":
         return PairBatch(self.ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
@@ -364,24 +367,37 @@ def sequences_batch(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence
 
 # ------------------------------------------------------------------------------------------------ model math
 
-def response_logprobs(model, batch: PairBatch) -> Tensor:
-    """Summed log-prob of every row's reply tokens given its prompt, (2B,) -- prompt and padding masked."""
+def reply_logits(model, batch: PairBatch) -> Tensor:
+    """Next-token logits of every row, (R,T-1,V); right padding needs no attention mask."""
+    return model(batch.ids[:, :-1], all_logits=True)[0]
+
+
+def reply_logprobs(logits: Tensor, batch: PairBatch) -> Tensor:
+    """Summed log-prob of every row's reply tokens given its prompt, (R,) -- prompt and padding masked."""
     from model.losses import sequence_logprobs
-    logits, _ = model(batch.ids[:, :-1], all_logits=True)  # (2B,T-1,V); right padding needs no mask
     return sequence_logprobs(logits, batch.ids[:, 1:], batch.response_mask[:, 1:])
 
 
+def response_logprobs(model, batch: PairBatch) -> Tensor:
+    """reply_logprobs of `model` on the batch, (R,)."""
+    return reply_logprobs(reply_logits(model, batch), batch)
+
+
+def reply_kl(logits_p: Tensor, logits_q: Tensor, batch: PairBatch) -> Tensor:
+    """Per row, the sum over reply positions of KL(p(.|context) || q(.|context)), (R,), from (R,T-1,V) logits."""
+    mask = batch.response_mask[:, 1:].float()  # (R,T-1): positions that predict a reply token
+    logp = F.log_softmax(logits_p.float(), dim=-1)
+    logq = F.log_softmax(logits_q.float(), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (R,T-1)
+    return (kl * mask).sum(-1)
+
+
 def token_kl(policy, reference, batch: PairBatch) -> Tensor:
-    """Per row, the sum over reply positions of KL(policy(.|context) || reference(.|context)), (rows,).
+    """Per row, the sum over reply positions of KL(policy(.|context) || reference(.|context)), (R,).
 
     Exact over the vocabulary at each position; on the policy's own samples the mean over rows estimates the
     sequence-level KL(policy || reference)."""
-    idx = batch.ids[:, :-1]
-    mask = batch.response_mask[:, 1:].float()  # (R,T-1): positions that predict a reply token
-    logp = F.log_softmax(policy(idx, all_logits=True)[0].float(), dim=-1)  # (R,T-1,V)
-    logq = F.log_softmax(reference(idx, all_logits=True)[0].float(), dim=-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # (R,T-1)
-    return (kl * mask).sum(-1)
+    return reply_kl(reply_logits(policy, batch), reply_logits(reference, batch), batch)
 
 
 def rewards_of(reward_model, batch: PairBatch) -> Tensor:
