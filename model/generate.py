@@ -80,6 +80,7 @@ def _token_steps(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens:
     padded = any(len(p) != P for p in prompts)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     cache = KVCache.for_model(model, batch_size=B, max_len=total)
+    weights = model.decode_weights()
 
     was_training = model.training
     model.eval()
@@ -89,7 +90,7 @@ def _token_steps(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens:
             token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             yield token
             if pos + 1 < total:
-                logits = model.decode_step(token[:, None], cache, pos, mask[:, : pos + 1] if padded else None)
+                logits = model.decode_step(token[:, None], cache, pos, mask[:, : pos + 1] if padded else None, weights)
     finally:
         model.train(was_training)
 

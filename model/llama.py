@@ -3,7 +3,7 @@
 Architecture choices (all match Hugging Face ``LlamaForCausalLM``, so model/hf.py only renames weights):
 - token embedding, no absolute positions; optional weight tying of the embedding and the output projection
 - pre-norm residual blocks: x + Attn(RMSNorm(x)), then x + FFN(RMSNorm(x)); a final RMSNorm before lm_head
-- RMSNorm without bias, computed in float32 (HF's numerics), with a hand-written backward (fewer kernels)
+- RMSNorm without bias, computed in float32 (HF's numerics)
 - rotary position embeddings, "rotate-half" convention (channel i pairs with i + head_dim/2), cos/sin tables
   precomputed in float32 for ``max_seq_len`` positions and kept as non-persistent buffers (never checkpointed);
   rotate_half(x) * sin is computed as roll(x) * signed_sin (one fused multiply-add, no cat/neg)
@@ -46,34 +46,15 @@ def _at_least_fp32(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _RMSNormFunction(torch.autograd.Function):
-    """y = (x * rstd).to(x.dtype) * w, rstd = 1/sqrt(mean(x^2) + eps), in float32, with a hand-written backward.
-
-    Autograd through the composite F.rms_norm saves and replays ~10 elementwise kernels per call; this keeps x, w
-    and rstd (B,T,1) only and does the backward in five.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
-        xf = x.to(_at_least_fp32(x.dtype))
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True).add_(eps))  # (...,1)
-        ctx.save_for_backward(x, weight, rstd)
-        return (xf * rstd).to(x.dtype) * weight
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        x, weight, rstd = ctx.saved_tensors
-        x_hat = x.to(rstd.dtype) * rstd  # (...,D)
-        grad = grad.to(rstd.dtype)
-        grad_weight = (grad * x_hat).flatten(0, -2).sum(0).to(weight.dtype)
-        grad_x_hat = grad * weight.to(rstd.dtype)
-        # d/dx of x*rstd: rstd * (g - x_hat * mean(g * x_hat))
-        grad_x = (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True)) * rstd
-        return grad_x.to(x.dtype), grad_weight, None
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x / rms(x) * weight; below float32 the normalisation runs in float32 and is cast back before the weight."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.to(_at_least_fp32(x.dtype)), (x.shape[-1],), None, eps).to(x.dtype) * weight
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, normalised in float32 and cast back before the weight (as HF does)."""
+    """RMSNorm without bias (HF LlamaRMSNorm numerics)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -81,16 +62,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return _RMSNormFunction.apply(x, self.weight, self.eps)
         return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm without autograd bookkeeping (inference), same numerics as _RMSNormFunction."""
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return F.rms_norm(x.to(_at_least_fp32(x.dtype)), (x.shape[-1],), None, eps).to(x.dtype) * weight
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
@@ -295,35 +267,42 @@ class Llama(nn.Module):
                 x = block(x, cos, sin, mask, kv_cache, start_pos)
         return self.norm(x)
 
-    def decode_step(self, token: Tensor, kv_cache: KVCache, start_pos: int,
-                    attention_mask: Tensor | None = None) -> Tensor:
+    def decode_weights(self) -> list[tuple[Tensor, ...]]:
+        """Per layer (attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down): references, not copies.
+
+        Collected once per generate() call so that decode_step skips ~20 nn.Module attribute lookups per layer.
+        """
+        return [(b.attn_norm.weight, b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.attn.wo.weight,
+                 b.ffn_norm.weight, b.ffn.w_gate.weight, b.ffn.w_up.weight, b.ffn.w_down.weight) for b in self.blocks]
+
+    def decode_step(self, token: Tensor, kv_cache: KVCache, start_pos: int, attention_mask: Tensor | None = None,
+                    weights: list[tuple[Tensor, ...]] | None = None) -> Tensor:
         """Logits (B,1,V) for one new token per row, token (B,1) at position start_pos: forward() for generation.
 
         Same result as ``forward(token, kv_cache=..., start_pos=..., attention_mask=...)``, written as straight
         tensor calls on the weights (no module dispatch, dropout or checkpoint branches): at batch 1 the decode
-        loop is bound by per-op overhead, and this halves it. Call under torch.inference_mode().
+        loop is bound by per-op overhead, and this halves it. ``weights``: ``decode_weights()``, to reuse across
+        steps. Call under torch.inference_mode(). Reads parameters directly, so gather ZeRO-3 shards first.
         """
         if start_pos + 1 > kv_cache.max_len:
             raise ValueError(f"position {start_pos} is past the KVCache's {kv_cache.max_len} slots")
         B = token.shape[0]
         cfg = self.cfg
-        H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        H, KV, hd, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.norm_eps
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         cos, sin, mask = self._positions_and_mask(1, start_pos, attention_mask, token.device, cached=True)
         x = F.embedding(token, self.tok_emb.weight)  # (B,1,D)
-        for i, block in enumerate(self.blocks):
-            attn, ffn = block.attn, block.ffn
-            h = rms_norm(x, block.attn_norm.weight, cfg.norm_eps)
-            q = apply_rope(F.linear(h, attn.wq.weight).view(B, H, 1, hd), cos, sin)  # (B,H,1,hd)
-            k = apply_rope(F.linear(h, attn.wk.weight).view(B, KV, 1, hd), cos, sin)  # (B,KV,1,hd)
-            v = F.linear(h, attn.wv.weight).view(B, KV, 1, hd)
-            k, v = kv_cache.update(i, k, v, start_pos)  # (B,KV,S,hd)
+        for i, (attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down) in enumerate(weights or self.decode_weights()):
+            h = rms_norm(x, attn_norm, eps)
+            q = apply_rope(F.linear(h, wq).view(B, H, 1, hd), cos, sin)  # (B,H,1,hd)
+            k = apply_rope(F.linear(h, wk).view(B, KV, 1, hd), cos, sin)  # (B,KV,1,hd)
+            k, v = kv_cache.update(i, k, F.linear(h, wv).view(B, KV, 1, hd), start_pos)  # (B,KV,S,hd)
             y = F.scaled_dot_product_attention(q.view(B, KV, H // KV, hd), k, v, attn_mask=mask)  # (B,KV,g,hd)
-            x = x + F.linear(y.reshape(B, 1, H * hd), attn.wo.weight)
-            h = rms_norm(x, block.ffn_norm.weight, cfg.norm_eps)
-            x = x + F.linear(F.silu(F.linear(h, ffn.w_gate.weight)) * F.linear(h, ffn.w_up.weight), ffn.w_down.weight)
-        return F.linear(rms_norm(x, self.norm.weight, cfg.norm_eps), self.lm_head.weight)  # (B,1,V)
+            x = x + F.linear(y.reshape(B, 1, H * hd), wo)
+            h = rms_norm(x, ffn_norm, eps)
+            x = x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
+        return F.linear(rms_norm(x, self.norm.weight, eps), self.lm_head.weight)  # (B,1,V)
 
     def _positions_and_mask(self, T: int, start_pos: int, attention_mask: Tensor | None, device: torch.device,
                             cached: bool) -> tuple[Tensor, Tensor, Tensor | None]:
