@@ -79,12 +79,12 @@ class Server:
             time.sleep(0.3)
 
     def stop(self) -> None:
-        """SIGTERM to the whole process group (servers fork workers), SIGKILL after 5 s."""
+        """SIGTERM to the whole process group (servers fork workers), SIGKILL after 3 s."""
         if self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=5)
+                self.proc.wait(timeout=3)
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)

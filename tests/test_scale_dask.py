@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 ENV = {"SCRATCHLM_NO_MLFLOW": "1", "SCRATCHLM_PROGRESS": "off", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 PARAMS = {"data": {"sources": ["builtin:stories", "extra"], "builtin": {"n_docs": 400},
                    "parallel": {"runner": "local", "workers": 2, "dask_address": ""}},
-          "ingest": {"docs_per_shard": 60}}
+          "ingest": {"docs_per_shard": 150}}
 
 MAPPED = {"ingest": ["ingest_unit"], "filter": ["filter_shard"], "dedup": ["sketch_shard", "copy_unique"]}
 """The functions each stage maps over its units/shards (each map is one `data-shards` flow run)."""
@@ -112,11 +112,11 @@ def test_ingest_on_an_existing_dask_cluster_writes_the_same_bytes(reference, tmp
     dask = str(VENV_BIN / "dask")
     scheduler = start("dask-scheduler", [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                          "--dashboard-address", "127.0.0.1:0"], tmp_path, cwd=project, env=env)
-    workers = start("dask-worker", [dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
+    workers = start("dask-worker", [dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "2",
                                     "--host", "127.0.0.1", "--no-dashboard"], tmp_path, cwd=project, env=env)
     with running(scheduler, workers):
         scheduler.wait_until(port_open(port), timeout=90)
-        workers.wait_until(lambda: workers.log.read_text().count("Registered to:") >= 2, timeout=120)
+        workers.wait_until(lambda: "Registered to:" in workers.log.read_text(), timeout=120)
         set_runner(project, runner="dask", dask_address=f"tcp://127.0.0.1:{port}")
         proc = run_in(project, "python", "-m", "tasks.ingest", env=ENV, timeout=240)
     log = proc.stdout + proc.stderr
