@@ -1,0 +1,350 @@
+"""DeepSpeed launch and process setup for the training stages (pretrain, sft, reward, dpo).
+
+A training stage runs in two halves:
+
+    python -m tasks.<stage>            launcher side: `launch_main` loads and checks the params (batch arithmetic,
+                                       inputs, model shape) once, then execs the DeepSpeed launcher:
+        deepspeed --num_gpus N --master_port P --no_local_rank --module tasks.<stage> --worker
+        deepspeed --hostfile H ...     (several nodes: one line `host slots=N` per node)
+    python -m tasks.<stage> --worker   worker side, once per rank (RANK, LOCAL_RANK, WORLD_SIZE set by the
+                                       launcher): `stage_main(...)` → run() → `init_distributed()` → Trainer.
+
+    world = init_distributed()                # World(rank, local_rank, size, local_size, device, backend)
+    config = deepspeed_config(train, world, bf16=use_bf16(train.precision, world))   # the DeepSpeed JSON
+    peak = peak_flops(world, bf16, override=train.peak_flops)                         # FLOP/s for MFU
+
+CPU (no CUDA device, or DS_ACCELERATOR=cpu): gloo, torch's AdamW (`torch_adam`, no C++ build), the host's cores
+split between its ranks. GPU: NCCL and DeepSpeed's fused Adam. The first multi-process run on a new CPU machine
+JIT-builds DeepSpeed's shared-memory all-reduce op once (~45 s, cached under ~/.cache/torch_extensions).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from tasks.common.config import ROOT, ScratchError, load_section
+
+if TYPE_CHECKING:
+    import torch
+
+    from tasks.common.trainer import TrainConfig
+
+WORKER_FLAG = "--worker"
+
+# Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first. fp32 runs are measured
+# against the same peak (the usual MFU convention); give `peak_flops` in the params for anything else.
+GPU_PEAK_BF16: list[tuple[str, float]] = [
+    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
+    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+]
+
+
+# ------------------------------------------------------------------------------------------------ launcher side
+
+def cpu_only() -> bool:
+    """True when training runs on CPU ranks: DS_ACCELERATOR=cpu, or no CUDA device at all."""
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        return True
+    import torch
+    return not torch.cuda.is_available()
+
+
+def hostfile_slots(path: Path) -> dict[str, int]:
+    """host → slots of a DeepSpeed hostfile (`host slots=N` per line, # comments), with errors naming the line."""
+    if not path.is_file():
+        raise ScratchError(f"{path}: hostfile not found")
+    hosts: dict[str, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit() or int(parts[1][6:]) < 1:
+            raise ScratchError(f"{path}:{number}: expected `<host> slots=<N>` with N >= 1, got {raw.strip()!r}")
+        if parts[0] in hosts:
+            raise ScratchError(f"{path}:{number}: host {parts[0]!r} is listed twice")
+        hosts[parts[0]] = int(parts[1][6:])
+    if not hosts:
+        raise ScratchError(f"{path}: no `<host> slots=<N>` lines")
+    return hosts
+
+
+def planned_world_size(train: "TrainConfig", root: Path = ROOT) -> int:
+    """Ranks the launcher will start: `ranks` on this host, or every slot of the hostfile."""
+    if train.hostfile:
+        return sum(hostfile_slots(root / train.hostfile).values())
+    return train.ranks
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_command(module: str, train: "TrainConfig", root: Path = ROOT) -> tuple[list[str], dict[str, str]]:
+    """The `deepspeed` command line and environment that start `module --worker` on every rank."""
+    cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--log_level", "warning"]
+    if train.hostfile:
+        cmd += ["--hostfile", str(root / train.hostfile)]
+    else:
+        cmd += ["--num_gpus", str(train.ranks)]
+    cmd += ["--master_port", str(free_port()), "--no_local_rank", "--module", module, WORKER_FLAG]
+    env = dict(os.environ)
+    env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    if cpu_only():
+        env["DS_ACCELERATOR"] = "cpu"
+        # ranks of one host share its cores; torch would otherwise start one thread per core in every rank
+        local = train.ranks if not train.hostfile else 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // local)))
+    return cmd, env
+
+
+def torch_extensions_dir() -> str:
+    """A JIT-build folder of this environment's own: two venvs sharing ~/.cache/torch_extensions rebuild
+    DeepSpeed's ops for each other on every start."""
+    import hashlib
+    venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
+    return str(Path.home() / ".cache" / "scratchlm" / "torch_extensions" / venv)
+
+
+def launch_main(stage: str, config_cls: type, preflight: Callable[[Any], "TrainConfig"]) -> None:
+    """`python -m tasks.<stage>`: check the params (`preflight(cfg)` returns the TrainConfig), then exec DeepSpeed.
+
+    Errors a user can fix print one `error: <stage>: ...` line and exit 2, before any rank starts.
+    """
+    try:
+        cfg = load_section(stage, config_cls)
+        train = preflight(cfg)
+        cmd, env = launch_command(f"tasks.{stage}", train)
+    except ScratchError as e:
+        print(f"error: {stage}: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    where = f"hostfile {train.hostfile}" if train.hostfile else f"{train.ranks} rank(s) on this host"
+    device = "CPU (gloo)" if env.get("DS_ACCELERATOR") == "cpu" else "GPU (nccl)"
+    print(f"{stage}: launching DeepSpeed, {where}, {device}\n  $ {' '.join(cmd[2:])}", flush=True)
+    os.execvpe(cmd[0], cmd, env)
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the DeepSpeed ranks."""
+    rank: int
+    local_rank: int
+    size: int
+    local_size: int
+    device: "torch.device"
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def hosts(self) -> int:
+        return max(1, self.size // max(1, self.local_size))
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def init_distributed() -> World:
+    """Join the process group (idempotent). Without launcher variables, a world of one (tests, notebooks)."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    if "RANK" not in os.environ:  # started without a launcher: be rank 0 of 1
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    on_cpu = os.environ["DS_ACCELERATOR"] == "cpu"
+    backend = "gloo" if on_cpu else "nccl"
+    if on_cpu and os.environ.get("WORLD_SIZE") == "1":
+        _skip_shared_memory_op()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    rank, size = dist.get_rank(), dist.get_world_size()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", size)))
+    if on_cpu:
+        device = torch.device("cpu")
+        # ranks of one host share its cores; an oversubscribed OpenMP pool spins and runs many times slower
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        torch.set_num_threads(int(threads) if threads.isdigit() else max(1, usable_cores() // local_size))
+    else:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    return World(rank, local_rank, size, local_size, device, backend)
+
+
+def _skip_shared_memory_op() -> None:
+    """A world of one never all-reduces: skip DeepSpeed's shared-memory all-reduce op, whose first use probes
+    every op builder and JIT-compiles C++ (~45 s on a fresh machine, more under load)."""
+    import importlib
+    ds_comm = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm.torch is torch
+    if hasattr(ds_comm, "build_shm_op"):
+        ds_comm.build_shm_op = lambda: None
+
+
+def use_bf16(precision: str, world: World) -> bool:
+    """bf16 when asked (`bf16`), or with `auto` on a GPU that supports it; fp32 otherwise."""
+    if precision == "fp32":
+        return False
+    import torch
+    if world.on_cpu:
+        return precision == "bf16"
+    supported = torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not supported:
+        raise ScratchError(f"precision: bf16 was asked but {torch.cuda.get_device_name()} does not support it; "
+                           f"use fp32 or auto")
+    return supported
+
+
+def deepspeed_config(train: "TrainConfig", world: World, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a training run (batch split, ZeRO stage, precision, clipping, AdamW)."""
+    accumulation = train.grad_accum(world.size)
+    adam = {"lr": train.lr, "betas": [train.beta1, train.beta2], "eps": train.eps,
+            "weight_decay": train.weight_decay}
+    if world.on_cpu:
+        adam["torch_adam"] = True      # DeepSpeed's CPU Adam is a ~80 s C++ build; torch's AdamW is exact
+    else:
+        adam["adam_w_mode"] = True     # FusedAdam in decoupled-weight-decay (AdamW) mode
+    zero: dict[str, Any] = {"stage": train.zero_stage}
+    if train.zero_stage == 3:
+        # gather whole layers for small models instead of many tiny prefetches
+        zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "optimizer": {"type": "AdamW", "params": adam},
+        "steps_per_print": 10**9,      # the trainer logs; DeepSpeed's own progress lines would interleave
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }
+
+
+def all_reduce_sum(tensor: "torch.Tensor") -> "torch.Tensor":
+    """Sum `tensor` over every rank in place (a no-op for a world of one) and return it."""
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+# ------------------------------------------------------------------------------------------------ peak FLOP/s
+
+def peak_flops(world: World, bf16: bool, override: float = 0.0) -> float:
+    """Peak FLOP/s of the whole job, the denominator of MFU.
+
+    `override` (params `peak_flops`) is per device (GPU) or per host (CPU). Otherwise: the GPU table above, or on
+    CPU one matmul benchmark on all the host's cores, measured once per CPU model and dtype and cached.
+    """
+    if world.on_cpu:
+        per_host = override or measured_cpu_peak(bf16)
+        return per_host * world.hosts
+    if override:
+        return override * world.size
+    import torch
+    name = torch.cuda.get_device_name(world.device)
+    for fragment, flops in GPU_PEAK_BF16:
+        if fragment in name:
+            return flops * world.size
+    return float("nan")  # unknown device: MFU is reported as NaN rather than guessed
+
+
+def _cache_file() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "scratchlm" / "peak_flops.json"
+
+
+def measured_cpu_peak(bf16: bool, size: int = 1024, seconds: float = 0.6) -> float:
+    """Best matmul FLOP/s of this host (all cores), cached in ~/.cache/scratchlm/peak_flops.json."""
+    import torch
+    cores = usable_cores()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    key = f"{platform.processor() or platform.machine()}|{_cpu_model()}|cores={cores}|{dtype}|n={size}"
+    cache = _cache_file()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return float(known[key])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    try:
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+        a @ b  # warm up the kernels
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            best = max(best, 4 * 2 * size**3 / (time.perf_counter() - start))
+    finally:
+        torch.set_num_threads(threads)
+    known[key] = best
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=2))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only home only costs a re-measurement next time
+    return best
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def format_flops(x: float) -> str:
+    if not math.isfinite(x):
+        return "unknown"
+    for unit, scale in (("PFLOP/s", 1e15), ("TFLOP/s", 1e12), ("GFLOP/s", 1e9)):
+        if x >= scale:
+            return f"{x / scale:.1f} {unit}"
+    return f"{x:.0f} FLOP/s"

@@ -1,0 +1,507 @@
+"""The training loop every training stage shares (pretrain, sft, reward, dpo): DeepSpeed, schedule, logging,
+checkpoints, resume and a NaN guard. A stage brings its model, its batches and its loss; the loop does the rest.
+
+    from tasks.common.trainer import Trainer, TrainConfig, BatchIndex
+
+    trainer = Trainer(
+        build_model,                 # () -> nn.Module, seeded by the caller; called again (RNG forked) to hold
+                                     #    consolidated weights for samples (ZeRO-3) and the final export
+        cfg.train,                   # TrainConfig: ranks, ZeRO stage, precision, batch split, AdamW, schedule, cadence
+        batches=batch_fn,            # (BatchIndex) -> batch: any tensors / tuples / dicts; moved to the device for you
+        loss_fn=loss_fn,             # (engine, batch) -> (loss, {"name": value}): a scalar to minimise plus extra
+                                     #    metrics, averaged over micro batches and ranks and logged as train/<name>
+        name="sft",                  # progress bar, MLflow namespace, messages
+        checkpoint_dir=folder,       # checkpoints/<stage>/<fingerprint>/ (tasks.common.checkpoint), outside DVC outs
+        fingerprint_info={...},      # what the fingerprint hashed (written beside the checkpoints for humans)
+        tokens_per_example=seq_len,  # tokens one example puts through the model (for tokens/s and the token budget)
+        flops_per_token=cfg.flops_per_token(seq_len),   # training FLOPs per token, for MFU (0 = do not report MFU)
+        eval_fn=eval_fn,             # optional (engine) -> {"loss": ...}: runs on EVERY rank (collectives allowed, use
+                                     #    all_reduce_sum), in eval mode under no_grad; logged as val/<name>
+        sample_fn=sample_fn,         # optional (model, step) -> text: rank 0 only, a plain full-weight module; logged
+                                     #    as the MLflow text artifact samples/step_XXXXXXXX.txt at each evaluation
+        tracker=tracker)             # the stage's MLflow tracker (a no-op on ranks other than 0)
+    summary = trainer.fit()          # resumes from `latest` when present; returns the run's headline numbers
+    model = trainer.final_model()    # rank 0: a plain fp32 module with the trained weights (ZeRO shards gathered);
+                                     #    None on other ranks. Collective: call it on every rank.
+
+What a stage plugs in, e.g.
+    pretrain  batches = random windows of the token memmap;  loss = engine(x, y)[1]
+    sft       batches = padded chats + response masks;       loss = engine(x, y, loss_mask=m)[1]
+    reward    batches = (chosen, rejected) pairs;            loss = bradley_terry_loss(engine(c), engine(r))
+    dpo       batches = pairs;  loss_fn closes over a frozen reference model: dpo_loss(policy logps, reference logps)
+
+Batches. A step's global batch is `batch_size` examples, cut into `accum x world` micro batches of
+`micro_batch_size`. `BatchIndex.examples` is the range of the step's examples a micro batch holds, the same
+whatever the split between ranks and accumulation: a batch function that draws a step's examples from
+(seed, step) and takes `examples` makes 2 ranks follow exactly the curve of 1 rank with 2x accumulation, and
+makes a resumed run see exactly the data it would have seen (the data cursor is the step).
+
+Loop. Per step: for each micro batch, loss_fn → engine.backward; the losses are summed over micro batches and
+ranks (one all-reduce) and a non-finite loss stops training before the optimizer step (`TrainingDiverged`, the
+last good checkpoint untouched); then engine.step() (clipping, AdamW, the LR schedule: linear warmup then cosine
+to `min_lr_ratio`). Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu
+to MLflow and history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn
+and samples; every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler,
+RNG states, step) and an atomic move of `latest`. Only the rank-0 process writes logs.
+
+Test hooks: SCRATCHLM_TEST_NAN_STEP=N makes the loss of step N NaN (how the guard is tested);
+SCRATCHLM_TEST_HANG_STEP=N makes rank 0 stop dead after step N, so a test can SIGKILL a run that is surely mid-way.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+
+from tasks.common.checkpoint import Checkpoints, tag_of
+from tasks.common.config import ConfigError, ScratchError, check
+from tasks.common.distributed import (World, all_reduce_sum, barrier, deepspeed_config, format_flops,
+                                      init_distributed, peak_flops, use_bf16)
+from tasks.common.stage import progress
+from tasks.common.tracking import Tracker
+
+if TYPE_CHECKING:  # torch is imported where it is used, so loading params (TrainConfig) stays light
+    import torch
+    from torch import Tensor, nn
+
+NAN_HOOK = "SCRATCHLM_TEST_NAN_STEP"
+HANG_HOOK = "SCRATCHLM_TEST_HANG_STEP"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    ranks: int = 1
+    """DeepSpeed ranks on this host (`deepspeed --num_gpus`): GPUs, or CPU processes sharing the cores."""
+    hostfile: str = ""
+    """DeepSpeed hostfile for several nodes (`host slots=N` per line, relative to the repo); the world is then
+    every slot it lists and `ranks` is ignored. Empty = this host only."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 = plain data parallel, 1 = shard optimizer states, 2 = + gradients, 3 = + parameters."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """bf16 (fp32 master weights) or fp32; auto = bf16 on a GPU that supports it, fp32 on CPU."""
+    batch_size: int = 32
+    """Examples (sequences) per optimizer step, over all ranks: micro_batch_size x accumulation x ranks."""
+    micro_batch_size: int = 16
+    """Examples per forward/backward pass on one rank; gradient accumulation = batch_size / (this x ranks)."""
+    max_steps: int = 0
+    """Training budget in optimizer steps (set this or max_tokens, the other 0)."""
+    max_tokens: int = 0
+    """Training budget in tokens: steps = ceil(max_tokens / (batch_size x tokens per example))."""
+    lr: float = 1.0e-3
+    """Peak learning rate (AdamW), reached after the warmup."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr x min_lr_ratio on the last step."""
+    warmup_steps: int = 20
+    """Steps of linear warmup from lr/warmup_steps to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices and embeddings (not on norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1.0e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    seed: int = 1337
+    """Seed of the initial weights and of the data order (batches are a function of seed, step and rank)."""
+    log_every: int = 10
+    """Steps between train/* metrics (MLflow, history.jsonl, progress bar)."""
+    eval_every: int = 100
+    """Steps between evaluations and samples (0 = only at the end)."""
+    checkpoint_every: int = 100
+    """Steps between resumable DeepSpeed checkpoints (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s per GPU or per CPU host, for MFU; 0 = the GPU table, or a one-off matmul benchmark on CPU."""
+    resume: bool = True
+    """Resume from the newest checkpoint of the same configuration (fingerprint) when there is one."""
+
+    # knobs that do not change the trained weights: left out of the checkpoint fingerprint, so changing them
+    # resumes instead of starting over
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("log_every", "eval_every", "checkpoint_every",
+                                                    "keep_checkpoints", "peak_flops", "resume")
+
+    def __post_init__(self) -> None:
+        check(self.ranks >= 1, "ranks", "must be >= 1")
+        check(self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size", "batch sizes must be >= 1")
+        check(self.max_steps >= 0 and self.max_tokens >= 0, "max_steps", "budgets must be >= 0")
+        check((self.max_steps > 0) != (self.max_tokens > 0), "max_steps",
+              f"set exactly one training budget: max_steps ({self.max_steps}) or max_tokens ({self.max_tokens}), "
+              f"the other 0")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1", "betas must be in [0, 1)")
+        check(self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0, "eps",
+              "eps must be > 0, weight_decay and grad_clip >= 0")
+        check(self.log_every >= 1, "log_every", "must be >= 1")
+        check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every", "cadences must be >= 0")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1 (resume needs the newest)")
+        check(self.peak_flops >= 0, "peak_flops", "must be >= 0")
+
+    def grad_accum(self, world_size: int) -> int:
+        """Micro batches per step on each rank; a clear error when the batch does not split evenly."""
+        per_pass = self.micro_batch_size * world_size
+        if self.batch_size % per_pass:
+            lower, upper = (self.batch_size // per_pass) * per_pass, (self.batch_size // per_pass + 1) * per_pass
+            raise ConfigError(
+                f"train.batch_size: {self.batch_size} examples per step is not micro_batch_size "
+                f"({self.micro_batch_size}) x accumulation x ranks ({world_size}); use a multiple of "
+                f"{per_pass} (e.g. {lower or upper} or {upper}) or change micro_batch_size / ranks")
+        return self.batch_size // per_pass
+
+    def total_steps(self, tokens_per_example: int) -> int:
+        """Optimizer steps of the budget (max_steps, or max_tokens rounded up to whole steps)."""
+        if self.max_steps:
+            steps = self.max_steps
+        else:
+            steps = math.ceil(self.max_tokens / (self.batch_size * tokens_per_example))
+        if self.warmup_steps >= steps:
+            raise ConfigError(f"train.warmup_steps: {self.warmup_steps} warmup steps leave nothing of a "
+                              f"{steps}-step budget; lower it or raise max_steps / max_tokens")
+        return steps
+
+    def fingerprint_dict(self) -> dict[str, Any]:
+        """The fields that determine the trained weights."""
+        return {k: v for k, v in asdict(self).items() if k not in self.NOT_FINGERPRINTED}
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """LR multiplier of optimizer step `step` (0-based): linear warmup, then cosine from 1 down to min_ratio,
+    reached exactly on the last step (total - 1)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_))
+
+
+@dataclass(frozen=True)
+class BatchIndex:
+    """Which micro batch to produce: step `step`, accumulation index `micro` on rank `rank`."""
+    step: int
+    micro: int
+    rank: int
+    world: int
+    accum: int
+    micro_batch_size: int
+
+    @property
+    def slot(self) -> int:
+        """Position of this micro batch among the step's accum x world micro batches."""
+        return self.micro * self.world + self.rank
+
+    @property
+    def examples(self) -> range:
+        """Indices of this micro batch's examples within the step's global batch of batch_size examples."""
+        return range(self.slot * self.micro_batch_size, (self.slot + 1) * self.micro_batch_size)
+
+
+BatchFn = Callable[[BatchIndex], Any]
+LossFn = Callable[[Any, Any], "tuple[Tensor, dict[str, float | Tensor]]"]
+EvalFn = Callable[[Any], "dict[str, float]"]
+SampleFn = Callable[["nn.Module", int], str]
+
+
+class TrainingDiverged(ScratchError):
+    """The loss (or gradient norm) stopped being finite; training stopped without saving."""
+
+
+def to_device(batch: Any, device: "torch.device") -> Any:
+    from torch import Tensor
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def optim_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: the model's own `optim_groups` when it has one, else decay on tensors with >= 2 dims."""
+    if hasattr(model, "optim_groups"):
+        return model.optim_groups(weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+class Trainer:
+    """DeepSpeed training of one model (see the module docstring for the contract)."""
+
+    def __init__(self, build_model: Callable[[], nn.Module], cfg: TrainConfig, *, batches: BatchFn, loss_fn: LossFn,
+                 name: str, checkpoint_dir: Path, fingerprint_info: dict[str, Any] | None = None,
+                 tokens_per_example: int, flops_per_token: float = 0.0, eval_fn: EvalFn | None = None,
+                 sample_fn: SampleFn | None = None, tracker: Tracker | None = None) -> None:
+        import deepspeed
+        import torch
+
+        self.cfg, self.name = cfg, name
+        self.build_model, self.batches, self.loss_fn = build_model, batches, loss_fn
+        self.eval_fn, self.sample_fn = eval_fn, sample_fn
+        self.tracker = tracker or Tracker(name, None)
+        self.world: World = init_distributed()
+        self.accum = cfg.grad_accum(self.world.size)
+        self.total = cfg.total_steps(tokens_per_example)
+        self.tokens_per_step = cfg.batch_size * tokens_per_example
+        self.flops_per_token = flops_per_token
+        self.bf16 = use_bf16(cfg.precision, self.world)
+        self.ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep_checkpoints, rank=self.world.rank)
+        self.fingerprint_info = fingerprint_info or {}
+        self.history_path = Path(checkpoint_dir) / "history.jsonl"
+        self.ds_config = deepspeed_config(cfg, self.world, self.bf16)
+
+        model = build_model().to(self.world.device)
+        if self.bf16:
+            # DeepSpeed casts parameters only; a float32 buffer (RoPE tables) would promote activations back
+            model = model.to(torch.bfloat16)
+        schedule = lambda step: lr_factor(step, cfg.warmup_steps, self.total, cfg.min_lr_ratio)  # noqa: E731
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=optim_groups(model, cfg.weight_decay), config=self.ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), dist_init_required=False)
+        self._metric_keys: list[str] | None = None
+        self._last_eval: dict[str, float] = {}
+        self._last_eval_step = -1
+        self._last_ckpt_step = -1
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train to the budget, resuming from the newest checkpoint of this configuration; the run's summary."""
+        start = self._resume()
+        peak = peak_flops(self.world, self.bf16, self.cfg.peak_flops) if self.world.is_main else float("nan")
+        self._announce(start, peak)
+        bar = progress(None, total=self.total, initial=start, desc=self.name, unit="step")
+        train_seconds, window_seconds, window_steps, row = 0.0, 0.0, 0, {}
+        for step in range(start, self.total):
+            done = step + 1
+            t0 = time.perf_counter()
+            loss, metrics, grad_norm = self._step(step, want_norm=self._due(done, self.cfg.log_every))
+            elapsed = time.perf_counter() - t0
+            train_seconds, window_seconds, window_steps = train_seconds + elapsed, window_seconds + elapsed, window_steps + 1
+            bar.update(1)
+            if self._due(done, self.cfg.log_every):
+                tokens_per_s = window_steps * self.tokens_per_step / max(window_seconds, 1e-9)
+                row = {"train/loss": loss, "train/lr": self.cfg.lr * self._factor(step),
+                       "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s,
+                       "train/mfu": self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan,
+                       **{f"train/{k}": v for k, v in metrics.items()}}
+                self._log(done, row)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                refresh=False)
+                window_seconds, window_steps = 0.0, 0
+            if self._due(done, self.cfg.eval_every):
+                self._evaluate(done)
+            if self._due(done, self.cfg.checkpoint_every):
+                self._save(done)
+            if self.world.is_main and os.environ.get(HANG_HOOK) == str(done):
+                time.sleep(3600)
+        bar.close()
+        if self._last_eval_step != self.total:
+            self._evaluate(self.total)
+        if self._last_ckpt_step != self.total:
+            self._save(self.total)
+        trained = self.total - start
+        tokens_per_s = trained * self.tokens_per_step / train_seconds if train_seconds else math.nan
+        return {
+            "steps": self.total, "steps_this_run": trained, "resumed_from_step": start,
+            "tokens": self.total * self.tokens_per_step, "tokens_per_step": self.tokens_per_step,
+            "world_size": self.world.size, "grad_accum": self.accum, "micro_batch_size": self.cfg.micro_batch_size,
+            "zero_stage": self.cfg.zero_stage, "precision": "bf16" if self.bf16 else "fp32",
+            "train_loss": row.get("train/loss", math.nan), "train_seconds": round(train_seconds, 2),
+            "tokens_per_s": tokens_per_s, "peak_flops": peak,
+            "mfu": self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan,
+            **{k.replace("/", "_"): v for k, v in self._last_eval.items()},
+            "checkpoint": str(self.ckpt.folder / tag_of(self.total)),
+        }
+
+    def _due(self, done: int, every: int) -> bool:
+        return done == self.total or (every > 0 and done % every == 0)
+
+    def _factor(self, step: int) -> float:
+        return lr_factor(step, self.cfg.warmup_steps, self.total, self.cfg.min_lr_ratio)
+
+    def _step(self, step: int, want_norm: bool) -> tuple[float, dict[str, float], float]:
+        """One optimizer step over accum micro batches; (mean loss, mean extra metrics, grad norm)."""
+        engine, world = self.engine, self.world
+        sums: Tensor | None = None
+        for micro in range(self.accum):
+            index = BatchIndex(step, micro, world.rank, world.size, self.accum, self.cfg.micro_batch_size)
+            loss, metrics = self.loss_fn(engine, to_device(self.batches(index), world.device))
+            if os.environ.get(NAN_HOOK) == str(step + 1):
+                loss = loss * float("nan")
+            engine.backward(loss)
+            values = self._metric_values(loss, metrics)
+            sums = values if sums is None else sums + values
+            if micro < self.accum - 1:
+                engine.step()  # DeepSpeed only counts the micro batch; the update happens at the boundary
+        assert sums is not None
+        all_reduce_sum(sums)
+        n = self.accum * world.size
+        mean_loss, bad = sums[0].item() / n, int(sums[1].item())
+        if bad:
+            self._diverged(step + 1, f"the loss is not finite on {bad} of {n} micro batches (mean {mean_loss})")
+        norm = self._grad_norm() if want_norm and not self._norm_from_engine() else math.nan
+        engine.step()
+        if want_norm and self._norm_from_engine():
+            reported = engine.get_global_grad_norm()
+            norm = float(reported) if reported is not None else math.nan
+        if want_norm and not math.isfinite(norm) and not math.isnan(norm):
+            self._diverged(step + 1, f"the gradient norm is {norm}")
+        extra = {k: sums[2 + i].item() / n for i, k in enumerate(self._metric_keys or [])}
+        return mean_loss, extra, norm
+
+    def _metric_values(self, loss: Tensor, metrics: dict[str, float | Tensor]) -> Tensor:
+        """[loss, non-finite flag, *metrics] of one micro batch as one float64 tensor (one all-reduce per step)."""
+        import torch
+        keys = sorted(metrics)
+        if self._metric_keys is None:
+            self._metric_keys = keys
+        elif keys != self._metric_keys:
+            raise ValueError(f"{self.name}: loss_fn returned metrics {keys}, earlier {self._metric_keys}; "
+                             f"return the same names every call")
+        value = loss.detach().double().cpu()
+        values = [value, (~torch.isfinite(value)).double()]
+        values += [torch.as_tensor(metrics[k]).detach().double().cpu().reshape(()) for k in keys]
+        return torch.stack(values).to(self.world.device)
+
+    def _norm_from_engine(self) -> bool:
+        # the ZeRO and bf16 optimizers report the pre-clip norm; plain fp32 data parallel does not
+        return self.cfg.zero_stage > 0 or self.bf16
+
+    def _grad_norm(self) -> float:
+        import torch
+        grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else math.nan
+
+    def _diverged(self, done: int, what: str) -> None:
+        latest = self.ckpt.latest_tag()
+        kept = (f"The last good checkpoint {self.ckpt.folder / latest} is kept and a rerun resumes from it"
+                if latest else f"no checkpoint was written yet (checkpoint_every={self.cfg.checkpoint_every})")
+        raise TrainingDiverged(f"step {done}: {what}; training stopped before the optimizer step. {kept}; "
+                               f"lower train.lr or raise train.warmup_steps to get past it")
+
+    # ---- evaluation and samples ----------------------------------------------------------------------------
+
+    def _evaluate(self, done: int) -> None:
+        import torch
+        self._last_eval_step = done
+        if self.eval_fn is not None:
+            self.engine.eval()
+            try:
+                with torch.no_grad():
+                    metrics = self.eval_fn(self.engine)
+            finally:
+                self.engine.train()
+            self._last_eval = {(k if "/" in k else f"val/{k}"): float(v) for k, v in metrics.items()}
+            self._log(done, self._last_eval)
+            if self.world.is_main:
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in self._last_eval.items())
+                progress_write(f"{self.name} step {done}/{self.total}: {shown}")
+        if self.sample_fn is not None:
+            model = self._sampling_model()
+            if self.world.is_main:
+                text = self.sample_fn(model, done)
+                self.tracker.log_text(text, f"samples/step_{done:08d}.txt")
+
+    def _sampling_model(self) -> nn.Module | None:
+        """Rank 0: a full-weight module to sample from (the live one, or a gathered copy under ZeRO-3)."""
+        if self.cfg.zero_stage < 3:
+            return self.engine.module if self.world.is_main else None
+        state = self.engine._zero3_consolidated_16bit_state_dict()  # collective; the full state on rank 0 only
+        return self._plain_model(state) if self.world.is_main else None
+
+    def _plain_model(self, state: dict[str, Tensor]) -> nn.Module:
+        import torch
+        with torch.random.fork_rng(devices=[]):  # building a model must not move the training RNG
+            model = self.build_model().float()
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+        return model.to(self.world.device)
+
+    # ---- checkpoints, resume, logs -------------------------------------------------------------------------
+
+    def _resume(self) -> int:
+        """Load `latest` when resuming is on; the number of steps already done."""
+        if self.world.is_main and not self.cfg.resume and self.ckpt.folder.exists():
+            import shutil
+            shutil.rmtree(self.ckpt.folder)
+        barrier()
+        self.ckpt.prepare(self.fingerprint_info)
+        barrier()
+        state = self.ckpt.load(self.engine) if self.cfg.resume else None
+        start = int(state["step"]) if state else 0
+        if start > self.total:
+            raise ScratchError(f"{self.ckpt.folder}: the checkpoint is at step {start}, past this budget's "
+                               f"{self.total} steps; delete the folder to start over")
+        if self.world.is_main:
+            self._restore_history(start)
+        self._last_ckpt_step = start if state else -1
+        return start
+
+    def _restore_history(self, start: int) -> None:
+        """Keep the logged rows up to the resumed step, and replay them into this run's MLflow run."""
+        rows = []
+        if start and self.history_path.is_file():
+            rows = [json.loads(line) for line in self.history_path.read_text().splitlines() if line.strip()]
+            rows = [r for r in rows if r["step"] <= start]
+        self.history_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.history_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        for r in rows:
+            self.tracker.log_metrics({k: v for k, v in r.items() if "/" in k}, step=r["step"])
+
+    def _save(self, done: int) -> None:
+        state = {"step": done, "tokens": done * self.tokens_per_step, "seed": self.cfg.seed,
+                 "world_size": self.world.size, "total_steps": self.total,
+                 "fingerprint": self.ckpt.folder.name}
+        self.ckpt.save(self.engine, done, state)
+        self._last_ckpt_step = done
+
+    def _log(self, done: int, metrics: dict[str, float]) -> None:
+        if not self.world.is_main:
+            return
+        finite = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.tracker.log_metrics(finite, step=done)
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps({"step": done, "tokens": done * self.tokens_per_step, **metrics}) + "\n")
+
+    def _announce(self, start: int, peak: float) -> None:
+        if not self.world.is_main:
+            return
+        c = self.cfg
+        resumed = f"resumed from step {start} ({self.ckpt.folder / tag_of(start)})" if start else "from scratch"
+        progress_write(
+            f"{self.name}: {self.total} steps x {self.tokens_per_step:,} tokens = {self.total * self.tokens_per_step:,}"
+            f" tokens, {resumed}\n"
+            f"  batch {c.batch_size} = micro {c.micro_batch_size} x accumulation {self.accum} x ranks "
+            f"{self.world.size}; ZeRO {c.zero_stage}, {'bf16' if self.bf16 else 'fp32'}, "
+            f"{self.world.backend} on {self.world.device.type}; peak {format_flops(peak)}\n"
+            f"  checkpoints {self.ckpt.folder}")
+
+    # ---- the trained weights -------------------------------------------------------------------------------
+
+    def final_model(self) -> nn.Module | None:
+        """Rank 0: a plain fp32 module holding the trained weights; None elsewhere. Call on every rank."""
+        tag = tag_of(self.total)
+        barrier()
+        model = None
+        if self.world.is_main:
+            if self.cfg.zero_stage >= 1:
+                state = self.ckpt.fp32_state_dict(tag)  # fp32 master weights, every ZeRO partition gathered
+            else:
+                state = {k: v.detach() for k, v in self.engine.module.state_dict().items()}
+            model = self._plain_model(state).cpu().eval()
+        barrier()
+        return model
+
+
+def progress_write(text: str) -> None:
+    """Print a line without breaking an active progress bar."""
+    from tqdm.auto import tqdm
+    tqdm.write(text)
