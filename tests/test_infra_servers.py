@@ -6,6 +6,7 @@ Everything runs in a throwaway copy of the project; the servers are always stopp
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -175,3 +176,34 @@ def test_register_stage_registers_the_model_on_the_mlflow_server(stack, tmp_path
     stored = {p.name for p in (stack.base / "mlflow" / "artifacts").rglob("*")}
     assert {"model.safetensors", "tokenizer.json", "MLmodel"} <= stored, "the model lives in the server's store"
     assert not (tmp_path / "project" / "mlruns.db").exists() and not (tmp_path / "project" / "mlartifacts").exists()
+
+
+def test_ingest_on_an_existing_dask_cluster_reports_its_task_runs_to_the_server(stack, tmp_path):
+    """`dask scheduler` + `dask worker`, `data.parallel.dask_address` pointing at them, PREFECT_API_URL at the
+    server: the same bytes as the local runner, and every input unit is a completed task run on the server."""
+    from tests.test_scale_dask import PARAMS, assert_same_outputs, dask_cluster, set_runner, write_extra_sources
+    project = copy_project(tmp_path / "project", PARAMS)
+    write_extra_sources(project / "extra")
+    env = {**stack.env, "SCRATCHLM_NO_MLFLOW": "1", "PYTHONPATH": str(project)}
+    local = subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=project, env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert local.returncode == 0, local.stderr[-3000:]
+    snapshot = tmp_path / "local"
+    shutil.copytree(project / "data", snapshot / "data")
+    shutil.copytree(project / "metrics", snapshot / "metrics")
+
+    with dask_cluster(project, env, tmp_path) as address:
+        set_runner(project, runner="dask", dask_address=address)
+        proc = subprocess.run([sys.executable, "-m", "tasks.ingest"], cwd=project, env=env, capture_output=True,
+                              text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert f"Connecting to an existing Dask cluster at {address}" in log
+    assert "Starting temporary server" not in log, "the stage reports to the server in PREFECT_API_URL"
+    assert_same_outputs(project, snapshot, ["ingest"])
+
+    units = json.loads((project / "metrics/ingest.json").read_text())["units"]
+    shard_runs = [r for r in api(stack, "/flow_runs/filter", {}) if r["name"] == f"ingest_unit x{units}"]
+    assert len(shard_runs) == 1 and shard_runs[0]["state_type"] == "COMPLETED"
+    task_runs = api(stack, "/task_runs/filter", {"flow_runs": {"id": {"any_": [shard_runs[0]["id"]]}}})
+    assert len(task_runs) == units and all(t["state_type"] == "COMPLETED" for t in task_runs)

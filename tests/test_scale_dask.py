@@ -1,16 +1,18 @@
 """The data stages on Dask (`data.parallel.runner: dask`, Prefect task mapping through prefect-dask) write the same
-bytes as on the default local process pool: on a local cluster (ingest, filter, dedup) and on an existing cluster
-started with the `dask scheduler` / `dask worker` commands (ingest). The corpus has several input units and shards
-of different sizes, and quarantined records in several of them, so results must come back in input order.
+bytes as on the default local process pool. The corpus has several input units and shards of different sizes, and
+quarantined records in several of them, so results must come back in input order.
 
-The local-cluster run drives the three stages from one process (as one flow run would): one temporary Prefect server
-and one local cluster serve all three, which keeps this file inside its time budget; `python -m tasks.<stage>`
-itself runs on Dask in the existing-cluster test and under a deployment in test_infra_servers.py."""
+Here: a local cluster and a temporary Prefect server (what `dvc repro` gets with no server configured), the three
+stages driven from one process as one flow run would, which keeps this file inside its time budget. An existing
+cluster (`dask scheduler` / `dask worker`) under `python -m tasks.ingest`, reporting to a Prefect server, is tested
+in test_infra_servers.py with `dask_cluster` below."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import textwrap
+from typing import Iterator
 
 import pytest
 import yaml
@@ -70,17 +72,18 @@ def reference(tmp_path_factory):
     """The project copy after the data stages ran on the default local runner; a snapshot of what they wrote."""
     base = tmp_path_factory.mktemp("dask")
     project = copy_project(base / "project", PARAMS)
+    env = {**ENV, "PREFECT_HOME": str(base / "prefect-home")}  # the temporary Prefect server's database
     write_extra_sources(project / "extra")
     stages = [s for s in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
               if s in ("ingest", "filter", "dedup")]
     (project / "drive_stages.py").write_text(DRIVER)
-    proc = run_in(project, "python", "drive_stages.py", *stages, env=ENV, timeout=300)
+    proc = run_in(project, "python", "drive_stages.py", *stages, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     snapshot = base / "local"
     shutil.copytree(project / "data", snapshot / "data")
     shutil.copytree(project / "metrics", snapshot / "metrics")
     assert json.loads((snapshot / "metrics/ingest.json").read_text())["quarantined"] == 3
-    return project, snapshot, stages
+    return project, snapshot, stages, env
 
 
 def assert_same_outputs(project, snapshot, stages) -> None:
@@ -90,10 +93,10 @@ def assert_same_outputs(project, snapshot, stages) -> None:
 
 
 def test_data_stages_on_a_local_dask_cluster_write_the_same_bytes(reference):
-    project, snapshot, stages = reference
+    project, snapshot, stages, env = reference
     set_runner(project, runner="dask", workers=2, dask_address="")
     shutil.rmtree(project / "data")
-    proc = run_in(project, "python", "drive_stages.py", *stages, env=ENV, timeout=300)
+    proc = run_in(project, "python", "drive_stages.py", *stages, env=env, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
     assert "Creating a new Dask cluster" not in log and "Connecting to an existing Dask cluster" in log, \
@@ -105,21 +108,21 @@ def test_data_stages_on_a_local_dask_cluster_write_the_same_bytes(reference):
     assert_same_outputs(project, snapshot, stages)
 
 
-def test_ingest_on_an_existing_dask_cluster_writes_the_same_bytes(reference, tmp_path):
-    project, snapshot, _ = reference
+
+@contextlib.contextmanager
+def dask_cluster(project, env: dict, log_dir) -> Iterator[str]:
+    """`dask scheduler` and `dask worker` (one process, two threads) on 127.0.0.1, started in the project's
+    checkout as docs/SCALE.md tells; yields the scheduler address, stops both afterwards."""
     port = free_port()
-    env = tool_env(PYTHONPATH=str(project), **ENV)
+    cluster_env = tool_env(**{**env, "PYTHONPATH": str(project)})
     dask = str(VENV_BIN / "dask")
     scheduler = start("dask-scheduler", [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                         "--dashboard-address", "127.0.0.1:0"], tmp_path, cwd=project, env=env)
+                                         "--dashboard-address", "127.0.0.1:0"],
+                      log_dir, cwd=project, env=cluster_env)
     workers = start("dask-worker", [dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "2",
-                                    "--host", "127.0.0.1", "--no-dashboard"], tmp_path, cwd=project, env=env)
+                                    "--host", "127.0.0.1", "--no-dashboard"],
+                    log_dir, cwd=project, env=cluster_env)
     with running(scheduler, workers):
         scheduler.wait_until(port_open(port), timeout=90)
         workers.wait_until(lambda: "Registered to:" in workers.log.read_text(), timeout=120)
-        set_runner(project, runner="dask", dask_address=f"tcp://127.0.0.1:{port}")
-        proc = run_in(project, "python", "-m", "tasks.ingest", env=ENV, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-5000:] + "\nworkers:\n" + workers.tail()
-    assert f"Connecting to an existing Dask cluster at tcp://127.0.0.1:{port}" in log
-    assert_same_outputs(project, snapshot, ["ingest"])
+        yield f"tcp://127.0.0.1:{port}"
