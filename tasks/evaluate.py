@@ -91,13 +91,13 @@ class Config:
     """Where models run (lm-eval and our own passes): auto = CUDA when available, else CPU."""
     batch_size: int = 16
     """Sequences per forward pass for validation loss and lm-eval's log-likelihood requests."""
-    val_max_tokens: int = 24576
+    val_max_tokens: int = 16384
     """Held-out tokens scored per model (whole documents from the start of val.bin; 0 = the whole split)."""
     benchmarks: list[str] = field(default_factory=lambda: ["cloze", "hellaswag", "piqa"])
     """lm-eval tasks of evals/ to run: cloze (builtin story cloze), hellaswag, piqa (slices in data_dir)."""
     lm_eval_tasks: list[str] = field(default_factory=list)
     """Standard lm-eval task names to add (e.g. arc_easy); they need the network or a filled HF datasets cache."""
-    limit: int = 40
+    limit: int = 32
     """Items per benchmark (the CPU default stays fast; raise it for tighter numbers)."""
     cloze_seed: int = 9001
     """Seed of the held-out story-cloze items (builtin split "test": combinations never trained on)."""
@@ -115,7 +115,7 @@ class Config:
     """Fixed user prompts every model answers (chat format) for the report's samples."""
     sample_texts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_TEXTS))
     """Fixed story openings every model continues as plain text."""
-    sample_max_new_tokens: int = 96
+    sample_max_new_tokens: int = 64
     """Longest sample generation."""
     report: bool = True
     """Write the report card (reports/report.md + plots) at the end of the stage."""
@@ -420,8 +420,53 @@ def samples_markdown(samples: dict[str, list[dict]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+@dataclass
+class ModelResult:
+    """Everything measured on one model."""
+    metrics: dict[str, Any]
+    answers: list            # tasks.common.alignment.Answer per held-out prompt (for the reward model)
+    answer_rows: list[dict]  # the same answers as rows of answers/<label>.jsonl
+    samples: list[dict]      # the fixed-prompt generations
+    seconds: dict[str, float]
+
+
+def evaluate_model(m: Evaluated, cfg: Config, data: HeldOut, held: list[dict], tok, files: dict[str, Path],
+                   device: str, out: Path) -> ModelResult:
+    """Held-out loss, answers to the held-out prompts, fixed samples (our model), then lm-eval (its HF loader)."""
+    from tasks.common.alignment import load_model_folder
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal started
+        seconds[name] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+
+    model = load_model_folder(m.folder, f"{m.label} model").to(device)
+    metrics: dict[str, Any] = held_out_loss(model, data, cfg.batch_size, device)
+    lap("held_out")
+    answers, rows = [], []
+    if held:
+        scores, rows, answers = answer_prompts(model, tok, held, cfg.sampling, m.label)
+        metrics.update({"satisfaction": scores["satisfied"], "constraint_rate": scores["constraint_rate"],
+                        "per_constraint": scores["per_constraint"]})
+        lap("answers")
+    samples = fixed_samples(model, tok, cfg)
+    lap("samples")
+    del model
+    bench = run_lm_eval(m.folder, files, cfg.lm_eval_tasks, cfg.limit, cfg.batch_size, device, cfg.sampling.seed)
+    metrics["bench"] = bench["scores"]
+    write_json(out / "lm_eval" / f"{m.label}.json", {"results": bench["results"], "items": bench["items"]})
+    lap("lm_eval")
+    print(f"evaluate: {m.label} ({m.stage}) in {sum(seconds.values()):.0f}s "
+          f"({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}): bpb {metrics['val_bpb']:.3f}"
+          + "".join(f", {n} {sc['acc']:.3f}" for n, sc in bench["scores"].items())
+          + (f", satisfaction {metrics['satisfaction']:.2f}" if held else ""), flush=True)
+    return ModelResult(metrics, answers, rows, samples, seconds)
+
+
 def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    from tasks.common.alignment import held_out_prompts, load_model_folder, load_tokenizer
+    from tasks.common.alignment import held_out_prompts, load_tokenizer
     quiet_libraries()
     device = pick_device(cfg.device)
     skipped: dict[str, str] = {}
@@ -435,34 +480,18 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     held = held_out_prompts(cfg.sampling.prompts, cfg.sampling.prompt_seed) if cfg.sampling.prompts else []
 
     metrics: dict[str, Any] = {"models": [m.label for m in models]}
-    answers: dict[str, list] = {}
-    answer_rows: dict[str, list[dict]] = {}
-    samples: dict[str, list[dict]] = {}
-    timings: dict[str, float] = {}
-    for m in models:
-        started = time.perf_counter()
-        model = load_model_folder(m.folder, f"{m.label} model").to(device)
-        result = held_out_loss(model, data, cfg.batch_size, device)
-        if held:
-            scores, answer_rows[m.label], answers[m.label] = answer_prompts(model, tok, held, cfg.sampling, m.label)
-            result.update({"satisfaction": scores["satisfied"], "constraint_rate": scores["constraint_rate"],
-                           "per_constraint": scores["per_constraint"]})
-        samples[m.label] = fixed_samples(model, tok, cfg)
-        del model
-        bench = run_lm_eval(m.folder, files, cfg.lm_eval_tasks, cfg.limit, cfg.batch_size, device, cfg.sampling.seed)
-        result["bench"] = bench["scores"]
-        write_json(out / "lm_eval" / f"{m.label}.json", {"results": bench["results"], "items": bench["items"]})
-        metrics[m.label] = result
-        timings[m.label] = round(time.perf_counter() - started, 1)
-        print(f"evaluate: {m.label} ({m.stage}) in {timings[m.label]:.0f}s: bpb {result['val_bpb']:.3f}"
-              + "".join(f", {n} {s['acc']:.3f}" for n, s in bench["scores"].items())
-              + (f", satisfaction {result['satisfaction']:.2f}" if held else ""), flush=True)
+    per_model = {m.label: evaluate_model(m, cfg, data, held, tok, files, device, out) for m in models}
+    answers = {label: r.answers for label, r in per_model.items() if held}
+    answer_rows = {label: r.answer_rows for label, r in per_model.items() if held}
+    samples = {label: r.samples for label, r in per_model.items()}
+    timings = {label: r.seconds for label, r in per_model.items()}
+    metrics.update({label: r.metrics for label, r in per_model.items()})
 
     metrics["win_rate"] = compare_with_rewards(cfg, reward_folder, answers, answer_rows, tok, device, skipped)
     for label, rows in answer_rows.items():
         _write_jsonl(out / "answers" / f"{label}.jsonl", rows)
     (out / "samples.md").write_text(samples_markdown(samples), encoding="utf-8")
-    metrics.update({"benchmark_items": items, "skipped": skipped, "device": device, "seconds_per_model": timings,
+    metrics.update({"benchmark_items": items, "skipped": skipped, "device": device, "seconds_by_model": timings,
                     "val_text_bytes": data.text_bytes})
     write_plots(paths.root, metrics)
     tracker.log_artifact(out / "samples.md", "evaluate")
