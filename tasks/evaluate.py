@@ -20,7 +20,8 @@ Writes  data/evaluate/benchmarks/<name>.jsonl    the items each benchmark scored
         data/evaluate/answers/<label>.jsonl     sampled answers to held-out prompts, constraint checks, rewards
         data/evaluate/samples.md                generations for the fixed prompt set, model by model
         metrics/evaluate.json                   per model: val loss/ppl/bpb, benchmark acc/acc_norm, constraint
-                                                satisfaction; win rates; what was skipped and why
+                                                satisfaction (share of constraints met) and all_satisfied (share
+                                                of answers meeting all); win rates; what was skipped and why
         metrics/evaluate_plots/*.json           DVC plots: bpb per model, benchmark accuracy per model
         reports/report.md + reports/*.png       the report card (tasks/common/report.py), logged to MLflow
 Checks  a listed model that is missing fails the stage (`missing_models: skip` evaluates what exists instead,
@@ -448,7 +449,9 @@ def evaluate_model(m: Evaluated, cfg: Config, data: HeldOut, held: list[dict], t
     answers, rows = [], []
     if held:
         scores, rows, answers = answer_prompts(model, tok, held, cfg.sampling, m.label)
-        metrics.update({"satisfaction": scores["satisfied"], "constraint_rate": scores["constraint_rate"],
+        # named as the dpo stage names them: satisfaction = share of constraints met, all_satisfied = share of
+        # answers meeting every constraint of their prompt
+        metrics.update({"satisfaction": scores["constraint_rate"], "all_satisfied": scores["satisfied"],
                         "per_constraint": scores["per_constraint"]})
         lap("answers")
     samples = fixed_samples(model, tok, cfg)
@@ -557,7 +560,8 @@ def write_plots(root: Path, metrics: dict) -> None:
 
 def print_table(metrics: dict) -> None:
     labels = metrics["models"]
-    rows = [("val loss", "val_loss"), ("val ppl", "val_ppl"), ("val bpb", "val_bpb"), ("satisfaction", "satisfaction")]
+    rows = [("val loss", "val_loss"), ("val ppl", "val_ppl"), ("val bpb", "val_bpb"), ("satisfaction", "satisfaction"),
+            ("all satisfied", "all_satisfied")]
     print("\n" + f"{'':<20}" + "".join(f"{m:>10}" for m in labels))
     for name, key in rows:
         if all(key in metrics[m] for m in labels):

@@ -20,8 +20,9 @@ class PromoteConfig:
     max_val_bpb: float | None = 3.0
     """The challenger's validation bits per byte must be at most this (an untrained small model scores about
     3.4; null = off)."""
-    min_satisfaction: float | None = 0.05
-    """Share of held-out prompts whose sampled answer meets every constraint: at least this (null = off)."""
+    min_satisfaction: float | None = 0.1
+    """Constraint satisfaction of the sampled answers to held-out prompts (share of their constraints met, as the
+    dpo stage reports it): at least this (null = off)."""
     max_benchmark_drop: float | None = 0.05
     """No benchmark accuracy may be lower than the champion's by more than this, in absolute accuracy (null = off;
     passes when there is no champion yet)."""

@@ -183,7 +183,8 @@ def models_section(ev: dict | None, out: Path) -> list[str]:
         return lines + ["_No evaluation yet (metrics/evaluate.json is missing: run `dvc repro evaluate`)._", ""]
     labels = ev["models"]
     keys = [("validation loss (nats/token)", "val_loss"), ("perplexity", "val_ppl"), ("bits per byte", "val_bpb"),
-            ("constraint satisfaction", "satisfaction"), ("constraints met", "constraint_rate")]
+            ("constraint satisfaction (share of constraints met)", "satisfaction"),
+            ("answers meeting every constraint", "all_satisfied")]
     rows = [[name, *[ev[m].get(key, "-") for m in labels]] for name, key in keys if any(key in ev[m] for m in labels)]
     lines += _table(["", *labels], rows) + [""]
     first = ev[labels[0]]
