@@ -62,3 +62,10 @@ def test_every_section_documents_every_field():
     for name in read_params():
         undocumented = [key for key, _, doc in describe(section_class(name)) if doc == "undocumented"]
         assert not undocumented, f"{name}: fields without a docstring: {undocumented}"
+
+
+def test_params_and_dvc_yaml_parse_with_dvcs_yaml_reader():
+    """DVC reads params.yaml with ruamel (stricter than PyYAML: e.g. `[builtin:x]` is an error there)."""
+    from ruamel.yaml import YAML
+    for name in ("params.yaml", "dvc.yaml"):
+        YAML(typ="rt").load((ROOT / name).read_text())
