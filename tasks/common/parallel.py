@@ -28,6 +28,10 @@ from tasks.common.config import RunnerConfig
 T = TypeVar("T")
 R = TypeVar("R")
 
+EPHEMERAL_STARTUP_SECONDS = 120
+"""The least time given a temporary Prefect server to come up (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+raises it further)."""
+
 
 def parallel_map(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig,
                  on_result: Callable[[R], Any] | None = None) -> list[R]:
@@ -126,7 +130,10 @@ def shared_prefect_api() -> Iterator[str]:
         yield url
         return
     from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
     server = SubprocessASGIServer()  # the same instance Prefect's own client would start on demand
-    server.start()
+    # a first start migrates a fresh database: on a busy machine that outlasts Prefect's 20 s default
+    server.start(timeout=max(get_current_settings().server.ephemeral.startup_timeout_seconds,
+                             EPHEMERAL_STARTUP_SECONDS))
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
