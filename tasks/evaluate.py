@@ -415,7 +415,7 @@ def samples_markdown(samples: dict[str, list[dict]]) -> str:
         lines += [f"## {kind}: {row['prompt']}", ""]
         for label in labels:
             text = samples[label][i]["text"].strip() or "(empty)"
-            lines += [f"**{label}**", "", "> " + text.replace("\n", "\n> "), ""]
+            lines += [f"**{label}**", "", *("> " + line for line in text.splitlines()), ""]
     return "\n".join(lines)
 
 
