@@ -13,6 +13,8 @@ export TOKENIZERS_PARALLELISM ?= false
 # Prefect's local state (ephemeral server database) stays inside the project unless PREFECT_HOME/PREFECT_API_URL say otherwise
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# the ephemeral server's 20 s default start-up budget is too short on a busy 2-core machine
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: run test install deploy clean help
 
