@@ -179,7 +179,8 @@ def converse(session: ChatSession, where: str) -> int:
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="PATH_OR_URI",
-                   help=f"an HF model folder (e.g. data/dpo/model) or a models:/ or runs:/ URI (default: {DEFAULT_MODEL})")
+                   help=f"an HF model folder (e.g. data/dpo/model) or a models:/ or runs:/ URI "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply in tokens (default 200)")

@@ -108,7 +108,8 @@ def tag_verdict(client, name: str, version: str, gates: list[Gate], failed: list
     client.set_model_version_tag(name, version, "promotion", verdict)
     client.set_model_version_tag(name, version, "promotion.checked_at", dt.datetime.now(dt.timezone.utc).isoformat())
     for g in gates:
-        client.set_model_version_tag(name, version, f"promotion.{g.name}", ("pass: " if g.passed else "FAIL: ") + g.detail)
+        verdict = ("pass: " if g.passed else "FAIL: ") + g.detail
+        client.set_model_version_tag(name, version, f"promotion.{g.name}", verdict)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ import numpy as np
 from tasks.common.alignment import SamplingConfig
 from tasks.common.config import ROOT, ScratchError, check
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
-from tasks.common.stage import progress, stage_main
+from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 EVALS_DIR = ROOT / "evals"
@@ -317,8 +317,9 @@ def run_lm_eval(folder: Path, files: dict[str, Path], extra_tasks: list[str], li
     tasks: list[Any] = [*extra_tasks]
     if files:
         # our YAMLs are loaded by name from evals/; the item files are passed as overrides of `data_files`
-        tasks.append({"group": "scratchlm_evaluate", "task": [
-            {"task": BENCHMARKS[n].task, "dataset_kwargs": {"data_files": {"test": str(p)}}} for n, p in files.items()]})
+        members = [{"task": BENCHMARKS[n].task, "dataset_kwargs": {"data_files": {"test": str(p)}}}
+                   for n, p in files.items()]
+        tasks.append({"group": "scratchlm_evaluate", "task": members})
     manager = TaskManager(include_path=str(EVALS_DIR), include_defaults=bool(extra_tasks))
     out = simple_evaluate(model="hf", model_args={"pretrained": str(folder), "dtype": "float32"}, tasks=tasks,
                           task_manager=manager, limit=limit, batch_size=batch_size, device=device,

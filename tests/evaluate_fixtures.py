@@ -95,7 +95,8 @@ def write_pretokenize(root: Path, tokenizer_dir: Path, texts: list[str]) -> Path
     eot = tok.token_to_id("<|endoftext|>")
     tokens = encode_docs(tok, texts, eot, "uint16")
     tokens.tofile(out / "val.bin")
-    write_jsonl_gz(out / "val_docs.jsonl.gz", [{"id": f"v{i}", "text": t, "source": "test"} for i, t in enumerate(texts)])
+    write_jsonl_gz(out / "val_docs.jsonl.gz",
+                   [{"id": f"v{i}", "text": t, "source": "test"} for i, t in enumerate(texts)])
     meta = {"dtype": "uint16", "byteorder": "little", "eot_id": eot, "pad_id": tok.token_to_id("<|pad|>"),
             "vocab_size": tok.get_vocab_size(), "val_docs": "val_docs.jsonl.gz",
             "splits": {"val": {"documents": len(texts), "tokens": int(len(tokens)),

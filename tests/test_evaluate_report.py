@@ -15,7 +15,8 @@ from tests.evaluate_fixtures import evaluation
 STAGE_METRICS = {
     "ingest": {"docs_in": 1200, "docs_out": 1190, "quarantined": 10, "quarantined_by_reason": {"malformed JSON": 10},
                "bytes_out": 680000},
-    "filter": {"docs_in": 1190, "kept": 1130, "rejected": 60, "rejected_by_rule": {"word_count": 20, "symbol_ratio": 40}},
+    "filter": {"docs_in": 1190, "kept": 1130, "rejected": 60,
+               "rejected_by_rule": {"word_count": 20, "symbol_ratio": 40}},
     "dedup": {"docs_in": 1130, "kept": 1070, "exact_duplicates": 30, "near_duplicates": 30},
     "tokenizer": {"vocab_size": 4096, "vocab_size_requested": 4096, "val_bytes_per_token": 4.3},
     "pretokenize": {"train_documents": 1016, "val_documents": 54, "train_tokens": 250000, "val_tokens": 13000,

@@ -77,7 +77,8 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
             ids, _ = self.chat.encode_chat(self.tokenizer, _plain_messages(messages), add_generation_prompt=True)
             stops = self.chat_stops
         elif _present(prompt):
-            ids = [self.text_stops[0]] + self.chat.encode_plain(self.tokenizer, str(prompt))  # a document starts after EOT
+            # a document starts after an end-of-text token, as in pretraining
+            ids = [self.text_stops[0]] + self.chat.encode_plain(self.tokenizer, str(prompt))
             stops = self.text_stops
         else:
             raise ValueError("each input row needs `messages` (a list of {role, content}) or `prompt` (a string)")

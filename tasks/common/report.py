@@ -291,8 +291,8 @@ def tokenizer_section(root: Path, out: Path) -> list[str]:
         return lines + ["_The tokenizer has not been trained yet._", ""]
     bars: list[tuple[str, float]] = []
     if tok:
-        lines += [f"Byte-level BPE, {tok.get('vocab_size', 0):,} tokens (asked {tok.get('vocab_size_requested', 0):,}).",
-                  ""]
+        asked = tok.get("vocab_size_requested", 0)
+        lines += [f"Byte-level BPE, {tok.get('vocab_size', 0):,} tokens (asked {asked:,}).", ""]
     if pretok:
         bars += [(f"{s} split", pretok[f"{s}_bytes_per_token"]) for s in ("train", "val")
                  if f"{s}_bytes_per_token" in pretok]
