@@ -85,11 +85,13 @@ def test_validation_windows_are_fixed_and_use_all_of_a_short_split():
 def test_deepspeed_config_on_cpu():
     import torch
     world = World(0, 0, 2, 2, torch.device("cpu"), "gloo")
-    c = deepspeed_config(train_cfg(zero_stage=2, batch_size=16, micro_batch_size=4, grad_clip=0.5), world, bf16=True)
+    c = deepspeed_config(train_cfg(zero_stage=2, batch_size=16, micro_batch_size=4, grad_clip=0.5), world, "bf16")
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (16, 4, 2)
     assert c["zero_optimization"]["stage"] == 2 and c["bf16"]["enabled"] and c["gradient_clipping"] == 0.5
     assert c["optimizer"]["type"] == "AdamW" and c["optimizer"]["params"]["torch_adam"] is True
-    assert c["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert c["optimizer"]["params"]["betas"] == [0.9, 0.95] and "torch_autocast" not in c
+    auto = deepspeed_config(train_cfg(), world, "autocast")
+    assert auto["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not auto["bf16"]["enabled"]
 
 
 def test_hostfile_errors_name_the_line(tmp_path):
@@ -117,7 +119,7 @@ def data_root(tmp_path_factory) -> Path:
     return build_token_data(tmp_path_factory.mktemp("trainer-data"), n_docs=400)
 
 
-def run_stage(root: Path, monkeypatch, **train) -> dict:
+def run_stage(root: Path, monkeypatch, section: dict | None = None, **train) -> dict:
     """tasks.pretrain.run in this process (a world of one), on root's token data."""
     import torch
 
@@ -125,7 +127,7 @@ def run_stage(root: Path, monkeypatch, **train) -> dict:
     from tasks.common.dvcio import stage_paths
     from tasks.common.tracking import Tracker
     torch.set_num_threads(1)
-    monkeypatch.setenv("SCRATCHLM_PARAMS", str(write_params(root, {"train": train})))
+    monkeypatch.setenv("SCRATCHLM_PARAMS", str(write_params(root, {**(section or {}), "train": train})))
     monkeypatch.setenv("SCRATCHLM_PROGRESS", "off")
     return pretrain.run(load_section("pretrain"), stage_paths("pretrain", root), Tracker("pretrain", None))
 

@@ -10,8 +10,9 @@ A training stage runs in two halves:
                                        launcher): `stage_main(...)` → run() → `init_distributed()` → Trainer.
 
     world = init_distributed()                # World(rank, local_rank, size, local_size, device, backend)
-    config = deepspeed_config(train, world, bf16=use_bf16(train.precision, world))   # the DeepSpeed JSON
-    peak = peak_flops(world, bf16, override=train.peak_flops)                         # FLOP/s for MFU
+    precision = resolve_precision(train.precision, world)     # fp32 | bf16 | autocast
+    config = deepspeed_config(train, world, precision)         # the DeepSpeed JSON
+    peak = peak_flops(world, precision != "fp32", override=train.peak_flops)  # FLOP/s for MFU
 
 CPU (no CUDA device, or DS_ACCELERATOR=cpu): gloo, torch's AdamW (`torch_adam`, no C++ build), the host's cores
 split between its ranks. GPU: NCCL and DeepSpeed's fused Adam. The first multi-process run on a new CPU machine
@@ -211,21 +212,31 @@ def _skip_shared_memory_op() -> None:
         ds_comm.build_shm_op = lambda: None
 
 
-def use_bf16(precision: str, world: World) -> bool:
-    """bf16 when asked (`bf16`), or with `auto` on a GPU that supports it; fp32 otherwise."""
-    if precision == "fp32":
-        return False
+def resolve_precision(precision: str, world: World) -> str:
+    """The arithmetic a run uses: `fp32`; `bf16` (DeepSpeed bf16: bf16 weights, activations and gradients, fp32
+    master weights in the optimizer); or `autocast` (fp32 weights, bf16 matmuls under torch.autocast).
+    `auto` = bf16 on a GPU that supports it; on CPU, autocast when the cores have native bf16 (AVX512-BF16 or
+    AMX; ~2-4x faster than fp32 there), else fp32."""
     import torch
-    if world.on_cpu:
-        return precision == "bf16"
-    supported = torch.cuda.is_bf16_supported()
-    if precision == "bf16" and not supported:
-        raise ScratchError(f"precision: bf16 was asked but {torch.cuda.get_device_name()} does not support it; "
+    if precision == "auto":
+        if world.on_cpu:
+            return "autocast" if cpu_has_native_bf16() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and not world.on_cpu and not torch.cuda.is_bf16_supported():
+        raise ScratchError(f"train.precision: {precision} needs bf16, which {torch.cuda.get_device_name()} lacks; "
                            f"use fp32 or auto")
-    return supported
+    return precision
 
 
-def deepspeed_config(train: "TrainConfig", world: World, bf16: bool) -> dict[str, Any]:
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def deepspeed_config(train: "TrainConfig", world: World, precision: str) -> dict[str, Any]:
     """The DeepSpeed config of a training run (batch split, ZeRO stage, precision, clipping, AdamW)."""
     accumulation = train.grad_accum(world.size)
     adam = {"lr": train.lr, "betas": [train.beta1, train.beta2], "eps": train.eps,
@@ -238,19 +249,22 @@ def deepspeed_config(train: "TrainConfig", world: World, bf16: bool) -> dict[str
     if train.zero_stage == 3:
         # gather whole layers for small models instead of many tiny prefetches
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
-    return {
+    config = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
         "optimizer": {"type": "AdamW", "params": adam},
         "steps_per_print": 10**9,      # the trainer logs; DeepSpeed's own progress lines would interleave
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
+    if precision == "autocast":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    return config
 
 
 def all_reduce_sum(tensor: "torch.Tensor") -> "torch.Tensor":

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
 from tasks.common.checkpoint import Checkpoints, tag_of
 from tasks.common.config import ConfigError, ScratchError, check
 from tasks.common.distributed import (World, all_reduce_sum, barrier, deepspeed_config, format_flops,
-                                      init_distributed, peak_flops, use_bf16)
+                                      init_distributed, peak_flops, resolve_precision)
 from tasks.common.stage import progress
 from tasks.common.tracking import Tracker
 
@@ -81,8 +81,10 @@ class TrainConfig:
     every slot it lists and `ranks` is ignored. Empty = this host only."""
     zero_stage: Literal[0, 1, 2, 3] = 0
     """ZeRO stage: 0 = plain data parallel, 1 = shard optimizer states, 2 = + gradients, 3 = + parameters."""
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16 (fp32 master weights) or fp32; auto = bf16 on a GPU that supports it, fp32 on CPU."""
+    precision: Literal["auto", "fp32", "bf16", "autocast"] = "auto"
+    """fp32; bf16 (DeepSpeed bf16: bf16 weights and activations, fp32 master weights); autocast (fp32 weights, bf16
+    matmuls under torch.autocast). auto = bf16 on a GPU that supports it, autocast on a CPU with native bf16
+    (AVX512-BF16/AMX), else fp32."""
     batch_size: int = 32
     """Examples (sequences) per optimizer step, over all ranks: micro_batch_size x accumulation x ranks."""
     micro_batch_size: int = 16
@@ -251,11 +253,12 @@ class Trainer:
         self.total = cfg.total_steps(tokens_per_example)
         self.tokens_per_step = cfg.batch_size * tokens_per_example
         self.flops_per_token = flops_per_token
-        self.bf16 = use_bf16(cfg.precision, self.world)
+        self.precision = resolve_precision(cfg.precision, self.world)
+        self.bf16 = self.precision == "bf16"
         self.ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep_checkpoints, rank=self.world.rank)
         self.fingerprint_info = fingerprint_info or {}
         self.history_path = Path(checkpoint_dir) / "history.jsonl"
-        self.ds_config = deepspeed_config(cfg, self.world, self.bf16)
+        self.ds_config = deepspeed_config(cfg, self.world, self.precision)
 
         model = build_model().to(self.world.device)
         if self.bf16:
@@ -275,7 +278,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the budget, resuming from the newest checkpoint of this configuration; the run's summary."""
         start = self._resume()
-        peak = peak_flops(self.world, self.bf16, self.cfg.peak_flops) if self.world.is_main else float("nan")
+        low_precision = self.precision != "fp32"
+        peak = peak_flops(self.world, low_precision, self.cfg.peak_flops) if self.world.is_main else float("nan")
         self._announce(start, peak)
         bar = progress(None, total=self.total, initial=start, desc=self.name, unit="step")
         train_seconds, window_seconds, window_steps, row = 0.0, 0.0, 0, {}
@@ -313,7 +317,7 @@ class Trainer:
             "steps": self.total, "steps_this_run": trained, "resumed_from_step": start,
             "tokens": self.total * self.tokens_per_step, "tokens_per_step": self.tokens_per_step,
             "world_size": self.world.size, "grad_accum": self.accum, "micro_batch_size": self.cfg.micro_batch_size,
-            "zero_stage": self.cfg.zero_stage, "precision": "bf16" if self.bf16 else "fp32",
+            "zero_stage": self.cfg.zero_stage, "precision": self.precision,
             "train_loss": row.get("train/loss", math.nan), "train_seconds": round(train_seconds, 2),
             "tokens_per_s": tokens_per_s, "peak_flops": peak,
             "mfu": self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan,
@@ -480,7 +484,7 @@ class Trainer:
             f"{self.name}: {self.total} steps x {self.tokens_per_step:,} tokens = {self.total * self.tokens_per_step:,}"
             f" tokens, {resumed}\n"
             f"  batch {c.batch_size} = micro {c.micro_batch_size} x accumulation {self.accum} x ranks "
-            f"{self.world.size}; ZeRO {c.zero_stage}, {'bf16' if self.bf16 else 'fp32'}, "
+            f"{self.world.size}; ZeRO {c.zero_stage}, {self.precision}, "
             f"{self.world.backend} on {self.world.device.type}; peak {format_flops(peak)}\n"
             f"  checkpoints {self.ckpt.folder}")
 
