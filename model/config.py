@@ -190,8 +190,10 @@ _FIELD_TYPES: dict[str, type] = {
 PRESETS: dict[str, ModelConfig] = {
     # unit tests: ~100k params, GQA, everything exercised, fast
     "tiny": ModelConfig(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, max_seq_len=128),
-    # CPU default (2 cores): ~4.5M params with vocab 4096; head_dim 64 and GQA keep attention cheap on CPU
-    "small": ModelConfig(vocab_size=4096, n_layers=6, d_model=256, n_heads=4, n_kv_heads=2, max_seq_len=256),
+    # CPU default (2 cores): 4.0M params with vocab 4096. Chosen by val bits/byte after a fixed CPU-time budget
+    # on TinyStories (docs/BENCHMARKS.md, "## Model"): 4 layers beat 6 (and 6 narrower MQA layers) at this scale,
+    # where tokens seen per second matter more than depth; head_dim 64 and GQA keep attention cheap on CPU
+    "small": ModelConfig(vocab_size=4096, n_layers=4, d_model=256, n_heads=4, n_kv_heads=2, max_seq_len=256),
     # GPT-2-small-sized Llama (~110M with a 32k vocab)
     "125m": ModelConfig(vocab_size=32000, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, max_seq_len=1024),
     # Llama-3.2-1B-shaped (~1.0B with a 32k vocab)
