@@ -191,3 +191,24 @@ def test_checkpoint_pointer_only_moves_to_complete_checkpoints(tmp_path):
     (folder / "latest").write_text(tag_of(25))
     with pytest.raises(ScratchError, match="not a complete checkpoint"):
         ckpt.latest_tag()
+
+
+def test_launch_command_local_and_multi_node(tmp_path, monkeypatch):
+    from tasks.common.distributed import WORKER_FLAG, launch_command, planned_world_size
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("SCRATCHLM_PARENT_RUN_ID", "abc")
+    cmd, env = launch_command("tasks.pretrain", train_cfg(ranks=2), root=tmp_path)
+    assert cmd[2:5] == ["-m", "deepspeed.launcher.runner", "--log_level"]
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[-3:] == ["--module", "tasks.pretrain", WORKER_FLAG]
+    assert "--no_local_rank" in cmd and int(cmd[cmd.index("--master_port") + 1]) > 0
+    assert env["DS_ACCELERATOR"] == "cpu" and env["PYTHONPATH"].split(":")[0] == str(tmp_path)
+    assert "DS_ENV_FILE" not in env
+
+    (tmp_path / "hosts").write_text("node-a slots=2\nnode-b slots=2\n")
+    multi = train_cfg(hostfile="hosts", batch_size=16)
+    assert planned_world_size(multi, tmp_path) == 4 and multi.grad_accum(4) == 1
+    cmd, env = launch_command("tasks.pretrain", multi, root=tmp_path)
+    assert cmd[cmd.index("--hostfile") + 1] == str(tmp_path / "hosts") and "--num_gpus" not in cmd
+    forwarded = Path(env["DS_ENV_FILE"]).read_text().splitlines()
+    assert "SCRATCHLM_PARENT_RUN_ID=abc" in forwarded and "DS_ACCELERATOR=cpu" in forwarded

@@ -109,7 +109,21 @@ def launch_command(module: str, train: "TrainConfig", root: Path = ROOT) -> tupl
         # ranks of one host share its cores; torch would otherwise start one thread per core in every rank
         local = train.ranks if not train.hostfile else 1
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // local)))
+    if train.hostfile:
+        env["DS_ENV_FILE"] = str(write_remote_env(env, root / "checkpoints" / f".{module}.deepspeed_env"))
     return cmd, env
+
+
+REMOTE_ENV = ("SCRATCHLM_", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+
+
+def write_remote_env(env: dict[str, str], path: Path) -> Path:
+    """The variables other nodes need (params file, parent MLflow run, offline flags) in DeepSpeed's env-file format:
+    over pdsh the runner forwards only MLFLOW*/PYTHON* and what this file lists."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith(REMOTE_ENV) and "\n" not in v]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def torch_extensions_dir() -> str:
