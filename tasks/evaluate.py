@@ -104,8 +104,8 @@ class Config:
     """Seed of the held-out story-cloze items (builtin split "test": combinations never trained on)."""
     data_dir: str = "../shared/data"
     """Folder holding hellaswag/ and piqa/ JSONL slices (relative to the repository); absent → those skipped."""
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts=24, prompt_seed=4242, seed=0,
-                                                                             max_new_tokens=200, batch_size=24))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts=16, prompt_seed=4242, seed=0,
+                                                                             max_new_tokens=200, batch_size=16))
     """Held-out builtin "test" prompts answered by every model with the same seed: constraint satisfaction
     (check_constraints) and the reward model's win rates are computed on these answers."""
     reward_model: str = "reward"
