@@ -282,24 +282,21 @@ class Trainer:
         peak = peak_flops(self.world, low_precision, self.cfg.peak_flops) if self.world.is_main else float("nan")
         self._announce(start, peak)
         bar = progress(None, total=self.total, initial=start, desc=self.name, unit="step")
-        train_seconds, window_seconds, window_steps, row = 0.0, 0.0, 0, {}
+        train_seconds, window, row = 0.0, [0, 0.0], {}  # window: steps and seconds since the last log row
         for step in range(start, self.total):
             done = step + 1
             t0 = time.perf_counter()
             loss, metrics, grad_norm = self._step(step, want_norm=self._due(done, self.cfg.log_every))
             elapsed = time.perf_counter() - t0
-            train_seconds, window_seconds, window_steps = train_seconds + elapsed, window_seconds + elapsed, window_steps + 1
+            train_seconds += elapsed
+            window = [window[0] + 1, window[1] + elapsed]
             bar.update(1)
             if self._due(done, self.cfg.log_every):
-                tokens_per_s = window_steps * self.tokens_per_step / max(window_seconds, 1e-9)
-                row = {"train/loss": loss, "train/lr": self.cfg.lr * self._factor(step),
-                       "train/grad_norm": grad_norm, "train/tokens_per_s": tokens_per_s,
-                       "train/mfu": self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan,
-                       **{f"train/{k}": v for k, v in metrics.items()}}
+                row = self._train_row(step, loss, grad_norm, metrics, window, peak)
                 self._log(done, row)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['train/lr']:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                refresh=False)
-                window_seconds, window_steps = 0.0, 0
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['train/lr']:.2e}",
+                                tok_s=f"{row['train/tokens_per_s']:,.0f}", refresh=False)
+                window = [0, 0.0]
             if self._due(done, self.cfg.eval_every):
                 self._evaluate(done)
             if self._due(done, self.cfg.checkpoint_every):
@@ -311,6 +308,19 @@ class Trainer:
             self._evaluate(self.total)
         if self._last_ckpt_step != self.total:
             self._save(self.total)
+        return self._summary(start, train_seconds, row, peak)
+
+    def _train_row(self, step: int, loss: float, grad_norm: float, metrics: dict[str, float], window: list,
+                   peak: float) -> dict[str, float]:
+        tokens_per_s = window[0] * self.tokens_per_step / max(window[1], 1e-9)
+        return {"train/loss": loss, "train/lr": self.cfg.lr * self._factor(step), "train/grad_norm": grad_norm,
+                "train/tokens_per_s": tokens_per_s, "train/mfu": self._mfu(tokens_per_s, peak),
+                **{f"train/{k}": v for k, v in metrics.items()}}
+
+    def _mfu(self, tokens_per_s: float, peak: float) -> float:
+        return self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan
+
+    def _summary(self, start: int, train_seconds: float, last_row: dict[str, float], peak: float) -> dict[str, Any]:
         trained = self.total - start
         tokens_per_s = trained * self.tokens_per_step / train_seconds if train_seconds else math.nan
         return {
@@ -318,9 +328,8 @@ class Trainer:
             "tokens": self.total * self.tokens_per_step, "tokens_per_step": self.tokens_per_step,
             "world_size": self.world.size, "grad_accum": self.accum, "micro_batch_size": self.cfg.micro_batch_size,
             "zero_stage": self.cfg.zero_stage, "precision": self.precision,
-            "train_loss": row.get("train/loss", math.nan), "train_seconds": round(train_seconds, 2),
-            "tokens_per_s": tokens_per_s, "peak_flops": peak,
-            "mfu": self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan,
+            "train_loss": last_row.get("train/loss", math.nan), "train_seconds": round(train_seconds, 2),
+            "tokens_per_s": tokens_per_s, "peak_flops": peak, "mfu": self._mfu(tokens_per_s, peak),
             **{k.replace("/", "_"): v for k, v in self._last_eval.items()},
             "checkpoint": str(self.ckpt.folder / tag_of(self.total)),
         }
