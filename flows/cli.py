@@ -144,4 +144,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the importable module, so commands registered by flows.commands land in the same registry
+    from flows.cli import main as cli_main
+    sys.exit(cli_main())
