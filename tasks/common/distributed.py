@@ -202,6 +202,9 @@ def init_distributed() -> World:
     if on_cpu and os.environ.get("WORLD_SIZE") == "1":
         _skip_shared_memory_op()
     if not dist.is_initialized():
+        if os.environ.get("WORLD_SIZE") == "1":
+            # a world of one needs no rendezvous: an in-memory store cannot lose a race for a TCP port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         deepspeed.init_distributed(dist_backend=backend)
     rank, size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
