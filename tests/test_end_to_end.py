@@ -11,7 +11,7 @@ from tests.conftest import copy_project, run_in
 
 pytestmark = pytest.mark.slow
 
-TRAIN = {"max_steps": 0, "max_tokens": 0, "batch_size": 8, "micro_batch_size": 8, "warmup_steps": 2,
+TRAIN = {"ranks": 1, "max_steps": 0, "max_tokens": 0, "batch_size": 8, "micro_batch_size": 8, "warmup_steps": 2,
          "log_every": 5, "eval_every": 0, "checkpoint_every": 0}
 SAMPLING = {"prompts": 4, "max_new_tokens": 24, "batch_size": 4}
 TINY = {
