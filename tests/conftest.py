@@ -29,10 +29,16 @@ def shared(folder: str) -> Path:
 
 @pytest.fixture
 def mlflow_uri(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store for one test."""
+    """A fresh SQLite MLflow store for one test: the environment (for subprocesses) and MLflow's process-global
+    URI (for `mlflow.search_runs` & co. in the test itself) both point at it, and the global is restored after."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(previous)
 
 
 def copy_project(dest: Path, params: dict | None = None) -> Path:

@@ -67,7 +67,6 @@ def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, m
     assert "[ingest] ingest: 300 records" in proc.stderr + proc.stdout, "stage output streams into the flow logs"
 
     import mlflow
-    mlflow.set_tracking_uri(mlflow_uri)
     parent_id = out["first"]["parent_run_id"]
     child = mlflow.search_runs(experiment_names=["scratchlm"], output_format="list",
                                filter_string=f"tags.scratchlm.parent_run_id = '{parent_id}'")

@@ -186,20 +186,24 @@ def test_stage_trains_logs_and_exports_the_trained_weights(reference):
     assert sorted(p.name for p in folder.glob("step_*")) == ["step_00000025", "step_00000030"]
 
     # MLflow: the curves, the samples
-    import mlflow
-    mlflow.set_tracking_uri(f"sqlite:///{reference / 'mlruns.db'}")
-    run = mlflow.get_run(metrics_run_id(reference))
-    client = mlflow.MlflowClient()
+    client = mlflow_client(reference)
+    run = client.get_run(metrics_run_id(reference))
     assert len(client.get_metric_history(run.info.run_id, "train/loss")) == 15
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/bpb")] == [10, 20, 30]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
     assert "samples/step_00000010.txt" in artifacts and "samples/final.txt" in artifacts
 
 
-def metrics_run_id(project: Path) -> str:
+def mlflow_client(project: Path):
+    """A client on the project's own store (never the process-global URI another test may have set)."""
     import mlflow
-    runs = mlflow.search_runs(experiment_names=["scratchlm"], output_format="list",
-                              filter_string="attributes.run_name = 'pretrain'")
+    return mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
+
+
+def metrics_run_id(project: Path) -> str:
+    client = mlflow_client(project)
+    experiment = client.get_experiment_by_name("scratchlm")
+    runs = client.search_runs([experiment.experiment_id], filter_string="attributes.run_name = 'pretrain'")
     assert len(runs) == 1
     return runs[0].info.run_id
 
