@@ -1,0 +1,417 @@
+"""Benchmark: the `small` preset pretrained ~10 minutes through the real pipeline on real TinyStories, scored in bits
+per byte on held-out stories (issue 6). Baseline: nanoGPT (4 layers x 256, 4.2M params, byte-level BPE 4,096, fp32)
+trained 10 minutes on the same sample reaches ~1.43 bits/byte at ~3,200 tokens/s on 2 cores; the bar is <= 1.30.
+
+Runbook (from the repository root; `-m` keeps bench/ off sys.path, where bench/tokenize.py would shadow stdlib)
+    .venv/bin/python -m bench.tinystories                  # THE figure: ~10 minutes of training, budget probed
+    .venv/bin/python -m bench.tinystories --minutes 5      # another wall-clock budget
+    .venv/bin/python -m bench.tinystories --tokens 2000000 # a fixed token budget (no probe; reproducible)
+    .venv/bin/python -m bench.tinystories --tokens 50000 --work /tmp/ts-smoke     # a smoke test (~3 minutes)
+    .venv/bin/python -m bench.tinystories --set pretrain.train.lr=2e-3 -v       # a variant, stage output live
+
+What it does
+  1. Splits ../shared/data/tinystories/TinyStories-train_first2MiB.txt on `<|endoftext|>`: the 2,316 complete
+     stories, in file order, give the first 95 % to training and hold out the last 5 % (`--heldout`); the cut-off
+     tail after the last separator is dropped. <work>/train.txt is the file's exact byte prefix up to the separator
+     after the last training story; <work>/heldout.txt holds the held-out stories the same way.
+  2. Copies the project (tracked + untracked, not ignored files: what tests/conftest.py `copy_project` copies) to
+     <work>/project, a git + DVC repo of its own, with params: data.sources = [<work>/train.txt], model.preset
+     small, tokenizer.vocab_size 4096, pretrain.train.max_tokens = the budget; everything else (2 ranks x 1 thread,
+     precision auto = bf16 autocast on a CPU with native bf16, batch 16 x 256, lr 3e-3, ...) is params.yaml's.
+     MLflow goes to <work>/project/mlruns.db.
+  3. `dvc repro pretokenize` (ingest → filter → dedup → tokenizer → pretokenize), then `dvc repro pretrain`.
+     Budget: `--tokens N` trains N tokens (rounded up to whole steps of 16 x 256). Otherwise (`--minutes M`, default
+     10) a probe first runs the real pretrain stage for `--probe-steps` steps, its median tokens/s over the logged
+     windows after the first (start-up excluded) sets max_tokens = tokens/s x 60 M, and the pretrain stage reruns
+     with that budget. A wall-clock stop is not an option: the cosine schedule must know its last step up front.
+     "Minutes" are the trainer's `train_seconds`: optimizer-step time, not evaluation, checkpoint or start-up
+     (those are reported apart, as the stage's wall time).
+  4. Loads data/pretrain/model with `model.hf.load` (fp32) and scores the held-out stories, read as the pipeline
+     reads documents (`tasks.sources.files.read_txt`) and tokenized as pretokenize does (`encode_docs`: each story's
+     tokens then one eot; special-token strings stay plain text), behind one leading eot that is context only.
+     Windows of max_seq_len (256) tokens over that stream, non-overlapping by default (`--stride 0`: each window
+     restarts its context); `--stride s` < 256 slides by s and scores only targets no earlier window scored. Every
+     token after the leading eot is predicted exactly once, each story's closing eot included.
+     bits/byte = sum of NLL (nats) / ln 2 / UTF-8 bytes of the held-out stories' text as given in the file: each
+     story verbatim, without the line breaks around the `<|endoftext|>` line (2 or 3 per story here; ingest strips
+     them, nothing else; the eot token stands for the separator line and its NLL is counted). `file_bpb` divides
+     by the held-out slice of the file instead (separator lines included: 15-16 more bytes per story, so a lower
+     figure), for a baseline that counted those.
+  5. Reports kept counts of ingest/filter/dedup, the pretrain stage's own metrics (tokens/s, MFU, train seconds,
+     val/bpb on its own hash split of train.txt), three generated stories (the pretrain.samples prompts, sampled to
+     the end of the context or the first eot), a summary table, and <work>/result.json.
+
+Machine: 2 CPU cores. Taken on a shared, loaded machine, tokens/s (and so the tokens a probed budget buys) drop;
+compare bpb at the same token budget (`--tokens`) across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStories-train_first2MiB.txt"
+SEPARATOR = "<|endoftext|>"
+BASELINE = {"name": "nanoGPT 4L x 256, 4.2M params, BPE 4096, fp32, 10 min on 2 cores", "val_bpb": 1.43,
+            "tokens_per_s": 3200}
+TARGET_BPB = 1.30
+DATA_STAGES = ("ingest", "filter", "dedup", "tokenizer", "pretokenize")
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+@dataclass(frozen=True)
+class Split:
+    train_stories: int
+    heldout_stories: int
+    tail_bytes: int          # the cut-off story after the last separator, dropped
+    train_file: str
+    heldout_file: str
+
+
+def split_corpus(source: Path, work: Path, heldout_fraction: float) -> Split:
+    """train.txt / heldout.txt: the complete stories in file order, the last `heldout_fraction` held out."""
+    text = source.read_text(encoding="utf-8")
+    *stories, tail = text.split(SEPARATOR)
+    n_heldout = max(1, round(len(stories) * heldout_fraction))
+    if n_heldout >= len(stories):
+        raise SystemExit(f"--heldout {heldout_fraction}: leaves no training story of {len(stories)}")
+    train_file, heldout_file = work / "train.txt", work / "heldout.txt"
+    train_file.write_text(SEPARATOR.join(stories[:-n_heldout]) + SEPARATOR, encoding="utf-8")
+    heldout_file.write_text(SEPARATOR.join(stories[-n_heldout:]) + SEPARATOR, encoding="utf-8")
+    assert text.startswith(train_file.read_text(encoding="utf-8"))  # an exact prefix: formatting untouched
+    return Split(len(stories) - n_heldout, n_heldout, len(tail.encode()), str(train_file), str(heldout_file))
+
+
+def heldout_texts(heldout_file: Path) -> list[str]:
+    """The held-out stories exactly as the ingest stage would read them (same reader, same separator)."""
+    from tasks.sources.files import read_txt
+    records = list(read_txt(heldout_file, SEPARATOR, keep_tail=False))
+    bad = [r for r in records if r.text is None]
+    if bad:
+        raise SystemExit(f"{heldout_file}: {len(bad)} held-out stories unreadable, first: {bad[0].location} "
+                         f"({bad[0].reason})")
+    return [r.text for r in records]
+
+
+# ------------------------------------------------------------------------------------------------ project copy
+
+def copy_project(dest: Path, params: dict) -> Path:
+    """A git + DVC copy of the project's files (tracked and new, not ignored) with `params` merged into
+    params.yaml: the same copy tests/conftest.py makes for the DVC/flow tests."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\n")
+    for rel in filter(None, listed):
+        if (ROOT / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    set_params(dest, params)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
+                ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def set_params(project: Path, params: dict) -> dict:
+    """Merge `params` into the copy's params.yaml; the merged params."""
+    merged = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), params)
+    (project / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
+    return merged
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dotted(assignments: list[str]) -> dict:
+    """`--set a.b=1 --set a.c=x` → {"a": {"b": 1, "c": "x"}} (values parsed as YAML)."""
+    out: dict = {}
+    for item in assignments:
+        key, found, value = item.partition("=")
+        if not found or not key:
+            raise SystemExit(f"--set {item!r}: expected section.key=value")
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+class Pipeline:
+    """`dvc repro` in the project copy, each call's output in <work>/logs/<name>.log (or live with verbose)."""
+
+    def __init__(self, project: Path, logs: Path, verbose: bool) -> None:
+        self.project, self.logs, self.verbose = project, logs, verbose
+        logs.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                    "PYTHONPATH": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}"}
+        for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+            self.env.setdefault(key, value)
+
+    def repro(self, name: str, target: str) -> float:
+        """Wall seconds of `dvc repro <target>`; exits with the log's tail when a stage fails."""
+        log = self.logs / f"{name}.log"
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: dvc repro {target}   (log: {log})", flush=True)
+        started = time.perf_counter()
+        with open(log, "w") as f:
+            out = None if self.verbose else f
+            done = subprocess.run(["dvc", "repro", target], cwd=self.project, env=self.env, stdout=out,
+                                  stderr=None if self.verbose else subprocess.STDOUT)
+        seconds = time.perf_counter() - started
+        if done.returncode:
+            tail = "" if self.verbose else "\n".join(log.read_text().splitlines()[-40:])
+            raise SystemExit(f"{name}: `dvc repro {target}` failed (exit {done.returncode}) in {self.project}\n{tail}")
+        return seconds
+
+    def metrics(self, stage: str) -> dict:
+        return json.loads((self.project / "metrics" / f"{stage}.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ budget
+
+def probe_tokens_per_s(project: Path) -> float:
+    """Steady tokens/s of a probe run: the median of its logged windows after the first (start-up excluded)."""
+    rows = [json.loads(line) for line in (project / "data" / "pretrain" / "history.jsonl").read_text().splitlines()]
+    speeds = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r]
+    if len(speeds) < 2:
+        raise SystemExit(f"probe: {len(speeds)} logged training windows; raise --probe-steps")
+    return statistics.median(speeds[1:])
+
+
+def whole_steps(tokens: float, tokens_per_step: int) -> int:
+    return max(1, math.ceil(tokens / tokens_per_step)) * tokens_per_step
+
+
+def check_budget(params: dict, tokens: int, probe_steps: int) -> None:
+    """Fail before the data stages when a budget cannot clear the warmup (the pretrain stage would refuse it)."""
+    train = params["pretrain"]["train"]
+    steps = math.ceil(tokens / (train["batch_size"] * params["pretrain"]["seq_len"])) if tokens else probe_steps
+    if steps <= train["warmup_steps"]:
+        what = f"--tokens {tokens:,}" if tokens else f"--probe-steps {probe_steps}"
+        raise SystemExit(f"{what}: {steps} steps do not clear pretrain.train.warmup_steps ({train['warmup_steps']}); "
+                         f"raise it or add e.g. --set pretrain.train.warmup_steps={max(1, steps // 4)}")
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+def token_stream(texts: list[str], tokenizer_file: Path, eot_id: int):
+    """(N,) int64 ids: eot, story 1, eot, story 2, eot, ... — pretokenize's layout behind a leading eot."""
+    import numpy as np
+    import torch
+
+    from tasks.pretokenize import encode_docs, load_plain
+    ids = encode_docs(load_plain(tokenizer_file), texts, eot_id, "int64")
+    return torch.from_numpy(np.concatenate([[eot_id], ids]).astype(np.int64))
+
+
+def sum_nll(model, ids, window: int, stride: int) -> tuple[float, int]:
+    """(nats, targets): NLL summed over ids[1:], each target scored once, windows of `window` tokens by `stride`."""
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    nats, scored_to = 0.0, 1  # ids[0], the leading eot, is context only
+    with torch.inference_mode():
+        for start in tqdm(range(0, len(ids) - 1, stride), desc="held-out", unit="window", leave=False):
+            chunk = ids[start:start + window + 1]  # (<= window+1,)
+            x, y = chunk[:-1], chunk[1:]  # (T,), (T,) y[j] = ids[start + 1 + j]
+            new = scored_to - (start + 1)  # targets before this index were scored by an earlier window
+            logits, _ = model(x[None], all_logits=True)  # (1,T,V)
+            nats += F.cross_entropy(logits[0, new:].float(), y[new:], reduction="sum").item()
+            scored_to = start + len(chunk)
+            if scored_to >= len(ids):
+                break
+    assert scored_to == len(ids), (scored_to, len(ids))
+    return nats, len(ids) - 1
+
+
+def score_heldout(project: Path, heldout_file: Path, stride: int) -> dict:
+    from model.hf import load
+    model = load(project / "data" / "pretrain" / "model").eval()
+    window = model.cfg.max_seq_len
+    stride = stride or window
+    if not 1 <= stride <= window:
+        raise SystemExit(f"--stride {stride}: must be in [1, {window}] (the model's max_seq_len)")
+    meta = json.loads((project / "data" / "pretokenize" / "meta.json").read_text())
+    texts = heldout_texts(heldout_file)
+    ids = token_stream(texts, project / "data" / "tokenizer" / "tokenizer.json", int(meta["eot_id"]))
+    started = time.perf_counter()
+    nats, targets = sum_nll(model, ids, window, stride)
+    story_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    file_bytes = heldout_file.stat().st_size
+    bits = nats / math.log(2)
+    return {"stories": len(texts), "tokens_scored": targets, "story_bytes": story_bytes, "file_bytes": file_bytes,
+            "bytes_per_token": story_bytes / targets, "nats_per_token": nats / targets,
+            "bpb": bits / story_bytes, "file_bpb": bits / file_bytes, "window": window, "stride": stride,
+            "precision": "fp32", "seconds": round(time.perf_counter() - started, 2)}
+
+
+def sample_stories(project: Path, params: dict, seed: int = 0) -> list[str]:
+    """Stories from the pretrain.samples prompts, each after an eot, sampled to the end of the context or an eot."""
+    from tokenizers import Tokenizer
+
+    from model.generate import generate
+    from model.hf import load
+    model = load(project / "data" / "pretrain" / "model").eval()
+    tok = Tokenizer.from_file(str(project / "data" / "tokenizer" / "tokenizer.json"))
+    eot = tok.token_to_id(SEPARATOR)
+    cfg = params["pretrain"]["samples"]
+    prompts = [[eot] + tok.encode(p, add_special_tokens=False).ids for p in cfg["prompts"]]
+    new = generate(model, prompts, max_new_tokens=model.cfg.max_seq_len - max(map(len, prompts)),
+                   temperature=cfg["temperature"], top_k=cfg["top_k"] or None, stop_tokens=(eot,), seed=seed)
+    return [p + tok.decode(ids, skip_special_tokens=False) for p, ids in zip(cfg["prompts"], new)]
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def data_counts(pipe: Pipeline) -> dict:
+    ingest, filt, dedup = (pipe.metrics(s) for s in ("ingest", "filter", "dedup"))
+    pretok = pipe.metrics("pretokenize")
+    return {"ingest_docs_in": ingest["docs_in"], "ingest_docs_out": ingest["docs_out"],
+            "ingest_quarantined": ingest["quarantined"], "filter_kept": filt["kept"],
+            "filter_rejected_by_rule": filt["rejected_by_rule"], "dedup_kept": dedup["kept"],
+            "dedup_exact": dedup["exact_duplicates"], "dedup_near": dedup["near_duplicates"],
+            "pipeline_train_docs": pretok["train_documents"], "pipeline_val_docs": pretok["val_documents"],
+            "pipeline_train_tokens": pretok["train_tokens"], "pipeline_val_tokens": pretok["val_tokens"]}
+
+
+def print_summary(result: dict) -> None:
+    c, p, h, s = result["data"], result["pretrain"], result["heldout"], result["split"]
+    rows = [
+        ("corpus", f"{s['train_stories']:,} train + {s['heldout_stories']:,} held-out stories "
+                   f"(tail of {s['tail_bytes']} bytes dropped)"),
+        ("ingest → filter → dedup", f"{c['ingest_docs_in']:,} → {c['filter_kept']:,} → {c['dedup_kept']:,} docs "
+                                    f"({c['ingest_quarantined']} quarantined, rejects {c['filter_rejected_by_rule']}, "
+                                    f"dups {c['dedup_exact']} exact + {c['dedup_near']} near)"),
+        ("pipeline split", f"{c['pipeline_train_docs']:,} train docs / {c['pipeline_train_tokens']:,} tokens, "
+                           f"{c['pipeline_val_docs']:,} val docs"),
+        ("model", f"{p['preset']}, {p['n_params']:,} params, {p['world_size']} ranks, {p['precision']}"),
+        ("budget", f"{p['tokens']:,} tokens = {p['steps']:,} steps ({result['budget']['how']}), "
+                   f"{p['epochs']:.2f} epochs"),
+        ("training", f"{p['train_seconds']:.0f} s of steps, {result['seconds']['pretrain_stage']:.0f} s stage wall "
+                     f"(launch, evals, checkpoints, export included)"),
+        ("tokens/s", f"{p['tokens_per_s']:,.0f}   (baseline {BASELINE['tokens_per_s']:,})"),
+        ("MFU", f"{100 * p['mfu']:.2f} %"),
+        ("pipeline val/bpb", f"{p.get('val_bpb', math.nan):.4f}  ({p['val_windows']} windows of its hash split)"),
+        ("HELD-OUT bits/byte", f"{h['bpb']:.4f}   (baseline {BASELINE['val_bpb']}, bar <= {TARGET_BPB}; "
+                               f"ratio {h['bpb'] / BASELINE['val_bpb']:.3f})"),
+        ("  counted over", f"{h['stories']} stories, {h['story_bytes']:,} bytes, {h['tokens_scored']:,} tokens "
+                           f"({h['bytes_per_token']:.2f} bytes/token), windows {h['window']} stride {h['stride']}"),
+        ("  per file byte", f"{h['file_bpb']:.4f}  ({h['file_bytes']:,} bytes, separator lines included)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n── tinystories: small preset, real pipeline " + "─" * 40)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
+    for i, story in enumerate(result["samples"], 1):
+        print(f"  sample {i}: " + story.replace("\n", "\n            "))
+    print(f"  {'result':<{width}}  {result['result_file']}")
+    print(f"  {'project copy':<{width}}  {result['project']}  (mlflow: {result['project']}/mlruns.db, "
+          f"logs: {Path(result['project']).parent / 'logs'})")
+    print(f"  (figures from this machine, {result['cpu_count']} cores, 1-min load {result['loadavg_at_start'][0]:.1f} at "
+          f"start and {result['loadavg_at_end'][0]:.1f} at the end; under load tokens/s and a probed budget drop)")
+
+
+def git_state() -> dict:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    return {"commit": head, "dirty": bool(dirty)}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.tinystories", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10.0, help="training minutes to size the budget for (probed)")
+    p.add_argument("--tokens", type=int, default=0, help="a fixed token budget instead (no probe)")
+    p.add_argument("--probe-steps", type=int, default=50, help="steps of the throughput probe (> warmup_steps)")
+    p.add_argument("--heldout", type=float, default=0.05, help="fraction of stories held out, from the end")
+    p.add_argument("--stride", type=int, default=0, help="window stride of the held-out scoring (0 = the window: "
+                   "disjoint windows)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra params for the copy (repeatable), e.g. pretrain.train.lr=2e-3")
+    p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "tinystories",
+                   help="work folder (train/held-out files, project copy, logs, result.json); wiped first")
+    p.add_argument("--data", type=Path, default=DATA, help="the TinyStories sample")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the stages' output live instead of logs")
+    args = p.parse_args()
+    if args.tokens < 0 or args.minutes <= 0:
+        p.error("--tokens must be >= 0 and --minutes > 0")
+    return args
+
+
+def fresh_work_folder(work: Path) -> Path:
+    work = work.resolve()
+    if work.exists() and any(work.iterdir()):
+        if not (work / "train.txt").is_file():
+            sys.exit(f"--work {work}: not empty and not an earlier work folder of this benchmark; pick another")
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
+
+
+def plan_budget(args: argparse.Namespace, pipe: Pipeline, seconds: dict) -> dict:
+    """max_tokens of the measured run: --tokens, or --minutes at the tokens/s of a probe run of the stage."""
+    params = yaml.safe_load((pipe.project / "params.yaml").read_text())
+    tokens_per_step = params["pretrain"]["train"]["batch_size"] * params["pretrain"]["seq_len"]
+    if args.tokens:
+        return {"how": f"--tokens {args.tokens:,}", "max_tokens": whole_steps(args.tokens, tokens_per_step)}
+    set_params(pipe.project, {"pretrain": {"train": {"max_steps": args.probe_steps, "max_tokens": 0}}})
+    seconds["probe_stage"] = pipe.repro("probe", "pretrain")
+    speed = probe_tokens_per_s(pipe.project)
+    return {"how": f"{args.minutes:g} min at a probed {speed:,.0f} tokens/s", "probe_tokens_per_s": speed,
+            "max_tokens": whole_steps(speed * 60 * args.minutes, tokens_per_step)}
+
+
+def main() -> None:
+    args = parse_args()
+    if not args.data.is_file():
+        sys.exit(f"needs {args.data} (the shared TinyStories sample beside the checkout)")
+    load_at_start = os.getloadavg()
+    work = fresh_work_folder(args.work)
+    split = split_corpus(args.data, work, args.heldout)
+    overrides = deep_merge({"data": {"sources": [split.train_file]}, "model": {"preset": "small", "overrides": {}},
+                            "tokenizer": {"vocab_size": 4096}}, dotted(args.set))
+    project = copy_project(work / "project", overrides)
+    check_budget(yaml.safe_load((project / "params.yaml").read_text()), args.tokens, args.probe_steps)
+    pipe = Pipeline(project, work / "logs", args.verbose)
+    seconds = {"data_stages": pipe.repro("data", "pretokenize")}
+    budget = plan_budget(args, pipe, seconds)
+    params = set_params(project, {"pretrain": {"train": {"max_steps": 0, "max_tokens": budget["max_tokens"]}}})
+    seconds["pretrain_stage"] = pipe.repro("pretrain", "pretrain")
+
+    print("scoring the held-out stories and sampling ...", flush=True)
+    import torch
+    # one thread: with another job on a core, two threads wait on each other (sampling took 153 s instead of 3 s)
+    torch.set_num_threads(1)
+    heldout = score_heldout(project, Path(split.heldout_file), args.stride)
+    result = {"split": asdict(split), "data": data_counts(pipe), "budget": budget, "seconds": seconds,
+              "pretrain": pipe.metrics("pretrain"), "heldout": heldout, "samples": sample_stories(project, params),
+              "baseline": BASELINE, "target_bpb": TARGET_BPB, "params_overrides": overrides, "git": git_state(),
+              "project": str(project), "result_file": str(work / "result.json"), "cpu_count": os.cpu_count(),
+              "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()}
+    (work / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    print_summary(result)
+
+if __name__ == "__main__":
+    if not __package__:
+        sys.exit("run it as a module from the repository root: .venv/bin/python -m bench.tinystories  "
+                 "(as a script, bench/ lands on sys.path and bench/tokenize.py shadows the stdlib)")
+    main()
