@@ -95,7 +95,7 @@ def command(name: str, add_args: Callable[[argparse.ArgumentParser], None] = lam
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated subset of stages (default: all, in dvc.yaml order)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a params.yaml key, e.g. --set pretrain.max_steps=100 (repeatable)")
+                   help="override a params.yaml key, e.g. --set pretrain.train.max_tokens=1000000 (repeatable)")
     p.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
 
 
