@@ -1,5 +1,6 @@
 """One end-to-end run of the whole flow on the tiny preset: every stage through Prefect → DVC → MLflow, ending with
-a registered model (@challenger), a report card, and a rerun that executes nothing."""
+a registered model (@challenger), a report card, a rerun that executes nothing, and a changed pretrain param that
+reruns pretrain and what follows it only."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,8 @@ SCRIPT = textwrap.dedent('''
     with prefect_test_harness(server_startup_timeout=120):
         first = build_llm()
         again = build_llm()
-    print("RESULT " + json.dumps({"first": first, "again": again}))
+        changed = build_llm(overrides={"pretrain.train.lr": 0.002})
+    print("RESULT " + json.dumps({"first": first, "again": again, "changed": changed}))
 ''')
 
 
@@ -47,13 +49,15 @@ def test_whole_pipeline_tiny(tmp_path, mlflow_uri):
               "evaluate", "register"]
     assert out["first"]["ran"] == stages
     assert out["again"]["ran"] == [] and out["again"]["skipped"] == stages
+    assert out["changed"]["ran"] == stages[stages.index("pretrain"):], "pretrain and what follows it only"
+    assert out["changed"]["skipped"] == stages[:stages.index("pretrain")]
 
     registered = json.loads((project / "data/register/registered.json").read_text())
     import mlflow
     client = mlflow.MlflowClient(mlflow_uri)
     version = client.get_model_version_by_alias(registered["name"], "challenger")
-    assert str(version.version) == str(registered["version"])
-    assert version.tags["pipeline_run_id"] == out["first"]["parent_run_id"]
+    assert str(version.version) == str(registered["version"]) == "2"  # the changed run registered a second version
+    assert version.tags["pipeline_run_id"] == out["changed"]["parent_run_id"]
     assert version.tags["git_commit"] and registered["version"]
     assert (project / "reports/report.md").is_file()
     children = mlflow.search_runs(experiment_names=["scratchlm"], output_format="list",
