@@ -14,7 +14,7 @@ What it does
      stories, in file order, give the first 95 % to training and hold out the last 5 % (`--heldout`); the cut-off
      tail after the last separator is dropped. <work>/train.txt is the file's exact byte prefix up to the separator
      after the last training story; <work>/heldout.txt holds the held-out stories the same way.
-  2. Copies the project (tracked + untracked, not ignored files: what tests/conftest.py `copy_project` copies) to
+  2. Copies the project (tracked + untracked, not ignored files: flows/sandbox.py `copy_project`, as the tests do) to
      <work>/project, a git + DVC repo of its own, with params: data.sources = [<work>/train.txt], model.preset
      small, tokenizer.vocab_size 4096, pretrain.train.max_tokens = the budget; everything else (2 ranks x 1 thread,
      precision auto = bf16 autocast on a CPU with native bf16, batch 16 x 256, lr 3e-3, ...) is params.yaml's.
@@ -59,6 +59,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+
+from flows.sandbox import copy_project
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStories-train_first2MiB.txt"
@@ -107,49 +109,16 @@ def heldout_texts(heldout_file: Path) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ project copy
 
-def copy_project(dest: Path, params: dict) -> Path:
-    """A git + DVC copy of the project's files (tracked and new, not ignored) with `params` merged into
-    params.yaml: the same copy tests/conftest.py makes for the DVC/flow tests."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split("\n")
-    for rel in filter(None, listed):
-        if (ROOT / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, dest / rel)
-    set_params(dest, params)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
-
-
-def set_params(project: Path, params: dict) -> dict:
-    """Merge `params` into the copy's params.yaml; the merged params."""
-    merged = deep_merge(yaml.safe_load((project / "params.yaml").read_text()), params)
-    (project / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-    return merged
-
-
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def dotted(assignments: list[str]) -> dict:
-    """`--set a.b=1 --set a.c=x` → {"a": {"b": 1, "c": "x"}} (values parsed as YAML)."""
-    out: dict = {}
-    for item in assignments:
-        key, found, value = item.partition("=")
-        if not found or not key:
-            raise SystemExit(f"--set {item!r}: expected section.key=value")
-        *parents, leaf = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
+def set_params(project: Path, overrides: dict[str, object]) -> dict:
+    """Write dotted-key overrides into the copy's params.yaml through the flow's own validated path (an unknown
+    key or a bad value fails naming it); the resulting params."""
+    from flows.pipeline import apply_overrides
+    from tasks.common.config import ScratchError
+    try:
+        apply_overrides(overrides, project / "params.yaml")
+    except ScratchError as e:
+        sys.exit(f"bench.tinystories: {e}")
+    return yaml.safe_load((project / "params.yaml").read_text())
 
 
 class Pipeline:
@@ -373,7 +342,7 @@ def plan_budget(args: argparse.Namespace, pipe: Pipeline, seconds: dict) -> dict
     tokens_per_step = params["pretrain"]["train"]["batch_size"] * params["pretrain"]["seq_len"]
     if args.tokens:
         return {"how": f"--tokens {args.tokens:,}", "max_tokens": whole_steps(args.tokens, tokens_per_step)}
-    set_params(pipe.project, {"pretrain": {"train": {"max_steps": args.probe_steps, "max_tokens": 0}}})
+    set_params(pipe.project, {"pretrain.train.max_steps": args.probe_steps, "pretrain.train.max_tokens": 0})
     seconds["probe_stage"] = pipe.repro("probe", "pretrain")
     speed = probe_tokens_per_s(pipe.project)
     return {"how": f"{args.minutes:g} min at a probed {speed:,.0f} tokens/s", "probe_tokens_per_s": speed,
@@ -387,14 +356,15 @@ def main() -> None:
     load_at_start = os.getloadavg()
     work = fresh_work_folder(args.work)
     split = split_corpus(args.data, work, args.heldout)
-    overrides = deep_merge({"data": {"sources": [split.train_file]}, "model": {"preset": "small", "overrides": {}},
-                            "tokenizer": {"vocab_size": 4096}}, dotted(args.set))
-    project = copy_project(work / "project", overrides)
-    check_budget(yaml.safe_load((project / "params.yaml").read_text()), args.tokens, args.probe_steps)
+    from flows.pipeline import parse_overrides
+    overrides = {"data.sources": [split.train_file], "model.preset": "small", "model.overrides": {},
+                 "tokenizer.vocab_size": 4096, **parse_overrides(args.set)}
+    project = copy_project(work / "project")
+    check_budget(set_params(project, overrides), args.tokens, args.probe_steps)
     pipe = Pipeline(project, work / "logs", args.verbose)
     seconds = {"data_stages": pipe.repro("data", "pretokenize")}
     budget = plan_budget(args, pipe, seconds)
-    params = set_params(project, {"pretrain": {"train": {"max_steps": 0, "max_tokens": budget["max_tokens"]}}})
+    params = set_params(project, {"pretrain.train.max_steps": 0, "pretrain.train.max_tokens": budget["max_tokens"]})
     seconds["pretrain_stage"] = pipe.repro("pretrain", "pretrain")
 
     print("scoring the held-out stories and sampling ...", flush=True)

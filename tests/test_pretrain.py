@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, deep_merge
+from flows.sandbox import deep_merge
+from tests.conftest import ROOT
 
 TEST_TRAIN = {  # a few seconds of the tiny preset; tests override what they exercise
     "ranks": 1, "hostfile": "", "zero_stage": 0, "precision": "fp32", "batch_size": 8, "micro_batch_size": 4,
