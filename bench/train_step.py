@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per contender (after 2 warm-up steps)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (what train.compile does)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="parameter dtype (bf16 for GPUs)")
     p.add_argument("--autocast", action="store_true",
@@ -195,7 +195,8 @@ def report(cfg: ModelConfig, args: argparse.Namespace, peak: float, tokens_per_s
     if "hf" in rates:
         print(f"\nours / HF LlamaForCausalLM: {rates['ours'] / rates['hf']:.2f}x tokens/s")
     if "ours+compile" in rates:
-        print(f"torch.compile(ours) / ours: {rates['ours+compile'] / rates['ours']:.2f}x tokens/s")
+        print(f"torch.compile(ours) / ours: {rates['ours+compile'] / rates['ours']:.2f}x tokens/s"
+              + (f", / HF: {rates['ours+compile'] / rates['hf']:.2f}x" if "hf" in rates else ""))
 
 
 def _cpu_name() -> str:
