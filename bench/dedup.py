@@ -22,10 +22,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The repository, not bench/, goes first on the path (before any other import: bench/tokenize.py would
-# shadow the stdlib module that inspect and numpy load).
-sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [
-    p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `python bench/dedup.py`
 
 import argparse
 import dataclasses

@@ -22,11 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-# run as a script, Python puts bench/ first on sys.path, where a sibling module (bench/tokenize.py) would shadow
-# the standard library's; import from the repository root instead
-_BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]
-sys.path.insert(0, str(_BENCH_DIR.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for `python bench/generate.py`
 
 import torch  # noqa: E402
 

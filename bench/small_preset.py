@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 _BENCH_DIR = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _BENCH_DIR]  # bench/tokenize.py shadows stdlib
-sys.path.insert(0, str(_BENCH_DIR.parent))
+sys.path.insert(0, str(_BENCH_DIR.parent))  # the repository, for `python bench/small_preset.py`
 
 import torch  # noqa: E402
 

@@ -2,7 +2,7 @@
 per byte on held-out stories (issue 6). Baseline: nanoGPT (4 layers x 256, 4.2M params, byte-level BPE 4,096, fp32)
 trained 10 minutes on the same sample reaches ~1.43 bits/byte at ~3,200 tokens/s on 2 cores; the bar is <= 1.30.
 
-Runbook (from the repository root; `-m` keeps bench/ off sys.path, where bench/tokenize.py would shadow stdlib)
+Runbook (from the repository root)
     .venv/bin/python -m bench.tinystories                  # THE figure: ~10 minutes of training, budget probed
     .venv/bin/python -m bench.tinystories --minutes 5      # another wall-clock budget
     .venv/bin/python -m bench.tinystories --tokens 2000000 # a fixed token budget (no probe; reproducible)
@@ -381,7 +381,4 @@ def main() -> None:
     print_summary(result)
 
 if __name__ == "__main__":
-    if not __package__:
-        sys.exit("run it as a module from the repository root: .venv/bin/python -m bench.tinystories  "
-                 "(as a script, bench/ lands on sys.path and bench/tokenize.py shadows the stdlib)")
     main()

@@ -14,8 +14,8 @@ single-threaded `Tokenizer.encode` over the same text.
    MB/s = UTF-8 MB of document text per second. Reported: best-of-rounds MB/s and its ratio to the baseline's best,
    and the median over rounds of (baseline seconds / contender seconds) from the same round.
 
-    .venv/bin/python bench/tokenize.py                       # vocab 4096, 8 x 2 MiB, 2 workers, 3 rounds
-    .venv/bin/python bench/tokenize.py --repeat 8 --workers 4 --shards 8
+    .venv/bin/python bench/tokenizer.py                      # vocab 4096, 8 x 2 MiB, 2 workers, 3 rounds
+    .venv/bin/python bench/tokenizer.py --repeat 8 --workers 4 --shards 8
 """
 from __future__ import annotations
 
