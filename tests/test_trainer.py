@@ -13,7 +13,7 @@ import pytest
 from tasks.common.checkpoint import Checkpoints, fingerprint, step_of, tag_of
 from tasks.common.config import ConfigError, ScratchError, build, load_section
 from tasks.common.distributed import World, deepspeed_config, hostfile_slots
-from tasks.common.trainer import BatchIndex, TrainConfig, TrainingDiverged, lr_factor
+from tasks.common.trainer import BatchIndex, TrainConfig, TrainingDiverged, check_cpu_compile_toolchain, lr_factor
 from tasks.pretrain import TrainWindows, val_window_starts
 from tests.test_pretrain import TEST_TRAIN, build_token_data, write_params
 
@@ -80,6 +80,18 @@ def test_validation_windows_are_fixed_and_use_all_of_a_short_split():
     assert list(val_window_starts(tokens, 63, wanted=100, seed=1)) == [i * 64 for i in range(15)]
     with pytest.raises(ScratchError, match="val.bin: 10 tokens, fewer than one window"):
         val_window_starts(tokens[:10], 63, 1, 0)
+
+
+def test_compile_without_a_cpu_toolchain_fails_naming_the_knob():
+    import torch._inductor.config as inductor_config
+    try:
+        check_cpu_compile_toolchain()
+    except ConfigError as e:
+        pytest.skip(f"the baseline needs a working toolchain: {e}")
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
+            pytest.raises(ConfigError, match=r"train.compile: .* needs a C\+\+ compiler .* compile: false"):
+        check_cpu_compile_toolchain()
+    check_cpu_compile_toolchain()  # the patch is gone again
 
 
 def test_deepspeed_config_on_cpu():

@@ -152,8 +152,8 @@ class TrainConfig:
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1 (resume needs the newest)")
         check(self.peak_flops >= 0, "peak_flops", "must be >= 0")
         check(not (self.compile and self.zero_stage == 3), "compile",
-              "is wired for ZeRO stages 0-2 (ZeRO-3 gathers each layer's parameters in hooks around its "
-              "forward, which compiling through is DeepSpeed's own deepcompile); set compile: false or zero_stage <= 2")
+              "is built and tested for ZeRO stages 0-2 only (ZeRO-3 gathers each layer's parameters in hooks "
+              "inside the forward; DeepSpeed's deepcompile is the route there); set compile: false or zero_stage <= 2")
 
     def grad_accum(self, world_size: int) -> int:
         """Micro batches per step on each rank; a clear error when the batch does not split evenly."""
@@ -273,6 +273,8 @@ class Trainer:
             # DeepSpeed casts parameters only; a float32 buffer (RoPE tables) would promote activations back
             model = model.to(torch.bfloat16)
         if cfg.compile:
+            if self.world.device.type == "cpu":
+                check_cpu_compile_toolchain()
             model.compile()  # in place: parameter names, checkpoints and exports stay those of the eager model
         schedule = lambda step: lr_factor(step, cfg.warmup_steps, self.total, cfg.min_lr_ratio)  # noqa: E731
         self.engine, _, _, self.scheduler = deepspeed.initialize(
@@ -523,6 +525,23 @@ class Trainer:
             model = self._plain_model(state).cpu().eval()
         barrier()
         return model
+
+
+def check_cpu_compile_toolchain() -> None:
+    """torch.compile on CPU builds C++ kernels that include Python.h: fail up front, naming what is missing, instead
+    of deep inside the first training step."""
+    import sysconfig
+
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    try:
+        get_cpp_compiler()  # inductor's own search ($CXX, then g++ / clang++ on PATH)
+    except Exception as e:
+        raise ConfigError(f"train.compile: torch.compile on CPU needs a C++ compiler ({e}); install g++ (e.g. "
+                          f"apt-get install g++) or set compile: false") from None
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.is_file():
+        raise ConfigError(f"train.compile: torch.compile on CPU needs the Python headers ({headers} not found); "
+                          f"install them (e.g. apt-get install python3-dev) or set compile: false")
 
 
 def progress_write(text: str) -> None:
