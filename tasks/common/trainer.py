@@ -533,9 +533,10 @@ def check_cpu_compile_toolchain() -> None:
     import sysconfig
 
     from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
     try:
-        get_cpp_compiler()  # inductor's own search ($CXX, then g++ / clang++ on PATH)
-    except Exception as e:
+        get_cpp_compiler()  # inductor's own search (config.cpp.cxx: $CXX, then g++ / clang++ on PATH)
+    except InvalidCxxCompiler as e:
         raise ConfigError(f"train.compile: torch.compile on CPU needs a C++ compiler ({e}); install g++ (e.g. "
                           f"apt-get install g++) or set compile: false") from None
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
