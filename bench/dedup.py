@@ -17,6 +17,7 @@ Each contender runs `--repeat` times, interleaved, so machine load hits all alik
 F1 is over documents: dropped ones vs the planted/injected duplicates (near and exact).
 Prints docs/s of each, ours/baseline, and both F1 (target: >= 10x at equal or better F1).
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,7 +32,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -48,8 +49,12 @@ Docs = list[tuple[str, str]]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", choices=["tinystories", "builtin"], default=None,
-                   help="default: tinystories when ../shared/data has it, else builtin")
+    p.add_argument(
+        "--corpus",
+        choices=["tinystories", "builtin"],
+        default=None,
+        help="default: tinystories when ../shared/data has it, else builtin",
+    )
     p.add_argument("--docs", type=int, default=3000, help="builtin corpus size")
     p.add_argument("--fraction", type=float, default=0.1, help="tinystories: share of stories given a near copy")
     p.add_argument("--edit-rate", type=float, default=0.05, help="tinystories: per-word edit probability")
@@ -62,37 +67,52 @@ def parse_args() -> argparse.Namespace:
 def load_corpus(args: argparse.Namespace) -> tuple[str, Docs, list[dict]]:
     corpus = args.corpus or ("tinystories" if TINYSTORIES.is_file() else "builtin")
     if corpus == "tinystories":
-        pieces = TINYSTORIES.read_text(encoding="utf-8").split("<|endoftext|>")[:-1]   # last one is cut off
+        pieces = TINYSTORIES.read_text(encoding="utf-8").split("<|endoftext|>")[:-1]  # last one is cut off
         stories = [(f"tinystories#{i}", s.strip()) for i, s in enumerate(pieces)]
         docs, labels = dedup.inject_near_duplicates(stories, args.fraction, args.edit_rate, seed=0)
-        return (f"TinyStories sample, {len(stories):,} stories + {len(docs) - len(stories):,} injected near "
-                f"duplicates ({args.edit_rate:.0%} word edits)"), docs, labels
-    from tasks.sources import builtin
+        return (
+            (
+                f"TinyStories sample, {len(stories):,} stories + {len(docs) - len(stories):,} injected near "
+                f"duplicates ({args.edit_rate:.0%} word edits)"
+            ),
+            docs,
+            labels,
+        )
     from tasks import filter as quality
-    rows = [d for d in builtin.generate_corpus(args.docs, 1337, 0.03, 0.03, 0.05)
-            if not quality.failed_rules(d.text, quality.Config())]
-    return (f"builtin corpus, {args.docs:,} generated, {len(rows):,} after filter"), \
-        [(d.id, d.text) for d in rows], [{"id": d.id, "label": d.label, "of": d.of} for d in rows]
+    from tasks.sources import builtin
+
+    rows = [
+        d
+        for d in builtin.generate_corpus(args.docs, 1337, 0.03, 0.03, 0.05)
+        if not quality.failed_rules(d.text, quality.Config())
+    ]
+    return (
+        (f"builtin corpus, {args.docs:,} generated, {len(rows):,} after filter"),
+        [(d.id, d.text) for d in rows],
+        [{"id": d.id, "label": d.label, "of": d.of} for d in rows],
+    )
 
 
 # ------------------------------------------------------------------------------------------------ contenders
+
 
 def sketch_batch(batch: Docs, cfg: dedup.Config) -> dedup.Sketches:
     return dedup.sketch_docs([i for i, _ in batch], [t for _, t in batch], cfg)
 
 
 def ours(docs: Docs, cfg: dedup.Config, workers: int, batch: int) -> set[str]:
-    batches = [docs[i:i + batch] for i in range(0, len(docs), batch)]
+    batches = [docs[i : i + batch] for i in range(0, len(docs), batch)]
     parts = parallel_map(functools.partial(sketch_batch, cfg=cfg), batches, RunnerConfig("local", workers))
     sk = dedup.concat(parts, cfg.num_perm)
     return {sk.ids[i] for i in dedup.find_duplicates(sk, cfg).removed()}
 
 
 def baseline(docs: Docs, cfg: dedup.Config) -> set[str]:
-    from datasketch import MinHash
-    from datasketch import MinHashLSH
-    lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm,
-                     params=(cfg.bands, cfg.rows) if cfg.bands else None)
+    from datasketch import MinHash, MinHashLSH
+
+    lsh = MinHashLSH(
+        threshold=cfg.threshold, num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows) if cfg.bands else None
+    )
     ordered = sorted(range(len(docs)), key=lambda i: dedup.id_order(docs[i][0]))
     minhashes: dict[int, MinHash] = {}
     pairs = []
@@ -110,9 +130,16 @@ def baseline(docs: Docs, cfg: dedup.Config) -> set[str]:
 
 def bulk(docs: Docs, cfg: dedup.Config) -> set[str]:
     from datasketch import MinHash
+
     ordered = sorted(range(len(docs)), key=lambda i: dedup.id_order(docs[i][0]))
-    sigs = np.array([m.hashvalues for m in MinHash.bulk([shingles(t, cfg.shingle_size) for _, t in docs],
-                                                        num_perm=cfg.num_perm, seed=cfg.seed)])
+    sigs = np.array(
+        [
+            m.hashvalues
+            for m in MinHash.bulk(
+                [shingles(t, cfg.shingle_size) for _, t in docs], num_perm=cfg.num_perm, seed=cfg.seed
+            )
+        ]
+    )
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else lsh_params(cfg.threshold, cfg.num_perm)
     pairs = dedup.minhashlsh_candidate_pairs(sigs, np.array(ordered), cfg, bands, rows)
     if cfg.verify:
@@ -129,6 +156,7 @@ def resolve(docs: Docs, ordered: list[int], pairs, sigs: np.ndarray) -> set[str]
 
 # ------------------------------------------------------------------------------------------------ scoring
 
+
 def f1(removed: set[str], labels: list[dict]) -> tuple[float, float, float]:
     truth = {r["id"] for r in labels if r["label"] in ("near_dup", "exact_dup")}
     hits = len(removed & truth)
@@ -138,9 +166,18 @@ def f1(removed: set[str], labels: list[dict]) -> tuple[float, float, float]:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
         else platform.processor()
+    )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return f"{cpu}, {os.cpu_count()} cores, load average {load}, Python {platform.python_version()}"
 
@@ -159,8 +196,10 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in contenders}
     results: dict[str, set[str]] = {}
     print(f"corpus   {title}: {len(docs):,} documents")
-    print(f"params   shingle_size={cfg.shingle_size} num_perm={cfg.num_perm} threshold={cfg.threshold} "
-          f"bands x rows={cfg.bands}x{cfg.rows} (0x0: datasketch's choice) verify={cfg.verify}")
+    print(
+        f"params   shingle_size={cfg.shingle_size} num_perm={cfg.num_perm} threshold={cfg.threshold} "
+        f"bands x rows={cfg.bands}x{cfg.rows} (0x0: datasketch's choice) verify={cfg.verify}"
+    )
     for _ in range(args.repeat):
         for name, fn in contenders.items():
             started = time.perf_counter()
@@ -172,12 +211,17 @@ def main() -> None:
     scores = {name: f1(results[name], labels) for name in contenders}
     for name in contenders:
         p, r, f = scores[name]
-        print(f"{name:<20}{rate[name]:>10,.0f}{len(docs) / statistics.median(times[name]):>10,.0f}"
-              f"{p:>11.4f}{r:>8.4f}{f:>8.4f}")
+        print(
+            f"{name:<20}{rate[name]:>10,.0f}{len(docs) / statistics.median(times[name]):>10,.0f}"
+            f"{p:>11.4f}{r:>8.4f}{f:>8.4f}"
+        )
     base_f1 = scores["baseline"][2]
     for name in ("ours (1 worker)", f"ours ({args.workers} workers)"):
-        print(f"\n{name} / baseline: {rate[name] / rate['baseline']:.1f}x docs/s; "
-              f"F1 {scores[name][2]:.4f} vs {base_f1:.4f} ({'>=' if scores[name][2] >= base_f1 else '<'})", end="")
+        print(
+            f"\n{name} / baseline: {rate[name] / rate['baseline']:.1f}x docs/s; "
+            f"F1 {scores[name][2]:.4f} vs {base_f1:.4f} ({'>=' if scores[name][2] >= base_f1 else '<'})",
+            end="",
+        )
     print()
 
 

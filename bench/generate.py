@@ -18,7 +18,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,8 +43,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-recompute", action="store_true", help="skip the slow no-cache contender")
-    p.add_argument("--clock", default="wall", choices=sorted(CLOCKS),
-                   help="cpu: this process's CPU time (use with --threads 1 on a shared, loaded machine)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="cpu: this process's CPU time (use with --threads 1 on a shared, loaded machine)",
+    )
     return p.parse_args()
 
 
@@ -56,14 +59,21 @@ def recompute_greedy(model: Llama, prompts: list[list[int]], max_new_tokens: int
     for _ in range(max_new_tokens):
         logits, _ = model(idx)  # (B,1,V)
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx[:, len(prompts[0]):].tolist()
+    return idx[:, len(prompts[0]) :].tolist()
 
 
 def hf_greedy(hf, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     idx = torch.tensor(prompts, device=hf.device)
-    out = hf.generate(idx, attention_mask=torch.ones_like(idx), max_new_tokens=max_new_tokens,
-                      min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None)
-    return out[:, idx.shape[1]:].tolist()
+    out = hf.generate(
+        idx,
+        attention_mask=torch.ones_like(idx),
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return out[:, idx.shape[1] :].tolist()
 
 
 def main() -> None:
@@ -75,8 +85,10 @@ def main() -> None:
     cfg = ModelConfig.from_preset(args.preset, max_seq_len=max(base.max_seq_len, args.prompt + args.new))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else _cpu_name()
     print(f"device: {device_name}, torch {torch.__version__}, threads {torch.get_num_threads()}, dtype {args.dtype}")
-    print(f"model: preset {args.preset}, {cfg.n_params() / 1e6:.2f}M params; batch {args.batch}, "
-          f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.rounds} rounds")
+    print(
+        f"model: preset {args.preset}, {cfg.n_params() / 1e6:.2f}M params; batch {args.batch}, "
+        f"prompt {args.prompt}, {args.new} new tokens, greedy, {args.rounds} rounds"
+    )
 
     torch.manual_seed(0)
     ours = Llama(cfg).to(args.device, dtype).eval()

@@ -43,8 +43,9 @@ def tokenize(text: str) -> tuple[torch.Tensor, torch.Tensor, float]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=["<|endoftext|>"])
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<|endoftext|>"]
+    )
     tok.train_from_iterator([text], trainer)
     split = int(len(text) * 0.95)
     train = torch.tensor(tok.encode(text[:split]).ids)
@@ -57,8 +58,8 @@ def tokenize(text: str) -> tuple[torch.Tensor, torch.Tensor, float]:
 def val_bits_per_byte(model: Llama, val: torch.Tensor, bytes_per_token: float, seq: int = 256) -> float:
     model.eval()
     n = min((len(val) - 1) // seq, 64)
-    x, y = val[: n * seq].view(n, seq), val[1: n * seq + 1].view(n, seq)
-    losses = [model(x[i:i + 16], y[i:i + 16])[1].item() for i in range(0, n, 16)]
+    x, y = val[: n * seq].view(n, seq), val[1 : n * seq + 1].view(n, seq)
+    losses = [model(x[i : i + 16], y[i : i + 16])[1].item() for i in range(0, n, 16)]
     model.train()
     return sum(losses) / len(losses) / math.log(2) / bytes_per_token
 
@@ -74,7 +75,7 @@ def train_for(cfg: ModelConfig, train: torch.Tensor, budget: float) -> tuple[Lla
         for group in opt.param_groups:
             group["lr"] = lr
         ix = torch.randint(0, len(train) - 257, (16,), generator=g)
-        batch = torch.stack([train[i:i + 257] for i in ix])  # (16,257)
+        batch = torch.stack([train[i : i + 257] for i in ix])  # (16,257)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             _, loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
@@ -94,14 +95,19 @@ def main() -> None:
         sys.exit(f"needs {DATA} (the shared TinyStories sample beside the checkout)")
     torch.set_num_threads(1)
     train, val, bytes_per_token = tokenize(DATA.read_text(encoding="utf-8"))
-    print(f"train {len(train)} tokens, val {len(val)} tokens, {bytes_per_token:.3f} bytes/token; "
-          f"budget {args.budget:.0f} CPU s per candidate")
+    print(
+        f"train {len(train)} tokens, val {len(val)} tokens, {bytes_per_token:.3f} bytes/token; "
+        f"budget {args.budget:.0f} CPU s per candidate"
+    )
     for name, overrides in args.candidates.items():
         cfg = ModelConfig.from_preset("small", **overrides)
         model, steps = train_for(cfg, train, args.budget)
         tokens = steps * 16 * 256
-        print(f"{name:<12} {cfg.n_params() / 1e6:5.2f}M params  {steps:4d} steps  {tokens / args.budget:6.0f} tok/CPU-s"
-              f"  val {val_bits_per_byte(model, val, bytes_per_token):.3f} bits/byte", flush=True)
+        print(
+            f"{name:<12} {cfg.n_params() / 1e6:5.2f}M params  {steps:4d} steps  {tokens / args.budget:6.0f} tok/CPU-s"
+            f"  val {val_bits_per_byte(model, val, bytes_per_token):.3f} bits/byte",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ What it does
 Machine: 2 CPU cores. Taken on a shared, loaded machine, tokens/s (and so the tokens a probed budget buys) drop;
 compare bpb at the same token budget (`--tokens`) across machines.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,19 +66,23 @@ from flows.sandbox import copy_project
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStories-train_first2MiB.txt"
 SEPARATOR = "<|endoftext|>"
-BASELINE = {"name": "nanoGPT 4L x 256, 4.2M params, BPE 4096, fp32, 10 min on 2 cores", "val_bpb": 1.43,
-            "tokens_per_s": 3200}
+BASELINE = {
+    "name": "nanoGPT 4L x 256, 4.2M params, BPE 4096, fp32, 10 min on 2 cores",
+    "val_bpb": 1.43,
+    "tokens_per_s": 3200,
+}
 TARGET_BPB = 1.30
 DATA_STAGES = ("ingest", "filter", "dedup", "tokenizer", "pretokenize")
 
 
 # ------------------------------------------------------------------------------------------------ corpus
 
+
 @dataclass(frozen=True)
 class Split:
     train_stories: int
     heldout_stories: int
-    tail_bytes: int          # the cut-off story after the last separator, dropped
+    tail_bytes: int  # the cut-off story after the last separator, dropped
     train_file: str
     heldout_file: str
 
@@ -99,21 +104,25 @@ def split_corpus(source: Path, work: Path, heldout_fraction: float) -> Split:
 def heldout_texts(heldout_file: Path) -> list[str]:
     """The held-out stories exactly as the ingest stage would read them (same reader, same separator)."""
     from tasks.sources.files import read_txt
+
     records = list(read_txt(heldout_file, SEPARATOR, keep_tail=False))
     bad = [r for r in records if r.text is None]
     if bad:
-        raise SystemExit(f"{heldout_file}: {len(bad)} held-out stories unreadable, first: {bad[0].location} "
-                         f"({bad[0].reason})")
+        raise SystemExit(
+            f"{heldout_file}: {len(bad)} held-out stories unreadable, first: {bad[0].location} ({bad[0].reason})"
+        )
     return [r.text for r in records]
 
 
 # ------------------------------------------------------------------------------------------------ project copy
+
 
 def set_params(project: Path, overrides: dict[str, object]) -> dict:
     """Write dotted-key overrides into the copy's params.yaml through the flow's own validated path (an unknown
     key or a bad value fails naming it); the resulting params."""
     from flows.pipeline import apply_overrides
     from tasks.common.config import ScratchError
+
     try:
         apply_overrides(overrides, project / "params.yaml")
     except ScratchError as e:
@@ -127,8 +136,12 @@ class Pipeline:
     def __init__(self, project: Path, logs: Path, verbose: bool) -> None:
         self.project, self.logs, self.verbose = project, logs, verbose
         logs.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                    "PYTHONPATH": str(project), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}"}
+        self.env = {
+            **os.environ,
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(project),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
+        }
         for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
             self.env.setdefault(key, value)
 
@@ -139,8 +152,13 @@ class Pipeline:
         started = time.perf_counter()
         with open(log, "w") as f:
             out = None if self.verbose else f
-            done = subprocess.run(["dvc", "repro", target], cwd=self.project, env=self.env, stdout=out,
-                                  stderr=None if self.verbose else subprocess.STDOUT)
+            done = subprocess.run(
+                ["dvc", "repro", target],
+                cwd=self.project,
+                env=self.env,
+                stdout=out,
+                stderr=None if self.verbose else subprocess.STDOUT,
+            )
         seconds = time.perf_counter() - started
         if done.returncode:
             tail = "" if self.verbose else "\n".join(log.read_text().splitlines()[-40:])
@@ -152,6 +170,7 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------------ budget
+
 
 def probe_tokens_per_s(project: Path) -> float:
     """Steady tokens/s of a probe run: the median of its logged windows after the first (start-up excluded)."""
@@ -172,11 +191,14 @@ def check_budget(params: dict, tokens: int, probe_steps: int) -> None:
     steps = math.ceil(tokens / (train["batch_size"] * params["pretrain"]["seq_len"])) if tokens else probe_steps
     if steps <= train["warmup_steps"]:
         what = f"--tokens {tokens:,}" if tokens else f"--probe-steps {probe_steps}"
-        raise SystemExit(f"{what}: {steps} steps do not clear pretrain.train.warmup_steps ({train['warmup_steps']}); "
-                         f"raise it or add e.g. --set pretrain.train.warmup_steps={max(1, steps // 4)}")
+        raise SystemExit(
+            f"{what}: {steps} steps do not clear pretrain.train.warmup_steps ({train['warmup_steps']}); "
+            f"raise it or add e.g. --set pretrain.train.warmup_steps={max(1, steps // 4)}"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+
 
 def token_stream(texts: list[str], tokenizer_file: Path, eot_id: int):
     """(N,) int64 ids: eot, story 1, eot, story 2, eot, ... — pretokenize's layout behind a leading eot."""
@@ -184,6 +206,7 @@ def token_stream(texts: list[str], tokenizer_file: Path, eot_id: int):
     import torch
 
     from tasks.pretokenize import encode_docs, load_plain
+
     ids = encode_docs(load_plain(tokenizer_file), texts, eot_id, "int64")
     return torch.from_numpy(np.concatenate([[eot_id], ids]).astype(np.int64))
 
@@ -197,7 +220,7 @@ def sum_nll(model, ids, window: int, stride: int) -> tuple[float, int]:
     nats, scored_to = 0.0, 1  # ids[0], the leading eot, is context only
     with torch.inference_mode():
         for start in tqdm(range(0, len(ids) - 1, stride), desc="held-out", unit="window", leave=False):
-            chunk = ids[start:start + window + 1]  # (<= window+1,)
+            chunk = ids[start : start + window + 1]  # (<= window+1,)
             x, y = chunk[:-1], chunk[1:]  # (T,), (T,) y[j] = ids[start + 1 + j]
             new = scored_to - (start + 1)  # targets before this index were scored by an earlier window
             logits, _ = model(x[None], all_logits=True)  # (1,T,V)
@@ -211,6 +234,7 @@ def sum_nll(model, ids, window: int, stride: int) -> tuple[float, int]:
 
 def score_heldout(project: Path, heldout_file: Path, stride: int) -> dict:
     from model.hf import load
+
     model = load(project / "data" / "pretrain" / "model").eval()
     window = model.cfg.max_seq_len
     stride = stride or window
@@ -224,10 +248,20 @@ def score_heldout(project: Path, heldout_file: Path, stride: int) -> dict:
     story_bytes = sum(len(t.encode("utf-8")) for t in texts)
     file_bytes = heldout_file.stat().st_size
     bits = nats / math.log(2)
-    return {"stories": len(texts), "tokens_scored": targets, "story_bytes": story_bytes, "file_bytes": file_bytes,
-            "bytes_per_token": story_bytes / targets, "nats_per_token": nats / targets,
-            "bpb": bits / story_bytes, "file_bpb": bits / file_bytes, "window": window, "stride": stride,
-            "precision": "fp32", "seconds": round(time.perf_counter() - started, 2)}
+    return {
+        "stories": len(texts),
+        "tokens_scored": targets,
+        "story_bytes": story_bytes,
+        "file_bytes": file_bytes,
+        "bytes_per_token": story_bytes / targets,
+        "nats_per_token": nats / targets,
+        "bpb": bits / story_bytes,
+        "file_bpb": bits / file_bytes,
+        "window": window,
+        "stride": stride,
+        "precision": "fp32",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def sample_stories(project: Path, params: dict, seed: int = 0) -> list[str]:
@@ -236,51 +270,88 @@ def sample_stories(project: Path, params: dict, seed: int = 0) -> list[str]:
 
     from model.generate import generate
     from model.hf import load
+
     model = load(project / "data" / "pretrain" / "model").eval()
     tok = Tokenizer.from_file(str(project / "data" / "tokenizer" / "tokenizer.json"))
     eot = tok.token_to_id(SEPARATOR)
     cfg = params["pretrain"]["samples"]
     prompts = [[eot] + tok.encode(p, add_special_tokens=False).ids for p in cfg["prompts"]]
-    new = generate(model, prompts, max_new_tokens=model.cfg.max_seq_len - max(map(len, prompts)),
-                   temperature=cfg["temperature"], top_k=cfg["top_k"] or None, stop_tokens=(eot,), seed=seed)
+    new = generate(
+        model,
+        prompts,
+        max_new_tokens=model.cfg.max_seq_len - max(map(len, prompts)),
+        temperature=cfg["temperature"],
+        top_k=cfg["top_k"] or None,
+        stop_tokens=(eot,),
+        seed=seed,
+    )
     return [p + tok.decode(ids, skip_special_tokens=False) for p, ids in zip(cfg["prompts"], new)]
 
 
 # ------------------------------------------------------------------------------------------------ report
 
+
 def data_counts(pipe: Pipeline) -> dict:
     ingest, filt, dedup = (pipe.metrics(s) for s in ("ingest", "filter", "dedup"))
     pretok = pipe.metrics("pretokenize")
-    return {"ingest_docs_in": ingest["docs_in"], "ingest_docs_out": ingest["docs_out"],
-            "ingest_quarantined": ingest["quarantined"], "filter_kept": filt["kept"],
-            "filter_rejected_by_rule": filt["rejected_by_rule"], "dedup_kept": dedup["kept"],
-            "dedup_exact": dedup["exact_duplicates"], "dedup_near": dedup["near_duplicates"],
-            "pipeline_train_docs": pretok["train_documents"], "pipeline_val_docs": pretok["val_documents"],
-            "pipeline_train_tokens": pretok["train_tokens"], "pipeline_val_tokens": pretok["val_tokens"]}
+    return {
+        "ingest_docs_in": ingest["docs_in"],
+        "ingest_docs_out": ingest["docs_out"],
+        "ingest_quarantined": ingest["quarantined"],
+        "filter_kept": filt["kept"],
+        "filter_rejected_by_rule": filt["rejected_by_rule"],
+        "dedup_kept": dedup["kept"],
+        "dedup_exact": dedup["exact_duplicates"],
+        "dedup_near": dedup["near_duplicates"],
+        "pipeline_train_docs": pretok["train_documents"],
+        "pipeline_val_docs": pretok["val_documents"],
+        "pipeline_train_tokens": pretok["train_tokens"],
+        "pipeline_val_tokens": pretok["val_tokens"],
+    }
 
 
 def print_summary(result: dict) -> None:
     c, p, h, s = result["data"], result["pretrain"], result["heldout"], result["split"]
     rows = [
-        ("corpus", f"{s['train_stories']:,} train + {s['heldout_stories']:,} held-out stories "
-                   f"(tail of {s['tail_bytes']} bytes dropped)"),
-        ("ingest → filter → dedup", f"{c['ingest_docs_in']:,} → {c['filter_kept']:,} → {c['dedup_kept']:,} docs "
-                                    f"({c['ingest_quarantined']} quarantined, rejects {c['filter_rejected_by_rule']}, "
-                                    f"dups {c['dedup_exact']} exact + {c['dedup_near']} near)"),
-        ("pipeline split", f"{c['pipeline_train_docs']:,} train docs / {c['pipeline_train_tokens']:,} tokens, "
-                           f"{c['pipeline_val_docs']:,} val docs"),
+        (
+            "corpus",
+            f"{s['train_stories']:,} train + {s['heldout_stories']:,} held-out stories "
+            f"(tail of {s['tail_bytes']} bytes dropped)",
+        ),
+        (
+            "ingest → filter → dedup",
+            f"{c['ingest_docs_in']:,} → {c['filter_kept']:,} → {c['dedup_kept']:,} docs "
+            f"({c['ingest_quarantined']} quarantined, rejects {c['filter_rejected_by_rule']}, "
+            f"dups {c['dedup_exact']} exact + {c['dedup_near']} near)",
+        ),
+        (
+            "pipeline split",
+            f"{c['pipeline_train_docs']:,} train docs / {c['pipeline_train_tokens']:,} tokens, "
+            f"{c['pipeline_val_docs']:,} val docs",
+        ),
         ("model", f"{p['preset']}, {p['n_params']:,} params, {p['world_size']} ranks, {p['precision']}"),
-        ("budget", f"{p['tokens']:,} tokens = {p['steps']:,} steps ({result['budget']['how']}), "
-                   f"{p['epochs']:.2f} epochs"),
-        ("training", f"{p['train_seconds']:.0f} s of steps, {result['seconds']['pretrain_stage']:.0f} s stage wall "
-                     f"(launch, evals, checkpoints, export included)"),
+        (
+            "budget",
+            f"{p['tokens']:,} tokens = {p['steps']:,} steps ({result['budget']['how']}), {p['epochs']:.2f} epochs",
+        ),
+        (
+            "training",
+            f"{p['train_seconds']:.0f} s of steps, {result['seconds']['pretrain_stage']:.0f} s stage wall "
+            f"(launch, evals, checkpoints, export included)",
+        ),
         ("tokens/s", f"{p['tokens_per_s']:,.0f}   (baseline {BASELINE['tokens_per_s']:,})"),
         ("MFU", f"{100 * p['mfu']:.2f} %"),
         ("pipeline val/bpb", f"{p.get('val_bpb', math.nan):.4f}  ({p['val_windows']} windows of its hash split)"),
-        ("HELD-OUT bits/byte", f"{h['bpb']:.4f}   (baseline {BASELINE['val_bpb']}, bar <= {TARGET_BPB}; "
-                               f"ratio {h['bpb'] / BASELINE['val_bpb']:.3f})"),
-        ("  counted over", f"{h['stories']} stories, {h['story_bytes']:,} bytes, {h['tokens_scored']:,} tokens "
-                           f"({h['bytes_per_token']:.2f} bytes/token), windows {h['window']} stride {h['stride']}"),
+        (
+            "HELD-OUT bits/byte",
+            f"{h['bpb']:.4f}   (baseline {BASELINE['val_bpb']}, bar <= {TARGET_BPB}; "
+            f"ratio {h['bpb'] / BASELINE['val_bpb']:.3f})",
+        ),
+        (
+            "  counted over",
+            f"{h['stories']} stories, {h['story_bytes']:,} bytes, {h['tokens_scored']:,} tokens "
+            f"({h['bytes_per_token']:.2f} bytes/token), windows {h['window']} stride {h['stride']}",
+        ),
         ("  per file byte", f"{h['file_bpb']:.4f}  ({h['file_bytes']:,} bytes, separator lines included)"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -290,34 +361,51 @@ def print_summary(result: dict) -> None:
     for i, story in enumerate(result["samples"], 1):
         print(f"  sample {i}: " + story.replace("\n", "\n            "))
     print(f"  {'result':<{width}}  {result['result_file']}")
-    print(f"  {'project copy':<{width}}  {result['project']}  (mlflow: {result['project']}/mlruns.db, "
-          f"logs: {Path(result['project']).parent / 'logs'})")
-    print(f"  (figures from this machine, {result['cpu_count']} cores, 1-min load {result['loadavg_at_start'][0]:.1f} at "
-          f"start and {result['loadavg_at_end'][0]:.1f} at the end; under load tokens/s and a probed budget drop)")
+    print(
+        f"  {'project copy':<{width}}  {result['project']}  (mlflow: {result['project']}/mlruns.db, "
+        f"logs: {Path(result['project']).parent / 'logs'})"
+    )
+    print(
+        f"  (figures from this machine, {result['cpu_count']} cores, 1-min load {result['loadavg_at_start'][0]:.1f} at "
+        f"start and {result['loadavg_at_end'][0]:.1f} at the end; under load tokens/s and a probed budget drop)"
+    )
 
 
 def git_state() -> dict:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
     return {"commit": head, "dirty": bool(dirty)}
 
 
 # ------------------------------------------------------------------------------------------------ main
 
+
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.tinystories", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.tinystories", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--minutes", type=float, default=10.0, help="training minutes to size the budget for (probed)")
     p.add_argument("--tokens", type=int, default=0, help="a fixed token budget instead (no probe)")
     p.add_argument("--probe-steps", type=int, default=50, help="steps of the throughput probe (> warmup_steps)")
     p.add_argument("--heldout", type=float, default=0.05, help="fraction of stories held out, from the end")
-    p.add_argument("--stride", type=int, default=0, help="window stride of the held-out scoring (0 = the window: "
-                   "disjoint windows)")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="extra params for the copy (repeatable), e.g. pretrain.train.lr=2e-3")
-    p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "tinystories",
-                   help="work folder (train/held-out files, project copy, logs, result.json); wiped first")
+    p.add_argument(
+        "--stride", type=int, default=0, help="window stride of the held-out scoring (0 = the window: disjoint windows)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="extra params for the copy (repeatable), e.g. pretrain.train.lr=2e-3",
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "bench" / "out" / "tinystories",
+        help="work folder (train/held-out files, project copy, logs, result.json); wiped first",
+    )
     p.add_argument("--data", type=Path, default=DATA, help="the TinyStories sample")
     p.add_argument("-v", "--verbose", action="store_true", help="show the stages' output live instead of logs")
     args = p.parse_args()
@@ -345,8 +433,11 @@ def plan_budget(args: argparse.Namespace, pipe: Pipeline, seconds: dict) -> dict
     set_params(pipe.project, {"pretrain.train.max_steps": args.probe_steps, "pretrain.train.max_tokens": 0})
     seconds["probe_stage"] = pipe.repro("probe", "pretrain")
     speed = probe_tokens_per_s(pipe.project)
-    return {"how": f"{args.minutes:g} min at a probed {speed:,.0f} tokens/s", "probe_tokens_per_s": speed,
-            "max_tokens": whole_steps(speed * 60 * args.minutes, tokens_per_step)}
+    return {
+        "how": f"{args.minutes:g} min at a probed {speed:,.0f} tokens/s",
+        "probe_tokens_per_s": speed,
+        "max_tokens": whole_steps(speed * 60 * args.minutes, tokens_per_step),
+    }
 
 
 def main() -> None:
@@ -357,8 +448,14 @@ def main() -> None:
     work = fresh_work_folder(args.work)
     split = split_corpus(args.data, work, args.heldout)
     from flows.pipeline import parse_overrides
-    overrides = {"data.sources": [split.train_file], "model.preset": "small", "model.overrides": {},
-                 "tokenizer.vocab_size": 4096, **parse_overrides(args.set)}
+
+    overrides = {
+        "data.sources": [split.train_file],
+        "model.preset": "small",
+        "model.overrides": {},
+        "tokenizer.vocab_size": 4096,
+        **parse_overrides(args.set),
+    }
     project = copy_project(work / "project")
     check_budget(set_params(project, overrides), args.tokens, args.probe_steps)
     pipe = Pipeline(project, work / "logs", args.verbose)
@@ -369,16 +466,31 @@ def main() -> None:
 
     print("scoring the held-out stories and sampling ...", flush=True)
     import torch
+
     # one thread: with another job on a core, two threads wait on each other (sampling took 153 s instead of 3 s)
     torch.set_num_threads(1)
     heldout = score_heldout(project, Path(split.heldout_file), args.stride)
-    result = {"split": asdict(split), "data": data_counts(pipe), "budget": budget, "seconds": seconds,
-              "pretrain": pipe.metrics("pretrain"), "heldout": heldout, "samples": sample_stories(project, params),
-              "baseline": BASELINE, "target_bpb": TARGET_BPB, "params_overrides": overrides, "git": git_state(),
-              "project": str(project), "result_file": str(work / "result.json"), "cpu_count": os.cpu_count(),
-              "loadavg_at_start": load_at_start, "loadavg_at_end": os.getloadavg()}
+    result = {
+        "split": asdict(split),
+        "data": data_counts(pipe),
+        "budget": budget,
+        "seconds": seconds,
+        "pretrain": pipe.metrics("pretrain"),
+        "heldout": heldout,
+        "samples": sample_stories(project, params),
+        "baseline": BASELINE,
+        "target_bpb": TARGET_BPB,
+        "params_overrides": overrides,
+        "git": git_state(),
+        "project": str(project),
+        "result_file": str(work / "result.json"),
+        "cpu_count": os.cpu_count(),
+        "loadavg_at_start": load_at_start,
+        "loadavg_at_end": os.getloadavg(),
+    }
     (work / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     print_summary(result)
+
 
 if __name__ == "__main__":
     main()

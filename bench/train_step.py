@@ -46,13 +46,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (what train.compile does)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="parameter dtype (bf16 for GPUs)")
-    p.add_argument("--autocast", action="store_true",
-                   help="fp32 parameters, bf16 autocast for forward/backward (CPU AMX / GPU mixed precision)")
+    p.add_argument(
+        "--autocast",
+        action="store_true",
+        help="fp32 parameters, bf16 autocast for forward/backward (CPU AMX / GPU mixed precision)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF baseline")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, a figure that holds up "
-                        "on a shared, loaded machine: time spent descheduled is not counted)")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, a figure that holds up "
+        "on a shared, loaded machine: time spent descheduled is not counted)",
+    )
     return p.parse_args()
 
 
@@ -169,13 +176,21 @@ def main() -> None:
                 times[name].append(clock() - t0)
             elif i == 0 and name == "ours+compile":
                 print(f"torch.compile first step (compilation): {time.perf_counter() - wall0:.1f} s wall")
-    print(f"measured peak matmul ({'bf16' if args.autocast else args.dtype}, best of the run): "
-          f"{peak.best / 1e9:.1f} GFLOP/s")
+    print(
+        f"measured peak matmul ({'bf16' if args.autocast else args.dtype}, best of the run): "
+        f"{peak.best / 1e9:.1f} GFLOP/s"
+    )
     report(cfg, args, peak.best, tokens_per_step, times, failed)
 
 
-def report(cfg: ModelConfig, args: argparse.Namespace, peak: float, tokens_per_step: int,
-           times: dict[str, list[float]], failed: dict[str, str]) -> None:
+def report(
+    cfg: ModelConfig,
+    args: argparse.Namespace,
+    peak: float,
+    tokens_per_step: int,
+    times: dict[str, list[float]],
+    failed: dict[str, str],
+) -> None:
     flops_per_token = cfg.flops_per_token(args.seq)
     print(f"\n{args.clock} clock")
     print(f"{'contender':<14}{'median step':>13}{'tokens/s':>11}{'GFLOP/s':>10}{'MFU':>8}")
@@ -191,8 +206,10 @@ def report(cfg: ModelConfig, args: argparse.Namespace, peak: float, tokens_per_s
     if "hf" in rates:
         print(f"\nours / HF LlamaForCausalLM: {rates['ours'] / rates['hf']:.2f}x tokens/s")
     if "ours+compile" in rates:
-        print(f"torch.compile(ours) / ours: {rates['ours+compile'] / rates['ours']:.2f}x tokens/s"
-              + (f", / HF: {rates['ours+compile'] / rates['hf']:.2f}x" if "hf" in rates else ""))
+        print(
+            f"torch.compile(ours) / ours: {rates['ours+compile'] / rates['ours']:.2f}x tokens/s"
+            + (f", / HF: {rates['ours+compile'] / rates['hf']:.2f}x" if "hf" in rates else "")
+        )
 
 
 def _cpu_name() -> str:

@@ -1,11 +1,12 @@
 """`scratchlm` — the command line. `scratchlm --help` lists every command."""
+
 from __future__ import annotations
 
 import argparse
 import os
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from tasks.common.config import ROOT, ScratchError
 
@@ -13,11 +14,13 @@ from tasks.common.config import ROOT, ScratchError
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow (all stages, or --stages) and summarise what ran and where it went."""
     from flows.pipeline import StageFailed, build_llm, parse_overrides
+
     started = time.perf_counter()
     overrides = parse_overrides(args.set or [])
     try:
-        result = build_llm(stages=args.stages.split(",") if args.stages else None, overrides=overrides,
-                           force=args.force)
+        result = build_llm(
+            stages=args.stages.split(",") if args.stages else None, overrides=overrides, force=args.force
+        )
     except StageFailed as e:
         print(f"\nerror: {e}", file=sys.stderr)
         return 1
@@ -51,6 +54,7 @@ def next_steps() -> list[str]:
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage through `dvc repro --single-item` (no Prefect), streaming its output."""
     from flows.pipeline import StageFailed, run_dvc_stage, select_stages
+
     stage = select_stages([args.name])[0]
     try:
         result = run_dvc_stage(stage, force=args.force, log=print)
@@ -65,6 +69,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 def cmd_params(args: argparse.Namespace) -> int:
     """Print every params.yaml key with its type and documentation; --check only validates."""
     from tasks.common.config import describe, load_all, read_params, section_class
+
     load_all()
     if args.check:
         print("params.yaml: valid")
@@ -79,6 +84,7 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Which stages are stale (`dvc status`)."""
     import subprocess
+
     return subprocess.call([os.path.join(os.path.dirname(sys.executable), "dvc"), "status"], cwd=ROOT)
 
 
@@ -89,13 +95,18 @@ def command(name: str, add_args: Callable[[argparse.ArgumentParser], None] = lam
     def register(fn):
         COMMANDS[name] = (fn, add_args)
         return fn
+
     return register
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", help="comma-separated subset of stages (default: all, in dvc.yaml order)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a params.yaml key, e.g. --set pretrain.train.max_tokens=1000000 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a params.yaml key, e.g. --set pretrain.train.max_tokens=1000000 (repeatable)",
+    )
     p.add_argument("--force", action="store_true", help="rerun the selected stages even if up to date")
 
 
@@ -111,8 +122,11 @@ command("status")(cmd_status)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scratchlm", description="Build a Llama-style LM from raw text: "
-                                     "Prefect flow → dvc repro per stage → MLflow runs and registry.")
+    parser = argparse.ArgumentParser(
+        prog="scratchlm",
+        description="Build a Llama-style LM from raw text: "
+        "Prefect flow → dvc repro per stage → MLflow runs and registry.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (fn, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0], description=fn.__doc__)
@@ -124,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 def load_extra_commands() -> None:
     """Commands defined next to the code they drive (report, chat, ...) register themselves on import."""
     import importlib
+
     for module in ("flows.commands",):
         try:
             importlib.import_module(module)
@@ -146,4 +161,5 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     # run through the importable module, so commands registered by flows.commands land in the same registry
     from flows.cli import main as cli_main
+
     sys.exit(cli_main())

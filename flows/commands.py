@@ -9,6 +9,7 @@ flows/cli.py imports this module (`load_extra_commands`), and each `command(...)
                                                              any models:/ or runs:/ URI, or an HF model folder
     scratchlm promote [--dry-run] [--name NAME]              the promotion flow (exit 1 when a gate refuses)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,15 +25,19 @@ REPORT = ROOT / "reports" / "report.md"
 
 # ------------------------------------------------------------------------------------------------ report
 
+
 def cmd_report(args: argparse.Namespace) -> int:
     """Print where the report card is; --regenerate rebuilds it from metrics/*.json and MLflow first."""
     if args.regenerate:
         from tasks.common.report import build_report
+
         build_report(ROOT, parent_run_id=args.run)
     if not REPORT.is_file():
-        print(f"error: no report card yet at {REPORT}: the evaluate stage writes it "
-              f"(scratchlm run, or dvc repro evaluate), or build it from what exists: scratchlm report --regenerate",
-              file=sys.stderr)
+        print(
+            f"error: no report card yet at {REPORT}: the evaluate stage writes it "
+            f"(scratchlm run, or dvc repro evaluate), or build it from what exists: scratchlm report --regenerate",
+            file=sys.stderr,
+        )
         return 1
     plots = sorted(p.name for p in REPORT.parent.glob("*.png"))
     print(f"report   {REPORT}")
@@ -43,8 +48,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--regenerate", action="store_true", help="rebuild reports/ from metrics/*.json and MLflow")
-    p.add_argument("--run", metavar="PARENT_RUN_ID",
-                   help="take training curves from this pipeline run's stages (default: the latest run per stage)")
+    p.add_argument(
+        "--run",
+        metavar="PARENT_RUN_ID",
+        help="take training curves from this pipeline run's stages (default: the latest run per stage)",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ chat
@@ -78,11 +86,14 @@ def download_model(uri: str, workdir: Path) -> Path:
     from mlflow.exceptions import MlflowException
 
     from tasks.common.tracking import setup_mlflow
+
     mlflow = setup_mlflow()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
     except MlflowException as e:
-        raise ScratchError(f"{uri}: cannot be loaded from {mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})")
+        raise ScratchError(
+            f"{uri}: cannot be loaded from {mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})"
+        ) from e
     mlmodel = yaml.safe_load((local / "MLmodel").read_text())
     artifact = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("model", {})
     if not artifact:
@@ -93,10 +104,12 @@ def download_model(uri: str, workdir: Path) -> Path:
 class ChatSession:
     """A conversation with one model: the history, and one streamed reply per user turn."""
 
-    def __init__(self, folder: Path, system: str | None, temperature: float, top_p: float, max_new_tokens: int,
-                 seed: int) -> None:
+    def __init__(
+        self, folder: Path, system: str | None, temperature: float, top_p: float, max_new_tokens: int, seed: int
+    ) -> None:
         from model.hf import load
         from tasks.common.alignment import load_tokenizer
+
         self.model, self.tok = load(folder), load_tokenizer(folder)
         self.system = [{"role": "system", "content": system}] if system else []
         self.history: list[dict] = []
@@ -106,6 +119,7 @@ class ChatSession:
     def prompt_ids(self) -> list[int]:
         """The conversation's ids ending in the generation prompt, the oldest turns dropped to leave room."""
         from tasks.common.chat import encode_chat
+
         room = self.model.cfg.max_seq_len - min(self.max_new_tokens, self.model.cfg.max_seq_len // 2)
         while True:
             ids, _ = encode_chat(self.tok.tok, self.system + self.history, add_generation_prompt=True)
@@ -116,21 +130,29 @@ class ChatSession:
     def reply(self, text: str, write) -> str:
         """Stream the model's answer to `text` through write(str); returns the whole answer."""
         from model.generate import stream
+
         self.history.append({"role": "user", "content": text})
         ids = self.prompt_ids()
         budget = min(self.max_new_tokens, self.model.cfg.max_seq_len - len(ids))
         new: list[int] = []
         shown = ""
-        for token in stream(self.model, ids, budget, temperature=self.temperature, top_p=self.top_p,
-                            stop_tokens=self.tok.stop_ids, seed=self.seed + self.turn):
+        for token in stream(
+            self.model,
+            ids,
+            budget,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            stop_tokens=self.tok.stop_ids,
+            seed=self.seed + self.turn,
+        ):
             new.append(token)
             text_so_far = self.tok.decode(new)
             if text_so_far.endswith("\ufffd"):
                 continue  # half of a multi-byte character: wait for the rest
-            write(text_so_far[len(shown):])
+            write(text_so_far[len(shown) :])
             shown = text_so_far
         answer = self.tok.decode(new)
-        write(answer[len(shown):])
+        write(answer[len(shown) :])
         self.history.append({"role": "assistant", "content": answer})
         self.turn += 1
         return answer
@@ -146,8 +168,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def converse(session: ChatSession, where: str) -> int:
     """The read-reply loop on stdin/stdout."""
-    print(f"scratchlm chat: {where} ({session.model.num_params():,} parameters, context "
-          f"{session.model.cfg.max_seq_len} tokens). /reset clears the conversation, /exit ends it.", flush=True)
+    print(
+        f"scratchlm chat: {where} ({session.model.num_params():,} parameters, context "
+        f"{session.model.cfg.max_seq_len} tokens). /reset clears the conversation, /exit ends it.",
+        flush=True,
+    )
 
     def write(piece: str) -> None:
         sys.stdout.write(piece)
@@ -178,9 +203,11 @@ def converse(session: ChatSession, where: str) -> int:
 
 
 def _chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", metavar="PATH_OR_URI",
-                   help=f"an HF model folder (e.g. data/dpo/model) or a models:/ or runs:/ URI "
-                        f"(default: {DEFAULT_MODEL})")
+    p.add_argument(
+        "--model",
+        metavar="PATH_OR_URI",
+        help=f"an HF model folder (e.g. data/dpo/model) or a models:/ or runs:/ URI (default: {DEFAULT_MODEL})",
+    )
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default 0.7)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=200, help="longest reply in tokens (default 200)")
@@ -190,14 +217,18 @@ def _chat_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------ promote
 
+
 def cmd_promote(args: argparse.Namespace) -> int:
     """Move @champion to @challenger if the gates in params.yaml (promote:) pass; exit 1 when refused."""
     from flows.promote import promote
+
     outcome = promote(model_name=args.name, dry_run=args.dry_run)
     name, version = outcome["name"], outcome["challenger"]
     if outcome["failed"]:
-        print(f"\nrefused: {name} v{version} failed gate(s) {', '.join(outcome['failed'])}; "
-              f"@champion stays {outcome['champion_before'] or '(none)'}")
+        print(
+            f"\nrefused: {name} v{version} failed gate(s) {', '.join(outcome['failed'])}; "
+            f"@champion stays {outcome['champion_before'] or '(none)'}"
+        )
         return 1
     if outcome["promoted"]:
         print(f"\npromoted: models:/{name}@champion is v{version}")

@@ -15,6 +15,7 @@ What happens
     4. a failing stage fails the flow with the stage's own error line.
 Prefect never holds hyperparameters (params.yaml does) and never caches (DVC does).
 """
+
 from __future__ import annotations
 
 import os
@@ -54,6 +55,7 @@ def select_stages(stages: list[str] | str | None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ overrides
 
+
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     """`["a.b=3", "c=x"]` → {"a.b": 3, "c": "x"}; values are parsed as YAML scalars/lists."""
     out = {}
@@ -72,6 +74,7 @@ def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> None
         load_all(path)
         return
     from ruamel.yaml import YAML
+
     rt = YAML()
     rt.preserve_quotes = True
     original = path.read_text()
@@ -96,6 +99,7 @@ def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> None
 
 # ------------------------------------------------------------------------------------------------ stage task
 
+
 @dataclass
 class StageResult:
     stage: str
@@ -116,12 +120,18 @@ def stage_env(parent_run_id: str | None) -> dict[str, str]:
     return env
 
 
-def run_dvc_stage(stage: str, force: bool = False, parent_run_id: str | None = None,
-                  log=print) -> StageResult:
+def run_dvc_stage(stage: str, force: bool = False, parent_run_id: str | None = None, log=print) -> StageResult:
     """Run one stage through DVC, streaming its output line by line to `log`; raise StageFailed on error."""
     started = time.perf_counter()
-    proc = subprocess.Popen(dvc_command(stage, force), cwd=ROOT, env=stage_env(parent_run_id),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    proc = subprocess.Popen(
+        dvc_command(stage, force),
+        cwd=ROOT,
+        env=stage_env(parent_run_id),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    )
     tail: list[str] = []
     ran = False
     assert proc.stdout is not None
@@ -157,9 +167,11 @@ def stage_task(stage: str, force: bool = False, parent_run_id: str | None = None
 
 # ------------------------------------------------------------------------------------------------ flow
 
+
 @flow(name="build_llm", log_prints=True)
-def build_llm(stages: list[str] | None = None, overrides: dict[str, Any] | None = None,
-              force: bool = False) -> dict[str, Any]:
+def build_llm(
+    stages: list[str] | None = None, overrides: dict[str, Any] | None = None, force: bool = False
+) -> dict[str, Any]:
     """Run the pipeline stages (all by default) in dvc.yaml order under one MLflow parent run.
 
     stages: a subset to run (names from dvc.yaml); overrides: {"section.key": value} written to params.yaml first;
@@ -169,18 +181,28 @@ def build_llm(stages: list[str] | None = None, overrides: dict[str, Any] | None 
     selected = select_stages(stages)
     apply_overrides(overrides or {})
     mlflow = tracking.setup_mlflow()
-    with mlflow.start_run(run_name="build_llm", tags={"scratchlm.pipeline": "build_llm",
-                                                       "git_commit": tracking.git_commit()}) as parent:
+    with mlflow.start_run(
+        run_name="build_llm", tags={"scratchlm.pipeline": "build_llm", "git_commit": tracking.git_commit()}
+    ) as parent:
         parent_id = parent.info.run_id
-        mlflow.log_params({"stages": ",".join(selected), "force": force,
-                           **{f"override.{k}": v for k, v in (overrides or {}).items()}})
+        mlflow.log_params(
+            {"stages": ",".join(selected), "force": force, **{f"override.{k}": v for k, v in (overrides or {}).items()}}
+        )
         logger.info(f"MLflow parent run {parent_id} in {tracking.tracking_uri()}; stages: {', '.join(selected)}")
         results = [stage_task(stage, force=force, parent_run_id=parent_id) for stage in selected]
-        mlflow.log_metrics({"pipeline/stages_ran": sum(r.ran for r in results),
-                            "pipeline/stages_skipped": sum(not r.ran for r in results)})
-    return {"parent_run_id": parent_id, "tracking_uri": tracking.tracking_uri(),
-            "ran": [r.stage for r in results if r.ran], "skipped": [r.stage for r in results if not r.ran],
-            "seconds": {r.stage: r.seconds for r in results}}
+        mlflow.log_metrics(
+            {
+                "pipeline/stages_ran": sum(r.ran for r in results),
+                "pipeline/stages_skipped": sum(not r.ran for r in results),
+            }
+        )
+    return {
+        "parent_run_id": parent_id,
+        "tracking_uri": tracking.tracking_uri(),
+        "ran": [r.stage for r in results if r.ran],
+        "skipped": [r.stage for r in results if not r.ran],
+        "seconds": {r.stage: r.seconds for r in results},
+    }
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ What happens
        tagged on the challenger version (`promotion`, `promotion.<gate>`).
 Serving follows the alias: `mlflow models serve -m models:/scratchlm@champion --env-manager local`.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -34,6 +35,7 @@ CHALLENGER, CHAMPION, PREVIOUS = "challenger", "champion", "previous_champion"
 def version_by_alias(client, name: str, alias: str):
     """The version holding `alias`, or None when no version has it."""
     from mlflow.exceptions import MlflowException
+
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException:
@@ -53,8 +55,10 @@ def eval_metrics(version) -> dict[str, float]:
 
 
 def print_verdict(name: str, challenger, champion, gates: list[Gate], promoted: bool, dry_run: bool) -> None:
-    print(f"promote: {name} v{challenger.version} (@{CHALLENGER}) vs "
-          + (f"v{champion.version} (@{CHAMPION})" if champion else "no champion yet"))
+    print(
+        f"promote: {name} v{challenger.version} (@{CHALLENGER}) vs "
+        + (f"v{champion.version} (@{CHAMPION})" if champion else "no champion yet")
+    )
     for g in gates:
         print(f"  {'pass' if g.passed else 'FAIL'}  {g.name:<20} {g.detail}")
     failed = [g.name for g in gates if not g.passed]
@@ -63,8 +67,10 @@ def print_verdict(name: str, challenger, champion, gates: list[Gate], promoted: 
     elif dry_run:
         print(f"  dry run: every gate passes; @{CHAMPION} would move to v{challenger.version}")
     elif promoted:
-        print(f"  promoted: models:/{name}@{CHAMPION} is now v{challenger.version}"
-              + (f" (v{champion.version} is @{PREVIOUS})" if champion else ""))
+        print(
+            f"  promoted: models:/{name}@{CHAMPION} is now v{challenger.version}"
+            + (f" (v{champion.version} is @{PREVIOUS})" if champion else "")
+        )
     sys.stdout.flush()
 
 
@@ -76,16 +82,21 @@ def promote(model_name: str | None = None, dry_run: bool = False) -> dict:
     Returns {promoted, name, challenger, champion_before, gates: [{name, passed, detail}], failed: [gate names]}.
     """
     from tasks.common.tracking import setup_mlflow
+
     cfg = load_section("promote", PromoteConfig)
     name = model_name or load_section("register").model_name
     client = setup_mlflow().MlflowClient()
     challenger = version_by_alias(client, name, CHALLENGER)
     if challenger is None:
-        raise ScratchError(f"models:/{name}@{CHALLENGER} does not exist; run the register stage first "
-                           f"(dvc repro register)")
+        raise ScratchError(
+            f"models:/{name}@{CHALLENGER} does not exist; run the register stage first (dvc repro register)"
+        )
     champion = version_by_alias(client, name, CHAMPION)
-    result = {"name": name, "challenger": int(challenger.version),
-              "champion_before": int(champion.version) if champion else None}
+    result = {
+        "name": name,
+        "challenger": int(challenger.version),
+        "champion_before": int(champion.version) if champion else None,
+    }
     if champion is not None and champion.version == challenger.version:
         print(f"promote: {name} v{challenger.version} is already @{CHAMPION}; nothing to do")
         return {**result, "promoted": False, "gates": [], "failed": [], "already_champion": True}
@@ -106,7 +117,7 @@ def promote(model_name: str | None = None, dry_run: bool = False) -> dict:
 def tag_verdict(client, name: str, version: str, gates: list[Gate], failed: list[str]) -> None:
     verdict = "promoted" if not failed else f"refused: {', '.join(failed)}"
     client.set_model_version_tag(name, version, "promotion", verdict)
-    client.set_model_version_tag(name, version, "promotion.checked_at", dt.datetime.now(dt.timezone.utc).isoformat())
+    client.set_model_version_tag(name, version, "promotion.checked_at", dt.datetime.now(dt.UTC).isoformat())
     for g in gates:
         verdict = ("pass: " if g.passed else "FAIL: ") + g.detail
         client.set_model_version_tag(name, version, f"promotion.{g.name}", verdict)

@@ -6,6 +6,7 @@
 The copy holds this checkout's files, tracked and new (not ignored), as a fresh clone of the working tree would,
 with `params` deep-merged into its params.yaml and everything committed to a new git repository.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -22,8 +23,9 @@ __all__ = ["copy_project", "deep_merge"]
 def copy_project(dest: Path, params: dict | None = None, source: Path = ROOT) -> Path:
     """Copy `source`'s tracked and untracked-but-not-ignored files to `dest`, merge `params` into params.yaml, and
     commit the lot in a fresh git repository at `dest`."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=source, capture_output=True,
-                            text=True, check=True).stdout.split("\n")
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=source, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
     for rel in filter(None, listed):
         src = source / rel
         if src.is_file():
@@ -32,8 +34,11 @@ def copy_project(dest: Path, params: dict | None = None, source: Path = ROOT) ->
     if params:
         merged = deep_merge(yaml.safe_load((dest / "params.yaml").read_text()), params)
         (dest / "params.yaml").write_text(yaml.safe_dump(merged, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.name=scratchlm", "-c", "user.email=scratchlm@localhost", "commit", "-qm", "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=scratchlm", "-c", "user.email=scratchlm@localhost", "commit", "-qm", "copy"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
 

@@ -1,8 +1,9 @@
 """Create the MLflow artifact bucket on MinIO if it is missing (the `minio-bucket` one-shot of infra/compose.yaml).
 
-    python infra/minio_bucket.py            # reads MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-                                            # MLFLOW_BUCKET (default: mlflow)
+python infra/minio_bucket.py            # reads MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+                                        # MLFLOW_BUCKET (default: mlflow)
 """
+
 from __future__ import annotations
 
 import os

@@ -12,5 +12,18 @@ from model.heads import RewardModel
 from model.hf import export_hf, import_hf, load, load_config, save
 from model.llama import KVCache, Llama
 
-__all__ = ["ModelConfig", "PRESETS", "Llama", "KVCache", "generate", "stream", "sample_next", "export_hf",
-           "import_hf", "load", "load_config", "save", "RewardModel"]
+__all__ = [
+    "ModelConfig",
+    "PRESETS",
+    "Llama",
+    "KVCache",
+    "generate",
+    "stream",
+    "sample_next",
+    "export_hf",
+    "import_hf",
+    "load",
+    "load_config",
+    "save",
+    "RewardModel",
+]

@@ -87,15 +87,18 @@ class ModelConfig:
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ModelConfig.d_model={self.d_model} must be divisible by ModelConfig.n_heads={self.n_heads} "
-                f"(head_dim = d_model / n_heads)")
+                f"(head_dim = d_model / n_heads)"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig.n_heads={self.n_heads} must be divisible by ModelConfig.n_kv_heads={self.n_kv_heads} "
-                f"(each KV head serves a whole group of query heads)")
+                f"(each KV head serves a whole group of query heads)"
+            )
         if self.head_dim % 2:
             raise ValueError(
                 f"ModelConfig.d_model / n_heads = head_dim = {self.head_dim} must be even for rotary embeddings "
-                f"(RoPE rotates pairs of channels); change ModelConfig.d_model or ModelConfig.n_heads")
+                f"(RoPE rotates pairs of channels); change ModelConfig.d_model or ModelConfig.n_heads"
+            )
         if not self.rope_theta > 0:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta}")
         if not self.norm_eps > 0:
@@ -135,7 +138,9 @@ class ModelConfig:
         nanoGPT's estimate_mfu). Divide by 3 for forward-only (inference) FLOPs.
         """
         t = self.max_seq_len if seq_len is None else seq_len
-        matmul_params = self.n_params(exclude_embedding=True) + (self.vocab_size * self.d_model if self.tie_embeddings else 0)
+        matmul_params = self.n_params(exclude_embedding=True) + (
+            self.vocab_size * self.d_model if self.tie_embeddings else 0
+        )
         return 6.0 * matmul_params + 12.0 * self.n_layers * self.d_model * t
 
     # ---- (de)serialisation ---------------------------------------------------------------------------------
@@ -153,8 +158,11 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig key(s) {unknown}; known keys: {sorted(known)}")
-        required = {f.name for f in dataclasses.fields(cls)
-                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
         missing = sorted(required - set(d))
         if missing:
             raise ValueError(f"missing ModelConfig key(s) {missing}")
@@ -172,7 +180,9 @@ class ModelConfig:
             base["n_kv_heads"] = None  # an MHA preset stays MHA
         unknown = sorted(set(overrides) - set(base))
         if unknown:
-            raise ValueError(f"unknown ModelConfig override(s) {unknown} for preset {name!r}; known keys: {sorted(base)}")
+            raise ValueError(
+                f"unknown ModelConfig override(s) {unknown} for preset {name!r}; known keys: {sorted(base)}"
+            )
         base.update(overrides)
         return cls(**base)
 
@@ -182,8 +192,17 @@ class ModelConfig:
 
 
 _FIELD_TYPES: dict[str, type] = {
-    "vocab_size": int, "n_layers": int, "d_model": int, "n_heads": int, "n_kv_heads": int, "ffn_hidden": int,
-    "max_seq_len": int, "rope_theta": float, "norm_eps": float, "tie_embeddings": bool, "dropout": float,
+    "vocab_size": int,
+    "n_layers": int,
+    "d_model": int,
+    "n_heads": int,
+    "n_kv_heads": int,
+    "ffn_hidden": int,
+    "max_seq_len": int,
+    "rope_theta": float,
+    "norm_eps": float,
+    "tie_embeddings": bool,
+    "dropout": float,
 }
 
 # Sizes. vocab_size is the default only; the pipeline overrides it with the tokenizer's vocabulary.
@@ -197,9 +216,26 @@ PRESETS: dict[str, ModelConfig] = {
     # GPT-2-small-sized Llama (~110M with a 32k vocab)
     "125m": ModelConfig(vocab_size=32000, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, max_seq_len=1024),
     # Llama-3.2-1B-shaped (~1.0B with a 32k vocab)
-    "1b": ModelConfig(vocab_size=32000, n_layers=16, d_model=2048, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
-                      max_seq_len=2048, rope_theta=500000.0),
+    "1b": ModelConfig(
+        vocab_size=32000,
+        n_layers=16,
+        d_model=2048,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=8192,
+        max_seq_len=2048,
+        rope_theta=500000.0,
+    ),
     # Llama-3-8B-shaped body with a 32k vocab (~7.2B, untied as in Llama)
-    "7b": ModelConfig(vocab_size=32000, n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
-                      max_seq_len=4096, rope_theta=500000.0, tie_embeddings=False),
+    "7b": ModelConfig(
+        vocab_size=32000,
+        n_layers=32,
+        d_model=4096,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_hidden=14336,
+        max_seq_len=4096,
+        rope_theta=500000.0,
+        tie_embeddings=False,
+    ),
 }

@@ -23,8 +23,13 @@ from model.llama import KVCache, Llama
 __all__ = ["generate", "stream", "sample_next"]
 
 
-def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """Next token ids (B,) from last-position logits (B,V)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -42,8 +47,14 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def _check_args(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None) -> None:
+def _check_args(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+) -> None:
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     for i, p in enumerate(prompts):
@@ -54,8 +65,10 @@ def _check_args(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: 
             raise ValueError(f"prompt {i} has token ids outside [0, {model.cfg.vocab_size}): {bad[:5]}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > model.cfg.max_seq_len:
-        raise ValueError(f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"ModelConfig.max_seq_len={model.cfg.max_seq_len}")
+        raise ValueError(
+            f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
+            f"ModelConfig.max_seq_len={model.cfg.max_seq_len}"
+        )
     if max_new_tokens < 0 or temperature < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) must be >= 0")
     if top_k is not None and top_k < 1:
@@ -65,8 +78,15 @@ def _check_args(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
 
 @torch.inference_mode()
-def _token_steps(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
-                 top_k: int | None, top_p: float | None, seed: int | None) -> Iterator[Tensor]:
+def _token_steps(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int | None,
+) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), max_new_tokens times (or until the caller stops)."""
     _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = model.tok_emb.weight.device
@@ -75,7 +95,7 @@ def _token_steps(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens:
     idx = torch.zeros(B, P, dtype=torch.long, device=device)  # (B,P) left-padded
     mask = torch.ones(B, total, dtype=torch.long, device=device)  # (B,total) 0 on padding
     for row, prompt in enumerate(prompts):
-        idx[row, P - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        idx[row, P - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, : P - len(prompt)] = 0
     padded = any(len(p) != P for p in prompts)
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
@@ -95,9 +115,16 @@ def _token_steps(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens:
         model.train(was_training)
 
 
-def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-             seed: int | None = None) -> list[list[int]]:
+def generate(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    seed: int | None = None,
+) -> list[list[int]]:
     """New tokens for each prompt (stop token excluded); a row ends at its first stop token or max_new_tokens."""
     stops = set(stop_tokens)
     out: list[list[int]] = [[] for _ in prompts]
@@ -117,9 +144,16 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int
     return out
 
 
-def stream(model: Llama, prompt: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-           seed: int | None = None) -> Iterator[int]:
+def stream(
+    model: Llama,
+    prompt: Sequence[int],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    seed: int | None = None,
+) -> Iterator[int]:
     """Yield new tokens of one prompt as they are decoded; stops before the first stop token."""
     stops = set(stop_tokens)
     steps = _token_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed)

@@ -62,18 +62,26 @@ class RewardModel(nn.Module):
             last = h[rows, last_token_index(attention_mask)]  # (B,D)
         return self.head(last).squeeze(-1)  # (B,)
 
-    def save(self, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-             dtype: torch.dtype = torch.float32, **token_ids: int | None) -> Path:
+    def save(
+        self,
+        out_dir: str | Path,
+        tokenizer_dir: str | Path | None = None,
+        dtype: torch.dtype = torch.float32,
+        **token_ids: int | None,
+    ) -> Path:
         """HF Llama folder for the backbone plus reward_head.safetensors."""
         out = save_llama(self.backbone, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, **token_ids)
-        head = {"weight": self.head.weight.detach().to("cpu", dtype).contiguous(),
-                "bias": self.head.bias.detach().to("cpu", dtype).contiguous()}
+        head = {
+            "weight": self.head.weight.detach().to("cpu", dtype).contiguous(),
+            "bias": self.head.bias.detach().to("cpu", dtype).contiguous(),
+        }
         save_file(head, str(out / HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
         return out
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32) -> RewardModel:
+    def load(
+        cls, path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> RewardModel:
         """Inverse of save; the model comes back in eval mode."""
         head_file = Path(path) / HEAD_WEIGHTS_NAME
         if not head_file.is_file():

@@ -30,8 +30,18 @@ from torch import Tensor
 from model.config import ModelConfig
 from model.llama import Llama
 
-__all__ = ["export_hf", "import_hf", "load_config", "save", "load", "to_hf_names", "from_hf_names",
-           "hf_config_dict", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = [
+    "export_hf",
+    "import_hf",
+    "load_config",
+    "save",
+    "load",
+    "to_hf_names",
+    "from_hf_names",
+    "hf_config_dict",
+    "WEIGHTS_NAME",
+    "CONFIG_NAME",
+]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -50,8 +60,11 @@ _LAYER_NAMES = {
     "ffn.w_up.weight": "mlp.up_proj.weight",
     "ffn.w_down.weight": "mlp.down_proj.weight",
 }
-_TOP_NAMES = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-              "lm_head.weight": "lm_head.weight"}
+_TOP_NAMES = {
+    "tok_emb.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
 _OURS_LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
@@ -60,6 +73,7 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 # ---- weight names --------------------------------------------------------------------------------------------
+
 
 def to_hf_names(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Our state_dict -> HF LlamaForCausalLM names; drops lm_head when embeddings are tied."""
@@ -97,8 +111,10 @@ def from_hf_names(tensors: dict[str, Tensor], cfg: ModelConfig, source: str = "s
 
 # ---- config ----------------------------------------------------------------------------------------------------
 
-def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                   token_ids: dict[str, int | None] | None = None) -> dict[str, Any]:
+
+def hf_config_dict(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: dict[str, int | None] | None = None
+) -> dict[str, Any]:
     """The config.json of a LlamaForCausalLM with our shape, plus {"scratchlm": cfg.to_dict()}."""
     token_ids = token_ids or {}
     dtype_name = _DTYPE_NAMES[dtype]
@@ -136,6 +152,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
 
 def _config_from_hf_keys(hf: dict[str, Any], where: str) -> ModelConfig:
     """ModelConfig from a plain HF Llama config.json; refuses variants our network does not implement."""
+
     def need(key: str) -> Any:
         if key not in hf:
             raise ValueError(f"{where}: config.json has no {key!r}")
@@ -156,10 +173,18 @@ def _config_from_hf_keys(hf: dict[str, Any], where: str) -> ModelConfig:
     if hf.get("head_dim") not in (None, need("hidden_size") // n_heads):
         raise ValueError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     return ModelConfig(
-        vocab_size=need("vocab_size"), n_layers=need("num_hidden_layers"), d_model=need("hidden_size"),
-        n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads, ffn_hidden=need("intermediate_size"),
-        max_seq_len=need("max_position_embeddings"), rope_theta=float(theta), norm_eps=float(need("rms_norm_eps")),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=float(hf.get("attention_dropout", 0.0)))
+        vocab_size=need("vocab_size"),
+        n_layers=need("num_hidden_layers"),
+        d_model=need("hidden_size"),
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        ffn_hidden=need("intermediate_size"),
+        max_seq_len=need("max_position_embeddings"),
+        rope_theta=float(theta),
+        norm_eps=float(need("rms_norm_eps")),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        dropout=float(hf.get("attention_dropout", 0.0)),
+    )
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -174,13 +199,17 @@ def load_config(path: str | Path) -> ModelConfig:
     ours = ModelConfig.from_dict(hf["scratchlm"])
     ours_no_dropout, hf_no_dropout = ours.replace(dropout=0.0), from_hf.replace(dropout=0.0)
     if ours_no_dropout != hf_no_dropout:
-        diff = {k: (v, hf_no_dropout.to_dict()[k]) for k, v in ours_no_dropout.to_dict().items()
-                if hf_no_dropout.to_dict()[k] != v}
+        diff = {
+            k: (v, hf_no_dropout.to_dict()[k])
+            for k, v in ours_no_dropout.to_dict().items()
+            if hf_no_dropout.to_dict()[k] != v
+        }
         raise ValueError(f"{file}: the 'scratchlm' config disagrees with the HF keys (ours, hf): {diff}")
     return ours
 
 
 # ---- tokenizer files -------------------------------------------------------------------------------------------
+
 
 def _special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     """bos/eos/pad ids named in tokenizer_config.json (or special_tokens_map.json), looked up in tokenizer.json."""
@@ -208,10 +237,18 @@ def _special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
 
 # ---- export / import -------------------------------------------------------------------------------------------
 
-def export_hf(model_or_state: Llama | dict[str, Tensor], cfg: ModelConfig | None, out_dir: str | Path,
-              tokenizer_dir: str | Path | None = None, dtype: torch.dtype = torch.float32, *,
-              bos_token_id: int | None = None, eos_token_id: int | None = None,
-              pad_token_id: int | None = None) -> Path:
+
+def export_hf(
+    model_or_state: Llama | dict[str, Tensor],
+    cfg: ModelConfig | None,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    *,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> Path:
     """Write an HF LlamaForCausalLM folder: config.json, model.safetensors, generation_config.json, tokenizer files.
 
     model_or_state: a Llama (cfg may then be None) or our state_dict. tokenizer_dir: its files are copied and its
@@ -288,8 +325,13 @@ def import_hf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
     return model
 
 
-def save(model: Llama, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
-         dtype: torch.dtype = torch.float32, **token_ids: int | None) -> Path:
+def save(
+    model: Llama,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    dtype: torch.dtype = torch.float32,
+    **token_ids: int | None,
+) -> Path:
     """Checkpoint a Llama as an HF folder (see export_hf)."""
     return export_hf(model, model.cfg, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, **token_ids)
 

@@ -18,8 +18,7 @@ Architecture choices (all match Hugging Face ``LlamaForCausalLM``, so model/hf.p
 
 Usage:
     model = Llama(ModelConfig.from_preset("tiny"))
-    logits, loss = model(idx, targets)                       # training: (B,T,V) logits, mean CE
-    logits, loss = model(idx, targets, loss_mask=mask)       # SFT: CE only where mask == 1
+    logits, loss = model(idx, targets)                       # training: (B,T,V) logits, mean CE (-100 = ignored)
     logits, _ = model(idx)                                   # inference: last position only, (B,1,V)
     logits, _ = model(idx, all_logits=True)                  # evaluation: every position, (B,T,V)
     h = model.hidden_states(idx, attention_mask)             # (B,T,D) after the final norm (reward head)
@@ -88,15 +87,23 @@ class KVCache:
     The model writes positions [start_pos, start_pos + T) on each call and attends over [0, start_pos + T).
     """
 
-    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.max_len = max_len
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
 
     @classmethod
-    def for_model(cls, model: "Llama", batch_size: int, max_len: int | None = None) -> "KVCache":
+    def for_model(cls, model: Llama, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache shaped for ``model`` on its device and dtype; max_len defaults to the model's context."""
         cfg = model.cfg
         max_len = cfg.max_seq_len if max_len is None else max_len
@@ -124,8 +131,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.dropout = cfg.dropout
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                kv_cache: KVCache | None, start_pos: int) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, kv_cache: KVCache | None, start_pos: int
+    ) -> Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B,H,T,hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B,KV,T,hd)
@@ -138,8 +146,15 @@ class Attention(nn.Module):
         else:
             dropout = self.dropout if self.training else 0.0
             # no mask tensor at all on the plain causal path lets SDPA pick its fused causal kernel
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=mask is None,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)  # (B,H,T,hd)
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=mask is None,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B,H,T,hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B,T,D)
         return self.wo(y)
 
@@ -176,14 +191,21 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+    ) -> Tensor:
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), cos, sin, mask, kv_cache, start_pos))
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
 class Llama(nn.Module):
-    """Decoder-only Llama. ``cfg`` is kept as ``model.cfg``; ``gradient_checkpointing`` recomputes blocks in backward."""
+    """Decoder-only Llama, ``cfg`` kept as ``model.cfg``; ``gradient_checkpointing`` recomputes blocks in backward."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -221,13 +243,19 @@ class Llama(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------------
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, loss_mask: Tensor | None = None,
-                kv_cache: KVCache | None = None, start_pos: int = 0, attention_mask: Tensor | None = None,
-                all_logits: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        attention_mask: Tensor | None = None,
+        all_logits: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         """Logits, and the mean next-token cross-entropy when ``targets`` is given.
 
-        idx: (B,T) token ids. targets: (B,T) the next token at each position (already shifted), -100 = ignore.
-        loss_mask: (B,T), 1 where the loss counts (SFT: response tokens); positions with 0 are ignored.
+        idx: (B,T) token ids. targets: (B,T) the next token at each position (already shifted), -100 = ignore
+            (SFT sets the prompt positions to -100 so that only response tokens count).
         kv_cache/start_pos: decode with a KVCache; idx holds positions [start_pos, start_pos + T).
         attention_mask: (B, start_pos + T), 1 = real token, 0 = padding (left padding for batched prompts); its
             running count gives the position ids, so a left-padded row starts at position 0 like an unpadded one.
@@ -237,13 +265,14 @@ class Llama(nn.Module):
         h = self.hidden_states(idx, attention_mask, kv_cache=kv_cache, start_pos=start_pos)  # (B,T,D)
         if targets is not None:
             logits = self.lm_head(h)  # (B,T,V)
-            return logits, cross_entropy(logits, targets, loss_mask)
+            return logits, cross_entropy(logits, targets)
         if not all_logits:
             h = h[:, -1:, :]  # (B,1,D): generation only needs the next token
         return self.lm_head(h), None
 
-    def hidden_states(self, idx: Tensor, attention_mask: Tensor | None = None,
-                      kv_cache: KVCache | None = None, start_pos: int = 0) -> Tensor:
+    def hidden_states(
+        self, idx: Tensor, attention_mask: Tensor | None = None, kv_cache: KVCache | None = None, start_pos: int = 0
+    ) -> Tensor:
         """Final-norm hidden states (B,T,D): the input of lm_head, and of RewardModel's scalar head."""
         B, T = idx.shape
         end = start_pos + T
@@ -255,8 +284,9 @@ class Llama(nn.Module):
             raise ValueError("start_pos > 0 needs the kv_cache that holds positions [0, start_pos)")
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, end):
-                raise ValueError(f"attention_mask must be (B, start_pos + T) = {(B, end)}, "
-                                 f"got {tuple(attention_mask.shape)}")
+                raise ValueError(
+                    f"attention_mask must be (B, start_pos + T) = {(B, end)}, got {tuple(attention_mask.shape)}"
+                )
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: keep the fast unmasked path
         cos, sin, mask = self._positions_and_mask(T, start_pos, attention_mask, idx.device, cached=kv_cache is not None)
@@ -273,11 +303,29 @@ class Llama(nn.Module):
 
         Collected once per generate() call so that decode_step skips ~20 nn.Module attribute lookups per layer.
         """
-        return [(b.attn_norm.weight, b.attn.wq.weight, b.attn.wk.weight, b.attn.wv.weight, b.attn.wo.weight,
-                 b.ffn_norm.weight, b.ffn.w_gate.weight, b.ffn.w_up.weight, b.ffn.w_down.weight) for b in self.blocks]
+        return [
+            (
+                b.attn_norm.weight,
+                b.attn.wq.weight,
+                b.attn.wk.weight,
+                b.attn.wv.weight,
+                b.attn.wo.weight,
+                b.ffn_norm.weight,
+                b.ffn.w_gate.weight,
+                b.ffn.w_up.weight,
+                b.ffn.w_down.weight,
+            )
+            for b in self.blocks
+        ]
 
-    def decode_step(self, token: Tensor, kv_cache: KVCache, start_pos: int, attention_mask: Tensor | None = None,
-                    weights: list[tuple[Tensor, ...]] | None = None) -> Tensor:
+    def decode_step(
+        self,
+        token: Tensor,
+        kv_cache: KVCache,
+        start_pos: int,
+        attention_mask: Tensor | None = None,
+        weights: list[tuple[Tensor, ...]] | None = None,
+    ) -> Tensor:
         """Logits (B,1,V) for one new token per row, token (B,1) at position start_pos: forward() for generation.
 
         Same result as ``forward(token, kv_cache=..., start_pos=..., attention_mask=...)``, written as straight
@@ -295,7 +343,9 @@ class Llama(nn.Module):
             attention_mask = None
         cos, sin, mask = self._positions_and_mask(1, start_pos, attention_mask, token.device, cached=True)
         x = F.embedding(token, self.tok_emb.weight)  # (B,1,D)
-        for i, (attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down) in enumerate(weights or self.decode_weights()):
+        for i, (attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down) in enumerate(
+            weights or self.decode_weights()
+        ):
             h = rms_norm(x, attn_norm, eps)
             q = apply_rope(F.linear(h, wq).view(B, H, 1, hd), cos, sin)  # (B,H,1,hd)
             k = apply_rope(F.linear(h, wk).view(B, KV, 1, hd), cos, sin)  # (B,KV,1,hd)
@@ -306,8 +356,9 @@ class Llama(nn.Module):
             x = x + F.linear(F.silu(F.linear(h, w_gate)) * F.linear(h, w_up), w_down)
         return F.linear(rms_norm(x, self.norm.weight, eps), self.lm_head.weight)  # (B,1,V)
 
-    def _positions_and_mask(self, T: int, start_pos: int, attention_mask: Tensor | None, device: torch.device,
-                            cached: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _positions_and_mask(
+        self, T: int, start_pos: int, attention_mask: Tensor | None, device: torch.device, cached: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """RoPE cos/sin for the new positions, and the attention mask (None = plain causal / attend to all)."""
         end = start_pos + T
         if attention_mask is None:

@@ -19,8 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["IGNORE_INDEX", "cross_entropy", "token_logprobs", "sequence_logprobs", "bradley_terry_loss",
-           "dpo_loss", "PPOLosses", "ppo_losses", "masked_mean", "gae_advantages"]
+__all__ = [
+    "IGNORE_INDEX",
+    "cross_entropy",
+    "token_logprobs",
+    "sequence_logprobs",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "PPOLosses",
+    "ppo_losses",
+    "masked_mean",
+    "gae_advantages",
+]
 
 IGNORE_INDEX = -100
 
@@ -51,7 +61,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         compute = torch.promote_types(logits.dtype, torch.float32)
         lse = torch.empty(n_rows, dtype=compute, device=logits.device)  # (N,)
         for start in range(0, n_rows, chunk):
-            lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk].to(compute), dim=-1)
+            lse[start : start + chunk] = torch.logsumexp(logits[start : start + chunk].to(compute), dim=-1)
         target_logits = logits.gather(1, safe_targets[:, None]).squeeze(1).to(compute)  # (N,)
         count = valid.sum().clamp(min=1)
         loss = ((lse - target_logits) * valid).sum() / count
@@ -84,8 +94,9 @@ def cross_entropy(logits: Tensor, targets: Tensor, mask: Tensor | None = None) -
 
 def token_logprobs(logits: Tensor, targets: Tensor) -> Tensor:
     """log p(targets[b,t]) under logits[b,t], (B,T) float32; 0 where target == -100."""
-    flat = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="none")  # (B*T,) = -log p, 0 when ignored
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B*T,) = -log p, 0 when ignored
     return -flat.view(targets.shape)
 
 
@@ -99,8 +110,14 @@ def bradley_terry_loss(r_chosen: Tensor, r_rejected: Tensor) -> Tensor:
     return -F.logsigmoid(r_chosen.float() - r_rejected.float()).mean()
 
 
-def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor, ref_rejected: Tensor,
-             beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+def dpo_loss(
+    policy_chosen: Tensor,
+    policy_rejected: Tensor,
+    ref_chosen: Tensor,
+    ref_rejected: Tensor,
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
     """DPO (Rafailov et al. 2023) on summed sequence log-probs, each (B,).
 
     loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), averaged; with label_smoothing e (cDPO) the
@@ -135,9 +152,17 @@ class PPOLosses(NamedTuple):
     """0.5 * mean (log ratio)^2, a KL(old || new) estimate (detached)."""
 
 
-def ppo_losses(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, values: Tensor, old_values: Tensor,
-               returns: Tensor, mask: Tensor | None = None, clip_eps: float = 0.2,
-               value_clip: float = 0.2) -> PPOLosses:
+def ppo_losses(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor | None = None,
+    clip_eps: float = 0.2,
+    value_clip: float = 0.2,
+) -> PPOLosses:
     """PPO clipped policy loss and clipped value loss, per token; all inputs (B,T) (or any equal shape)."""
     log_ratio = logprobs.float() - old_logprobs.float()
     ratio = log_ratio.exp()
@@ -155,8 +180,9 @@ def ppo_losses(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, value
     return PPOLosses(policy_loss, value_loss, clip_fraction, approx_kl)
 
 
-def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor | None = None, gamma: float = 1.0,
-                   lam: float = 0.95) -> tuple[Tensor, Tensor]:
+def gae_advantages(
+    rewards: Tensor, values: Tensor, mask: Tensor | None = None, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over (B,T) per-token rewards/values; returns (advantages, returns).
 
     Positions with mask == 0 (right padding) end the episode: nothing flows back across them and their

@@ -34,63 +34,48 @@ Scale   the reference is a second, frozen copy of the SFT weights on each rank (
 from __future__ import annotations
 
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from model.heads import RewardModel
+from model.hf import load, load_config, save
+from model.losses import dpo_loss
 from tasks.common import alignment as al
-from tasks.common.checkpoint import checkpoint_dir, fingerprint
-from tasks.common.config import ScratchError, as_dict, check
-from tasks.common.distributed import WORKER_FLAG, launch_main, planned_world_size
-from tasks.common.dvcio import StagePaths, fresh_dir, stage_paths
-from tasks.common.stage import stage_main
+from tasks.common.config import as_dict, check
+from tasks.common.distributed import init_distributed
+from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
 from tasks.common.tracking import Tracker
-from tasks.common.trainer import TrainConfig
+from tasks.common.train_config import AlignmentData, SamplingConfig, TrainConfig
+from tasks.common.training import (check_models, checkpoint_folder, print_plan, sharded_means, training_main,
+                                   upstream_fingerprint)
+from tasks.sources.examples import check_answers, held_out_prompts, load_preference_data
 
 
 @dataclass(frozen=True)
-class Config:
+class DpoConfig(AlignmentData):
     sources: list[str] = field(default_factory=lambda: ["builtin:preferences"])
-    """Preference pairs, in order: builtin:preferences and/or .json/.jsonl/.jsonl.gz files (relative paths are
-    relative to the repository) with prompt/chosen/rejected rows or HH-RLHF chosen/rejected transcripts."""
     builtin_train: int = 1000
-    """Pairs drawn from the builtin generator's "train" split."""
     builtin_val: int = 64
-    """Pairs drawn from the builtin generator's "val" split (validation loss, rewards, accuracy, KL)."""
-    data_seed: int = 1337
-    """Seed of the builtin preference generator."""
-    val_fraction: float = 0.1
-    """Share of file rows held out for validation, chosen by a hash of the row's location (0 = none)."""
-    max_len: int = 0
-    """Longest prompt + reply in tokens (a longer prompt keeps its end, then replies are cut); 0 = the model's
-    max_seq_len."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=40, lr=1e-4, warmup_steps=4))
     beta: float = 0.1
     """DPO temperature β: how far the policy may move from the reference (higher = stays closer)."""
     label_smoothing: float = 0.0
     """Conservative DPO: the share of pairs assumed mislabelled (0 = plain DPO)."""
     sft_weight: float = 0.0
     """Weight of an extra NLL term on the chosen replies (RPO, Pang et al. 2024; TRL's rpo_alpha); 0 = plain DPO."""
-    sampling: al.SamplingConfig = field(default_factory=al.SamplingConfig)
-    """Held-out prompts and sampling settings of the end evaluation (satisfaction, win rate, KL)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=40, batch_size=16, micro_batch_size=16, lr=1e-4, warmup_steps=4, weight_decay=0.0,
-        eval_every=0, checkpoint_every=0))
-    """The shared training loop: ranks, ZeRO stage, precision, batch split, AdamW, schedule, budget, cadence."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """The stage's overrides of the top-level `sampling` section (the end evaluation: satisfaction, win rate, KL)."""
 
     def __post_init__(self) -> None:
-        check(len(self.sources) > 0, "sources", "list at least one source (e.g. builtin:preferences)")
-        check(self.builtin_train >= 0 and self.builtin_val >= 0, "builtin_train", "counts must be >= 0")
-        check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
-        check(self.max_len >= 0, "max_len", "must be >= 0 (0 = the model's max_seq_len)")
+        super().__post_init__()
         check(self.beta > 0, "beta", "must be > 0")
         check(0.0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
         check(self.sft_weight >= 0, "sft_weight", "must be >= 0")
 
 
-def max_len_of(cfg: Config, model_max: int) -> int:
-    if cfg.max_len > model_max:
-        raise ScratchError(f"dpo.max_len: {cfg.max_len} is longer than the model's max_seq_len ({model_max})")
-    return cfg.max_len or model_max
+Config = DpoConfig  # the section class params.yaml loads (tasks/common/config.py)
 
 
 # ------------------------------------------------------------------------------------------------ loss, eval
@@ -103,9 +88,6 @@ class DPOLoss:
 
     def terms(self, policy, batch: al.PairBatch, logits: tuple | None = None):
         """(loss, metrics) of one pair batch; `logits` = (policy, reference) reply logits when already computed."""
-        import torch
-
-        from model.losses import dpo_loss
         k = batch.pairs
         if logits is None:
             with torch.no_grad():
@@ -138,45 +120,38 @@ class PreferenceEval:
         self.loss, self.pairs, self.micro, self.pad_id = loss, pairs, micro_batch_size, pad_id
 
     def __call__(self, engine) -> dict[str, float]:
-        import torch
+        return sharded_means(engine, len(self.pairs), self.micro, self.NAMES, lambda ids: self.sums(engine, ids))
 
-        from tasks.common.distributed import all_reduce_sum
-        device = al.device_of(engine.module)
-        totals = torch.zeros(1 + len(self.NAMES), dtype=torch.float64, device=device)  # [pairs, *sums]
-        for share in al.rank_share(len(self.pairs), self.micro):
-            batch = al.collate_pairs([self.pairs[i] for i in (share or [0])], self.pad_id).to(device)
-            logits = (al.reply_logits(engine, batch), al.reply_logits(self.loss.reference, batch))
-            _, m = self.loss.terms(engine, batch, logits)
-            chosen = slice(0, batch.pairs)
-            kl = al.reply_kl(logits[0][chosen], logits[1][chosen], batch.rows(chosen)).mean()
-            if share is None:
-                continue
-            n = float(len(share))
-            values = [m["dpo_loss"], m["rewards_chosen"], m["rewards_rejected"], m["margin"], m["accuracy"], kl]
-            totals += torch.stack([torch.tensor(n, dtype=torch.float64, device=device)] +
-                                  [torch.as_tensor(v, device=device).double() * n for v in values])
-        all_reduce_sum(totals)
-        n = totals[0].clamp(min=1)
-        return {name: (totals[1 + i] / n).item() for i, name in enumerate(self.NAMES)}
+    def sums(self, engine, indices: list[int]) -> torch.Tensor:
+        """[pairs, *each statistic x pairs] over some held-out pairs."""
+        batch = al.collate_pairs([self.pairs[i] for i in indices], self.pad_id).to(al.device_of(engine.module))
+        logits = (al.reply_logits(engine, batch), al.reply_logits(self.loss.reference, batch))
+        _, m = self.loss.terms(engine, batch, logits)
+        chosen = slice(0, batch.pairs)
+        kl = al.reply_kl(logits[0][chosen], logits[1][chosen], batch.rows(chosen)).mean()
+        values = [m["dpo_loss"], m["rewards_chosen"], m["rewards_rejected"], m["margin"], m["accuracy"], kl]
+        n = float(len(indices))
+        return torch.stack([torch.tensor(n, dtype=torch.float64)] +
+                           [torch.as_tensor(v).detach().double().cpu() * n for v in values])
 
 
-def compare_with_reference(policy, reference, reward_model, tok: al.ChatTokenizer, sampling: al.SamplingConfig,
+def compare_with_reference(policy, reference, reward_model, tok: al.ChatTokenizer, sampling: SamplingConfig,
                            samples_file: Path) -> dict:
     """SFT (reference) vs DPO answers to the same held-out prompts and seed: constraint satisfaction, the reward
     model's win rate of DPO over SFT, mean rewards, and the KL of the policy to the reference along its answers."""
-    import torch
-    held_out = al.held_out_prompts(sampling.prompts, sampling.prompt_seed)
+    held_out = held_out_prompts(sampling.prompts, sampling.prompt_seed)
     metrics: dict = {"eval_prompts": len(held_out)}
     answers, rows = {}, {}
     for name, model in (("sft", reference), ("dpo", policy)):
-        scores, rows[name], answers[name] = al.evaluate_answers(model, tok, held_out, sampling, f"dpo: {name} answers")
+        answers[name] = al.sample_answers(model, tok, [h["prompt_messages"] for h in held_out], sampling,
+                                          f"dpo: {name} answers")
+        scores, rows[name] = check_answers(held_out, [tok.decode(a.ids) for a in answers[name]],
+                                           [a.finished for a in answers[name]])
         metrics.update({f"{name}_satisfaction": scores["constraint_rate"], f"{name}_all_satisfied": scores["satisfied"],
                         f"{name}_per_constraint": scores["per_constraint"]})
-    rewards = {}
     with torch.no_grad():
-        for name in ("sft", "dpo"):
-            rewards[name] = score_answers(reward_model, answers[name], tok.end_id, tok.pad_id, sampling.batch_size)
-        kl = kl_along(policy, reference, answers["dpo"], tok.end_id, tok.pad_id, sampling.batch_size)
+        rewards = {name: reward_scores(reward_model, answers[name], tok, sampling.batch_size) for name in answers}
+        kl = kl_along(policy, reference, answers["dpo"], tok, sampling.batch_size)
     wins = [1.0 if d > s else 0.5 if d == s else 0.0 for d, s in zip(rewards["dpo"], rewards["sft"])]
     n = max(len(wins), 1)
     metrics.update({"win_rate": sum(wins) / n, "sft_reward": sum(rewards["sft"]) / n,
@@ -186,73 +161,58 @@ def compare_with_reference(policy, reference, reward_model, tok: al.ChatTokenize
     out = []
     for name in ("sft", "dpo"):
         out += [{"model": name, "reward": r, **row} for row, r in zip(rows[name], rewards[name])]
-    al.write_jsonl(samples_file, out)
+    write_jsonl(samples_file, out)
     return metrics
 
 
-def _batches(answers: list[al.Answer], end_id: int, pad_id: int, batch_size: int):
+def _batches(answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int):
     for start in range(0, len(answers), batch_size):
         chunk = answers[start:start + batch_size]
-        yield al.sequences_batch([a.prompt for a in chunk], [a.reply(end_id) for a in chunk], pad_id)
+        yield al.sequences_batch([a.prompt for a in chunk], [a.reply(tok.end_id) for a in chunk], tok.pad_id)
 
 
-def score_answers(reward_model, answers: list[al.Answer], end_id: int, pad_id: int, batch_size: int) -> list[float]:
-    return [r for batch in _batches(answers, end_id, pad_id, batch_size) for r in al.rewards_of(reward_model, batch).tolist()]
+def reward_scores(reward_model, answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int) -> list[float]:
+    """The reward model's score of each sampled answer."""
+    return [r for batch in _batches(answers, tok, batch_size) for r in al.rewards_of(reward_model, batch).tolist()]
 
 
-def kl_along(policy, reference, answers: list[al.Answer], end_id: int, pad_id: int, batch_size: int) -> list[float]:
-    return [k for batch in _batches(answers, end_id, pad_id, batch_size)
-            for k in al.token_kl(policy, reference, batch).tolist()]
+def kl_along(policy, reference, answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int) -> list[float]:
+    """KL(policy || reference) summed along each sampled answer."""
+    return [k for batch in _batches(answers, tok, batch_size) for k in al.token_kl(policy, reference, batch).tolist()]
 
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def preflight(cfg: Config, root: Path | None = None) -> TrainConfig:
+def preflight(cfg: DpoConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
-    from model.hf import load_config
-    paths = stage_paths("dpo", root) if root else stage_paths("dpo")
     al.load_tokenizer(paths.of("tokenizer"))
-    sft, reward = paths.of("sft") / "model", paths.of("reward") / "model"
-    for folder, stage in ((sft, "sft"), (reward, "reward")):
-        if not (folder / "config.json").is_file():
-            raise ScratchError(f"{folder}: no {stage} model; run the {stage} stage first (dvc repro {stage})")
-    max_len = max_len_of(cfg, load_config(sft).max_seq_len)
-    world = planned_world_size(cfg.train, paths.root)
-    accum = cfg.train.grad_accum(world)
-    steps = cfg.train.total_steps(2 * max_len)
-    print(f"dpo: {steps:,} steps x {cfg.train.batch_size} pairs (≤ {max_len} tokens a row), β={cfg.beta}, "
-          f"policy and reference from {sft}\n"
-          f"  batch {cfg.train.batch_size} = micro {cfg.train.micro_batch_size} x accumulation {accum} x ranks "
-          f"{world}; sources {', '.join(cfg.sources)}", flush=True)
-    return cfg.train
+    sft = check_models(paths, "sft", "reward")["sft"]
+    max_len = cfg.max_len_for("dpo", load_config(sft).max_seq_len)
+    print_plan("dpo", cfg.train, paths, 2 * max_len, f"{cfg.train.batch_size} pairs (≤ {max_len} tokens a row), "
+               f"β={cfg.beta}, policy and reference from {sft}; sources {', '.join(cfg.sources)}")
 
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict | None:
+def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     """One rank's DPO; rank 0 also evaluates against the SFT policy, writes the model and returns the metrics."""
-    import torch
-
-    from model.heads import RewardModel
-    from model.hf import load, load_config, save
-    from tasks.common.distributed import init_distributed
-    from tasks.common.trainer import Trainer
+    from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
-    tokenizer_dir, sft, reward = paths.of("tokenizer"), paths.of("sft") / "model", paths.of("reward") / "model"
+    models = check_models(paths, "sft", "reward")
+    tokenizer_dir, sft = paths.of("tokenizer"), models["sft"]
     tok = al.load_tokenizer(tokenizer_dir)
     model_cfg = load_config(sft)
-    max_len = max_len_of(cfg, model_cfg.max_seq_len)
-    loaded = al.load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
-                                     cfg.val_fraction)
+    max_len = cfg.max_len_for("dpo", model_cfg.max_seq_len)
+    loaded = load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
+                                  cfg.val_fraction)
     train, val, truncated = al.encode_pairs(loaded, tok, max_len)
     if world.is_main:
         fresh_dir(paths.out)
-        al.write_quarantine(paths.out / "quarantine.jsonl", loaded.quarantine)
+        write_jsonl(paths.out / "quarantine.jsonl", loaded.quarantine)
 
     info = {"dpo": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "train")},
             "train": cfg.train.fingerprint_dict(),
-            "upstream": al.upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
-    folder = checkpoint_dir("dpo", fingerprint(info), paths.root)
-
+            "upstream": upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
+    folder = checkpoint_folder("dpo", info, paths.root)
     reference = al.load_model_folder(sft, "the sft stage's output").to(world.device).eval().requires_grad_(False)
 
     def build_model():
@@ -280,40 +240,35 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict | None:
     metrics = {**summary, **loaded.counts(), "truncated": truncated, "max_len": max_len, "beta": cfg.beta,
                "fingerprint": folder.name}
     if cfg.sampling.prompts:
-        reward_model = RewardModel.load(reward)
+        reward_model = RewardModel.load(models["reward"])
         metrics.update(compare_with_reference(policy, reference.cpu(), reward_model, tok, cfg.sampling,
                                               paths.out / "samples.jsonl"))
         tracker.log_artifact(paths.out / "samples.jsonl", "dpo")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "dpo")
-    print_summary(metrics, paths)
     return metrics
 
 
-def print_summary(m: dict, paths: StagePaths) -> None:
-    print(f"\ndpo: {m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
-          f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens), β={m['beta']}")
-    for reason, n in m["quarantined_by_reason"].items():
-        print(f"  quarantined {n:>6,}  {reason}")
-    print(f"  train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
+             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens), β={m['beta']}"]
+    lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
+    lines.append(f"train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
     if "val_accuracy" in m:
-        print(f"  held-out pairs: loss {m['val_loss']:.4f}  implicit rewards chosen {m['val_rewards_chosen']:+.3f} "
-              f"rejected {m['val_rewards_rejected']:+.3f}  margin {m['val_margin']:.3f}  accuracy "
-              f"{m['val_accuracy']:.1%}  KL/reply {m['val_kl']:.3f} nats")
+        lines.append(f"held-out pairs: loss {m['val_loss']:.4f}  implicit rewards chosen {m['val_rewards_chosen']:+.3f} "
+                     f"rejected {m['val_rewards_rejected']:+.3f}  margin {m['val_margin']:.3f}  accuracy "
+                     f"{m['val_accuracy']:.1%}  KL/reply {m['val_kl']:.3f} nats")
     if "win_rate" in m:
-        print(f"  held-out constraint satisfaction ({m['eval_prompts']} prompts): SFT {m['sft_satisfaction']:.1%} "
-              f"(all {m['sft_all_satisfied']:.1%}) → DPO {m['dpo_satisfaction']:.1%} (all {m['dpo_all_satisfied']:.1%})")
-        print(f"  reward model: DPO beats SFT on {m['win_rate']:.1%} of prompts (mean reward {m['sft_reward']:+.3f} → "
-              f"{m['dpo_reward']:+.3f}); KL(DPO || SFT) along DPO answers {m['kl_to_reference']:.3f} nats")
-    print(f"  model        {paths.out / 'model'}")
-    print(f"  samples      {paths.out / 'samples.jsonl'}")
-    print(f"  quarantine   {paths.out / 'quarantine.jsonl'}")
+        lines.append(f"held-out constraint satisfaction ({m['eval_prompts']} prompts): SFT {m['sft_satisfaction']:.1%} "
+                     f"(all {m['sft_all_satisfied']:.1%}) → DPO {m['dpo_satisfaction']:.1%} "
+                     f"(all {m['dpo_all_satisfied']:.1%})")
+        lines.append(f"reward model: DPO beats SFT on {m['win_rate']:.1%} of prompts (mean reward "
+                     f"{m['sft_reward']:+.3f} → {m['dpo_reward']:+.3f}); KL(DPO || SFT) along DPO answers "
+                     f"{m['kl_to_reference']:.3f} nats")
+    return lines + [f"model, samples.jsonl, quarantine.jsonl in {paths.out}"]
 
 
 def main() -> None:
-    if WORKER_FLAG in sys.argv[1:]:
-        stage_main("dpo", Config, run)
-    else:
-        launch_main("dpo", Config, preflight)
+    training_main("dpo", DpoConfig, run, preflight, summary)
 
 
 if __name__ == "__main__":

@@ -20,24 +20,24 @@ Scale   sources are split into units (one per file) and read in parallel on `dat
 """
 from __future__ import annotations
 
-import json
+import functools
 import os
 from collections import Counter
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal
 
-from tasks.common.config import ROOT, DataConfig, ScratchError, check, load_section
-from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl_gz
+from tasks.common.config import ROOT, DataConfig, ScratchError, check
+from tasks.common.console import fmt
+from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl, write_jsonl_gz
 from tasks.common.parallel import parallel_map
-from tasks.common.stage import progress, stage_main
+from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
-from tasks.sources import files, hf
+from tasks.sources import builtin, files, hf
 
 
 @dataclass(frozen=True)
-class Config:
+class IngestConfig:
     docs_per_shard: int = 5000
     """Documents per output shard (a unit with more is split into several shards)."""
     txt_tail: Literal["quarantine", "keep"] = "quarantine"
@@ -49,6 +49,9 @@ class Config:
     def __post_init__(self) -> None:
         check(self.docs_per_shard >= 1, "docs_per_shard", "must be >= 1")
         check(self.quarantine_excerpt_chars >= 0, "quarantine_excerpt_chars", "must be >= 0")
+
+
+Config = IngestConfig  # the section class params.yaml loads (tasks/common/config.py)
 
 
 @dataclass(frozen=True)
@@ -101,10 +104,10 @@ def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[st
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def records(unit: Unit, data: DataConfig, cfg: Config, root: Path) -> Iterator[tuple[str, files.Record, dict | None]]:
+def records(unit: Unit, data: DataConfig, cfg: IngestConfig, root: Path
+            ) -> Iterator[tuple[str, files.Record, dict | None]]:
     """(id, record, ground-truth label or None) triples of one unit."""
     if unit.kind == "builtin":
-        from tasks.sources import builtin
         b = data.builtin
         for doc in builtin.generate_corpus(b.n_docs, b.seed, b.exact_dup_rate, b.near_dup_rate, b.junk_rate):
             yield doc.id, files.Record(doc.id, text=doc.text), {"id": doc.id, "label": doc.label, "of": doc.of}
@@ -116,7 +119,7 @@ def records(unit: Unit, data: DataConfig, cfg: Config, root: Path) -> Iterator[t
             yield files.relative_location(rec.location, root), rec, None
 
 
-def ingest_unit(unit: Unit, data: DataConfig, cfg: Config, out_dir: Path, root: Path = ROOT) -> UnitResult:
+def ingest_unit(unit: Unit, data: DataConfig, cfg: IngestConfig, out_dir: Path, root: Path = ROOT) -> UnitResult:
     """Read one unit into its own shards (`shard-<unit>-<part>`), returning counts and quarantined records."""
     result = UnitResult(unit.index, unit.source)
     writer = _UnitShards(out_dir, unit.index, cfg.docs_per_shard)
@@ -166,14 +169,13 @@ class _UnitShards:
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    data = load_section("data", DataConfig)
+def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     units, skipped = plan_units(data, paths.root)
     out = fresh_dir(paths.out)
     results = run_units(units, data, cfg, out, paths.root)
-    write_side_files(results, out)
+    write_jsonl(out / "quarantine.jsonl", (row for r in results for row in r.quarantine))
+    write_jsonl(out / "labels.jsonl", (row for r in results for row in r.labels))
     metrics = {**summarise(results), "skipped_files": skipped}
-    print_funnel(metrics)
     if metrics["docs_out"] == 0:
         raise ScratchError(f"data.sources: no valid documents in {data.sources} "
                            f"({metrics['quarantined']} quarantined, see {out / 'quarantine.jsonl'})")
@@ -181,32 +183,12 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     return metrics
 
 
-def run_units(units: list[Unit], data: DataConfig, cfg: Config, out: Path, root: Path) -> list[UnitResult]:
+def run_units(units: list[Unit], data: DataConfig, cfg: IngestConfig, out: Path, root: Path) -> list[UnitResult]:
     """Read units on the configured runner (`data.parallel`); results come back in unit order."""
-    bar = progress(None, total=len(units), desc="ingest", unit="unit")
-    done: list[UnitResult] = []
-
-    def advance(result: UnitResult) -> None:
-        done.append(result)
-        bar.update(1)
-        bar.set_postfix(docs=sum(r.docs_out for r in done), MB=round(sum(r.bytes_out for r in done) / 1e6, 1),
-                        refresh=False)
-
-    work = functools.partial(ingest_unit, data=data, cfg=cfg, out_dir=out, root=root)
-    results = parallel_map(work, units, data.parallel, on_result=advance)
-    bar.close()
-    return results
-
-
-def write_side_files(results: list[UnitResult], out: Path) -> None:
-    with open(out / "quarantine.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            for row in r.quarantine:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with open(out / "labels.jsonl", "w", encoding="utf-8") as f:
-        for r in results:
-            for row in r.labels:
-                f.write(json.dumps(row) + "\n")
+    return parallel_map(functools.partial(ingest_unit, data=data, cfg=cfg, out_dir=out, root=root), units,
+                        data.parallel, desc="ingest", unit="unit",
+                        postfix=lambda done: {"docs": sum(r.docs_out for r in done),
+                                              "MB": round(sum(r.bytes_out for r in done) / 1e6, 1)})
 
 
 def summarise(results: list[UnitResult]) -> dict:
@@ -227,19 +209,21 @@ def summarise(results: list[UnitResult]) -> dict:
             "per_source": per_source}
 
 
-def print_funnel(m: dict) -> None:
-    print(f"ingest: {m['docs_in']:,} records → {m['docs_out']:,} documents ({m['bytes_out'] / 1e6:.1f} MB), "
-          f"{m['quarantined']:,} quarantined")
-    for reason, n in m["quarantined_by_reason"].items():
-        print(f"  quarantined  {n:>8,}  {reason}")
-    for source, s in m["per_source"].items():
-        print(f"  source  {s['docs_out']:>8,} docs  {s['quarantined']:>6,} quarantined  {source}")
-    for path in m["skipped_files"]:
-        print(f"  skipped (not a document file)  {path}")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    """The funnel in one line, then what was quarantined (by reason), per source when there are several."""
+    lines = [f"{fmt(m['docs_in'])} records → {fmt(m['docs_out'])} documents ({m['bytes_out'] / 1e6:.1f} MB), "
+             f"{fmt(m['quarantined'])} quarantined"
+             + "".join(f"; {fmt(n)} {reason}" for reason, n in m["quarantined_by_reason"].items())]
+    if len(m["per_source"]) > 1:
+        lines += [f"{fmt(s['docs_out'])} documents, {fmt(s['quarantined'])} quarantined from {source}"
+                  for source, s in m["per_source"].items()]
+    if m["skipped_files"]:
+        lines.append(f"skipped {len(m['skipped_files'])} non-document files (metrics: skipped_files)")
+    return lines
 
 
 def main() -> None:
-    stage_main("ingest", Config, run)
+    stage_main("ingest", IngestConfig, run, summary)
 
 
 if __name__ == "__main__":

@@ -29,53 +29,35 @@ Scale   each pair is two right-padded rows of one batch (chosen rows, then rejec
 from __future__ import annotations
 
 import shutil
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
+from model.heads import RewardModel
+from model.hf import load, load_config
+from model.losses import bradley_terry_loss
 from tasks.common import alignment as al
-from tasks.common.checkpoint import checkpoint_dir, fingerprint
-from tasks.common.config import ScratchError, as_dict, check
-from tasks.common.distributed import WORKER_FLAG, launch_main, planned_world_size
-from tasks.common.dvcio import StagePaths, fresh_dir, stage_paths
-from tasks.common.stage import stage_main
+from tasks.common.config import as_dict
+from tasks.common.distributed import init_distributed
+from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
 from tasks.common.tracking import Tracker
-from tasks.common.trainer import TrainConfig
+from tasks.common.train_config import AlignmentData, TrainConfig
+from tasks.common.training import (check_models, checkpoint_folder, print_plan, sharded_means, training_main,
+                                   upstream_fingerprint)
+from tasks.sources.examples import broken_constraint, load_preference_data
 
 
 @dataclass(frozen=True)
-class Config:
+class RewardConfig(AlignmentData):
     sources: list[str] = field(default_factory=lambda: ["builtin:preferences"])
-    """Preference pairs, in order: builtin:preferences and/or .json/.jsonl/.jsonl.gz files (relative paths are
-    relative to the repository) with prompt/chosen/rejected rows or HH-RLHF chosen/rejected transcripts."""
     builtin_train: int = 1000
-    """Pairs drawn from the builtin generator's "train" split."""
     builtin_val: int = 200
-    """Pairs drawn from the builtin generator's "val" split (held-out accuracy)."""
-    data_seed: int = 1337
-    """Seed of the builtin preference generator."""
-    val_fraction: float = 0.1
-    """Share of file rows held out for validation, chosen by a hash of the row's location (0 = none)."""
-    max_len: int = 0
-    """Longest prompt + reply in tokens (a longer prompt keeps its end, then replies are cut); 0 = the model's
-    max_seq_len."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        max_steps=60, batch_size=16, micro_batch_size=16, lr=3e-4, warmup_steps=5, weight_decay=0.0,
-        eval_every=0, checkpoint_every=0))
-    """The shared training loop: ranks, ZeRO stage, precision, batch split, AdamW, schedule, budget, cadence."""
-
-    def __post_init__(self) -> None:
-        check(len(self.sources) > 0, "sources", "list at least one source (e.g. builtin:preferences)")
-        check(self.builtin_train >= 0 and self.builtin_val >= 0, "builtin_train", "counts must be >= 0")
-        check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
-        check(self.max_len >= 0, "max_len", "must be >= 0 (0 = the model's max_seq_len)")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-4))
 
 
-def max_len_of(cfg: Config, model_max: int) -> int:
-    if cfg.max_len > model_max:
-        raise ScratchError(f"reward.max_len: {cfg.max_len} is longer than the model's max_seq_len ({model_max})")
-    return cfg.max_len or model_max
+Config = RewardConfig  # the section class params.yaml loads (tasks/common/config.py)
 
 
 # ------------------------------------------------------------------------------------------------ loss, eval
@@ -87,7 +69,6 @@ def pair_rewards(model, batch: al.PairBatch):
 
 
 def bradley_terry(engine, batch: dict):
-    from model.losses import bradley_terry_loss
     chosen, rejected = pair_rewards(engine, al.PairBatch(**batch))
     with_margin = (chosen - rejected).detach()
     return bradley_terry_loss(chosen, rejected), {"accuracy": (with_margin > 0).float().mean(),
@@ -97,33 +78,26 @@ def bradley_terry(engine, batch: dict):
 class PairAccuracy:
     """val/accuracy, val/margin and val/loss over the held-out pairs, split over the ranks."""
 
+    NAMES = ("accuracy", "margin", "loss")
+
     def __init__(self, pairs: list[al.PairExample], micro_batch_size: int, pad_id: int) -> None:
         self.pairs, self.micro, self.pad_id = pairs, micro_batch_size, pad_id
 
     def __call__(self, engine) -> dict[str, float]:
-        import torch
-        import torch.nn.functional as F
+        return sharded_means(engine, len(self.pairs), self.micro, self.NAMES, lambda ids: self.sums(engine, ids))
 
-        from tasks.common.distributed import all_reduce_sum
-        device = al.device_of(engine.module)
-        totals = torch.zeros(4, dtype=torch.float64, device=device)  # [pairs, correct, margin sum, loss sum]
-        for share in al.rank_share(len(self.pairs), self.micro):
-            batch = al.collate_pairs([self.pairs[i] for i in (share or [0])], self.pad_id).to(device)
-            chosen, rejected = pair_rewards(engine, batch)
-            if share is None:
-                continue  # a padding pass: every rank runs the same number of forwards
-            diff = (chosen - rejected).double()
-            totals += torch.stack([torch.tensor(float(len(diff)), device=device, dtype=torch.float64),
-                                   (diff > 0).double().sum(), diff.sum(), -F.logsigmoid(diff).sum()])
-        all_reduce_sum(totals)
-        n = totals[0].clamp(min=1)
-        return {"accuracy": (totals[1] / n).item(), "margin": (totals[2] / n).item(), "loss": (totals[3] / n).item()}
+    def sums(self, engine, indices: list[int]) -> torch.Tensor:
+        """[pairs, correct, margin sum, loss sum] over some held-out pairs."""
+        batch = al.collate_pairs([self.pairs[i] for i in indices], self.pad_id).to(al.device_of(engine.module))
+        chosen, rejected = pair_rewards(engine, batch)
+        diff = (chosen - rejected).double()
+        return torch.stack([torch.tensor(float(len(diff)), dtype=torch.float64, device=diff.device),
+                            (diff > 0).double().sum(), diff.sum(), -F.logsigmoid(diff).sum()])
 
 
 def held_out_report(model, pairs: list[al.PairExample], broken: list[str | None], pad_id: int,
                     batch_size: int) -> dict:
     """Accuracy and margin of the final reward model on the held-out pairs, overall and by broken constraint."""
-    import torch
     diffs: list[float] = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
@@ -140,48 +114,34 @@ def held_out_report(model, pairs: list[al.PairExample], broken: list[str | None]
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def preflight(cfg: Config, root: Path | None = None) -> TrainConfig:
+def preflight(cfg: RewardConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
-    from model.hf import load_config
-    paths = stage_paths("reward", root) if root else stage_paths("reward")
     al.load_tokenizer(paths.of("tokenizer"))
-    sft = paths.of("sft") / "model"
-    if not (sft / "config.json").is_file():
-        raise ScratchError(f"{sft}: no SFT model; run the sft stage first (dvc repro sft)")
-    max_len = max_len_of(cfg, load_config(sft).max_seq_len)
-    world = planned_world_size(cfg.train, paths.root)
-    accum = cfg.train.grad_accum(world)
-    steps = cfg.train.total_steps(2 * max_len)
-    print(f"reward: {steps:,} steps x {cfg.train.batch_size} pairs (≤ {max_len} tokens a row) from {sft}\n"
-          f"  batch {cfg.train.batch_size} = micro {cfg.train.micro_batch_size} x accumulation {accum} x ranks "
-          f"{world}; sources {', '.join(cfg.sources)}", flush=True)
-    return cfg.train
+    sft = check_models(paths, "sft")["sft"]
+    max_len = cfg.max_len_for("reward", load_config(sft).max_seq_len)
+    print_plan("reward", cfg.train, paths, 2 * max_len, f"{cfg.train.batch_size} pairs (≤ {max_len} tokens a row) "
+               f"from {sft}; sources {', '.join(cfg.sources)}")
 
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict | None:
+def run(cfg: RewardConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     """One rank's reward-model training; rank 0 also writes the model and quarantine and returns the metrics."""
-    import torch
-
-    from model.heads import RewardModel
-    from model.hf import load, load_config
-    from tasks.common.distributed import init_distributed
-    from tasks.common.trainer import Trainer
+    from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
-    tokenizer_dir, sft = paths.of("tokenizer"), paths.of("sft") / "model"
+    tokenizer_dir, sft = paths.of("tokenizer"), check_models(paths, "sft")["sft"]
     tok = al.load_tokenizer(tokenizer_dir)
     model_cfg = load_config(sft)
-    max_len = max_len_of(cfg, model_cfg.max_seq_len)
-    loaded = al.load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
-                                     cfg.val_fraction)
+    max_len = cfg.max_len_for("reward", model_cfg.max_seq_len)
+    loaded = load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
+                                  cfg.val_fraction)
     train, val, truncated = al.encode_pairs(loaded, tok, max_len)
     if world.is_main:
         fresh_dir(paths.out)
-        al.write_quarantine(paths.out / "quarantine.jsonl", loaded.quarantine)
+        write_jsonl(paths.out / "quarantine.jsonl", loaded.quarantine)
 
     info = {"reward": {k: v for k, v in as_dict(cfg).items() if k != "train"}, "train": cfg.train.fingerprint_dict(),
-            "upstream": al.upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
-    folder = checkpoint_dir("reward", fingerprint(info), paths.root)
+            "upstream": upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
+    folder = checkpoint_folder("reward", info, paths.root)
 
     def build_model():
         torch.manual_seed(cfg.train.seed)  # the head's initial weights
@@ -203,35 +163,30 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict | None:
 
     model.save(paths.out / "model", tokenizer_dir=tokenizer_dir)
     shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    held_out = held_out_report(model, val, [al.broken_constraint(p) for p in loaded.val], tok.pad_id,
+    held_out = held_out_report(model, val, [broken_constraint(p) for p in loaded.val], tok.pad_id,
                                cfg.train.micro_batch_size) if val else {}
     metrics = {**summary, **loaded.counts(), **held_out, "truncated": truncated, "max_len": max_len,
                "fingerprint": folder.name}
     tracker.log_artifact(paths.out / "quarantine.jsonl", "reward")
-    print_summary(metrics, paths)
     return metrics
 
 
-def print_summary(m: dict, paths: StagePaths) -> None:
-    print(f"\nreward: {m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
-          f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)")
-    for reason, n in m["quarantined_by_reason"].items():
-        print(f"  quarantined {n:>6,}  {reason}")
-    print(f"  train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
+             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)"]
+    lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
+    lines.append(f"train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
     if "accuracy" in m:
-        print(f"  held-out pair accuracy {m['accuracy']:.1%}   mean margin r(chosen) - r(rejected) {m['margin']:.3f}")
+        lines.append(f"held-out pair accuracy {m['accuracy']:.1%}   mean margin r(chosen) - r(rejected) "
+                     f"{m['margin']:.3f}")
         if m["accuracy_by_broken"]:
-            print("  accuracy by broken constraint: " +
-                  "  ".join(f"{k} {v:.0%}" for k, v in m["accuracy_by_broken"].items()))
-    print(f"  model        {paths.out / 'model'}  (RewardModel.load)")
-    print(f"  quarantine   {paths.out / 'quarantine.jsonl'}")
+            lines.append("accuracy by broken constraint: " +
+                         "  ".join(f"{k} {v:.0%}" for k, v in m["accuracy_by_broken"].items()))
+    return lines + [f"model (RewardModel.load) and quarantine.jsonl in {paths.out}"]
 
 
 def main() -> None:
-    if WORKER_FLAG in sys.argv[1:]:
-        stage_main("reward", Config, run)
-    else:
-        launch_main("reward", Config, preflight)
+    training_main("reward", RewardConfig, run, preflight, summary)
 
 
 if __name__ == "__main__":

@@ -135,8 +135,7 @@ EVAL = dict(prompts=32, prompt_seed=4242, seed=0, max_new_tokens=160, temperatur
 
 def sft_config(**changes):
     """A short SFT: enough to learn the chat format, short enough to leave DPO room to improve."""
-    from tasks.common.alignment import SamplingConfig
-    from tasks.common.trainer import TrainConfig
+    from tasks.common.train_config import SamplingConfig, TrainConfig
     from tasks.sft import Config
     train = TrainConfig(max_steps=12, batch_size=16, micro_batch_size=16, lr=2e-3, warmup_steps=2, weight_decay=0.0,
                         log_every=4, eval_every=0, checkpoint_every=0)
@@ -145,7 +144,7 @@ def sft_config(**changes):
 
 
 def reward_config(**changes):
-    from tasks.common.trainer import TrainConfig
+    from tasks.common.train_config import TrainConfig
     from tasks.reward import Config
     train = TrainConfig(max_steps=150, batch_size=16, micro_batch_size=16, lr=1e-3, warmup_steps=4,
                         weight_decay=0.0, log_every=10, eval_every=0, checkpoint_every=0)
@@ -153,8 +152,7 @@ def reward_config(**changes):
 
 
 def dpo_config(**changes):
-    from tasks.common.alignment import SamplingConfig
-    from tasks.common.trainer import TrainConfig
+    from tasks.common.train_config import SamplingConfig, TrainConfig
     from tasks.dpo import Config
     train = TrainConfig(max_steps=120, batch_size=16, micro_batch_size=16, lr=5e-4, warmup_steps=4, weight_decay=0.0,
                         log_every=10, eval_every=0, checkpoint_every=0)

@@ -11,6 +11,8 @@ import torch
 from model import Llama, ModelConfig
 from model.losses import cross_entropy, sequence_logprobs
 from tasks.common import alignment as al
+from tasks.sources import examples
+from tasks.common.train_config import SamplingConfig
 from tasks.common import chat
 from tasks.sources import builtin
 from tests.alignment_fixtures import make_tokenizer
@@ -193,7 +195,7 @@ def test_loading_splits_and_counts_every_row(tmp_path):
             {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    loaded = al.load_instruction_data(["builtin:instructions", str(path)], tmp_path, builtin_train=5,
+    loaded = examples.load_instruction_data(["builtin:instructions", str(path)], tmp_path, builtin_train=5,
                                       builtin_val=2, seed=1, val_fraction=0.0)
     c = loaded.counts()
     assert (c["train_examples"], c["val_examples"], c["quarantined"]) == (8, 2, 4)
@@ -203,12 +205,12 @@ def test_loading_splits_and_counts_every_row(tmp_path):
     assert {q["location"].split(":")[1] for q in loaded.quarantine} == {"4", "5", "6", "7"}
     assert all(e["id"].startswith("builtin-instr-val") for e in loaded.val)
 
-    everything_val = al.load_instruction_data([str(path)], tmp_path, 0, 0, 1, val_fraction=0.999)
+    everything_val = examples.load_instruction_data([str(path)], tmp_path, 0, 0, 1, val_fraction=0.999)
     assert len(everything_val.val) == 3 and not everything_val.train
 
 
 def test_keep_only_moves_rejected_examples_to_quarantine_and_keeps_counts_exact():
-    loaded = al.load_preference_data(["builtin:preferences"], al.Path("."), 6, 2, 5, 0.0)
+    loaded = examples.load_preference_data(["builtin:preferences"], al.Path("."), 6, 2, 5, 0.0)
     kept = loaded.keep_only("train", lambda p: "too long" if p["id"].endswith(("1", "3")) else None)
     c = loaded.counts()
     assert len(kept) == 4 and c["quarantined"] == 2 and c["rows_in"] == 8
@@ -220,18 +222,18 @@ def test_keep_only_moves_rejected_examples_to_quarantine_and_keeps_counts_exact(
 
 def test_score_answers_counts_constraints_and_whole_answers():
     pairs = list(builtin.generate_preferences(20, 9, "test"))
-    good = al.score_answers([p["chosen"] for p in pairs], [p["constraints"] for p in pairs])
+    good = examples.constraint_scores([p["chosen"] for p in pairs], [p["constraints"] for p in pairs])
     assert good["satisfied"] == 1.0 and good["constraint_rate"] == 1.0
-    bad = al.score_answers([p["rejected"] for p in pairs], [p["constraints"] for p in pairs])
+    bad = examples.constraint_scores([p["rejected"] for p in pairs], [p["constraints"] for p in pairs])
     n_constraints = sum(len(p["constraints"]) for p in pairs)
     assert bad["satisfied"] == 0.0
     assert bad["constraint_rate"] == pytest.approx((n_constraints - 20) / n_constraints)
-    assert al.broken_constraint({**pairs[0], "prompt_messages": []}) == builtin.BROKEN_KINDS[pairs[0]["broken"]]
+    assert examples.broken_constraint({**pairs[0], "prompt_messages": []}) == builtin.BROKEN_KINDS[pairs[0]["broken"]]
 
 
 def test_sampling_is_reproducible_and_stops_at_end(tok, model):
-    prompts = [p["prompt_messages"] for p in al.held_out_prompts(3, 1)]
-    cfg = al.SamplingConfig(prompts=3, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5, batch_size=2)
+    prompts = [p["prompt_messages"] for p in examples.held_out_prompts(3, 1)]
+    cfg = SamplingConfig(prompts=3, max_new_tokens=12, temperature=1.0, top_p=1.0, seed=5, batch_size=2)
     first = al.sample_answers(model, tok, prompts, cfg)
     again = al.sample_answers(model, tok, prompts, cfg)
     assert [a.ids for a in first] == [a.ids for a in again]

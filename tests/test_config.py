@@ -69,3 +69,61 @@ def test_params_and_dvc_yaml_parse_with_dvcs_yaml_reader():
     from ruamel.yaml import YAML
     for name in ("params.yaml", "dvc.yaml"):
         YAML(typ="rt").load((ROOT / name).read_text())
+
+
+# ------------------------------------------------------------------------------------------------ one source of truth
+
+def test_code_defaults_are_the_params_yaml_values():
+    """params.yaml is the authority; every dataclass default repeats its value, so a config built in code (tests,
+    notebooks) means what the same keys mean in the pipeline. Sections with a required key (data.sources) excepted."""
+    import dataclasses
+
+    from tasks.common.config import read_params, section_class
+    differ = {}
+    for name, loaded in load_all().items():
+        cls = section_class(name)
+        if any(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+               for f in dataclasses.fields(cls)):
+            continue
+        if loaded != cls():
+            differ[name] = {k: (v, getattr(cls(), k)) for k, v in vars(loaded).items() if v != getattr(cls(), k)}
+    assert not differ, f"params.yaml value vs code default: {differ}"
+    assert {"train", "sampling", "pretrain", "sft", "reward", "dpo", "evaluate"} <= set(read_params())
+
+
+def test_a_stage_inherits_the_train_and_sampling_bases_and_overrides_single_keys(tmp_path):
+    def mutate(p):
+        p["train"]["beta2"] = 0.99
+        p["sampling"]["top_p"] = 0.5
+        p["sft"]["train"] = {"lr": 1.0e-5}
+    path = write_params(tmp_path, mutate)
+    sft, reward = load_section("sft", path=path), load_section("reward", path=path)
+    assert (sft.train.lr, sft.train.beta2, sft.sampling.top_p) == (1.0e-5, 0.99, 0.5)
+    assert (reward.train.lr, reward.train.beta2) == (3.0e-4, 0.99)  # reward's own override, the base's beta2
+    assert load_section("pretrain", path=path).train.max_tokens == 4_500_000
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p["sft"].update(train={"lrr": 1.0}), "params.yaml: sft.train.lrr: unknown key (did you mean 'lr'?)"),
+    (lambda p: p["train"].update(lr="fast"), "params.yaml: train.lr: expected float, got str ('fast')"),
+    (lambda p: p["sft"].update(train=[1]), "params.yaml: sft.train: expected a mapping of overrides of 'train'"),
+    (lambda p: p.pop("sampling"), "params.yaml: missing section 'sampling' (the base that"),
+    (lambda p: p["dpo"].update(train={"max_tokens": 100}), "params.yaml: dpo.train.max_steps: set exactly one"),
+])
+def test_inheritance_errors_name_where_the_bad_value_is(tmp_path, mutate, message):
+    with pytest.raises(ConfigError) as err:
+        load_all(write_params(tmp_path, mutate))
+    assert message in str(err.value)
+
+
+def test_checking_params_loads_neither_deepspeed_nor_mlflow():
+    """`scratchlm params --check` imports every stage module (each holds its Config). DeepSpeed (~5 s) and MLflow
+    (~2 s) stay behind the functions that use them; torch is imported (the alignment stages' Configs sit beside
+    their tensor code), which costs ~3 s once."""
+    import subprocess
+    import sys
+    code = ("import sys; from tasks.common.config import load_all; load_all(); "
+            "print(sorted(m for m in ('deepspeed', 'mlflow', 'lm_eval', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout

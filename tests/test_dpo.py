@@ -11,7 +11,8 @@ import torch
 from model import Llama, ModelConfig
 from tasks import dpo
 from tasks.common import alignment as al
-from tasks.common.trainer import TrainConfig
+from tasks.sources import examples
+from tasks.common.train_config import SamplingConfig, TrainConfig
 from tests.alignment_fixtures import cached_stage, dpo_config, reward_config, run_stage, sft_config, stage_root
 from tests.conftest import shared
 
@@ -60,7 +61,7 @@ def test_dpo_runs_on_hh_rlhf_pairs(tmp_path, tmp_path_factory):
     world, _ = cached_stage(tmp_path_factory, "reward", reward_config())
     root = stage_root(tmp_path, world, "sft", "reward")
     cfg = dpo_config(sources=[str(hh)], builtin_train=0, builtin_val=0, val_fraction=0.01, max_len=192,
-                     sampling=al.SamplingConfig(prompts=0),
+                     sampling=SamplingConfig(prompts=0),
                      train=TrainConfig(max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-4, warmup_steps=1,
                                        log_every=1, eval_every=0, checkpoint_every=0))
     m = run_stage("dpo", cfg, root)

@@ -31,7 +31,7 @@ TEST_TRAIN = {  # a few seconds of the tiny preset; tests override what they exe
     "checkpoint_every": 5, "keep_checkpoints": 2, "peak_flops": 1.0e11, "resume": True,
 }
 TEST_PRETRAIN = {"seq_len": 64, "val_windows": 16,
-                 "samples": {"prompts": ["Once upon a time"], "max_new_tokens": 16, "temperature": 0.8, "top_k": 20},
+                 "samples": {"openings": ["Once upon a time"], "max_new_tokens": 16, "temperature": 0.8, "top_k": 20},
                  "train": TEST_TRAIN}
 
 

@@ -10,7 +10,8 @@ import torch
 from model import RewardModel
 from tasks import reward
 from tasks.common import alignment as al
-from tasks.common.trainer import TrainConfig
+from tasks.sources import examples
+from tasks.common.train_config import TrainConfig
 from tests.alignment_fixtures import cached_stage, reward_config, run_stage, sft_config, stage_root
 from tests.conftest import shared
 
@@ -52,8 +53,8 @@ def test_reward_model_ranks_held_out_builtin_pairs(tmp_path_factory):
     # the saved model reproduces the stage's held-out ranking (truncated/too-long/untitled pairs, 16 at a time)
     rm = RewardModel.load(root / "data" / "reward" / "model")
     tok = al.load_tokenizer(root / "data" / "reward" / "model")
-    pairs = al.load_preference_data(["builtin:preferences"], root, 0, 200, 1337, 0.0).val
-    visible = [p for p in pairs if al.broken_constraint(p) in ("complete", "max_sentences", "title")][:16]
+    pairs = examples.load_preference_data(["builtin:preferences"], root, 0, 200, 1337, 0.0).val
+    visible = [p for p in pairs if examples.broken_constraint(p) in ("complete", "max_sentences", "title")][:16]
     batch = al.collate_pairs([al.encode_pair(tok, p, rm.cfg.max_seq_len) for p in visible], tok.pad_id)
     with torch.no_grad():
         r = rm(batch.ids, batch.attention_mask)  # (2n,) chosen rows first, then rejected

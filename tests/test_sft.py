@@ -10,9 +10,10 @@ import torch
 from model import load
 from tasks import sft
 from tasks.common import alignment as al
+from tasks.sources import examples
 from tasks.common.config import ScratchError
-from tasks.common.dvcio import read_json
-from tasks.common.trainer import TrainConfig
+from tasks.common.dvcio import read_json, stage_paths
+from tasks.common.train_config import SamplingConfig, TrainConfig
 from tests.alignment_fixtures import alignment_world, cached_stage, run_stage, sft_config, stage_root
 from tests.conftest import shared
 
@@ -35,7 +36,7 @@ def test_sft_learns_the_answers_and_reports_satisfaction(tmp_path_factory):
         assert (out / "model" / name).is_file()
     tok = al.load_tokenizer(out / "model")
 
-    loaded = al.load_instruction_data(["builtin:instructions"], root, 0, 32, 1337, 0.0)
+    loaded = examples.load_instruction_data(["builtin:instructions"], root, 0, 32, 1337, 0.0)
     val = [e["messages"] for e in loaded.val]
     before = response_loss(load(root / "data" / "pretrain" / "model"), tok, val, m["max_len"])
     after = response_loss(model, tok, val, m["max_len"])
@@ -57,7 +58,7 @@ def test_sft_learns_the_answers_and_reports_satisfaction(tmp_path_factory):
 
 def test_missing_upstream_and_impossible_params_fail_clearly(tmp_path):
     with pytest.raises(ScratchError, match="tokenizer.json: missing"):
-        sft.preflight(sft_config(), root=tmp_path)
+        sft.preflight(sft_config(), stage_paths("sft", tmp_path))
     with pytest.raises(ScratchError, match="max_len"):
         sft.Config(max_len=-1)
     with pytest.raises(ScratchError, match="sources"):
@@ -76,7 +77,7 @@ def test_sft_runs_on_alpaca_and_gsm8k_with_bad_rows_quarantined(tmp_path, tmp_pa
                       '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n'
                       'not json at all\n')
     cfg = sft_config(sources=[str(alpaca), str(gsm8k), str(broken)], builtin_train=0, builtin_val=0,
-                     val_fraction=0.05, eval_base=False, sampling=al.SamplingConfig(prompts=0),
+                     val_fraction=0.05, eval_base=False, sampling=SamplingConfig(prompts=0),
                      train=TrainConfig(max_steps=3, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1,
                                        log_every=1, eval_every=0, checkpoint_every=0))
     m = run_stage("sft", cfg, root)

@@ -1,9 +1,19 @@
 """params.yaml → frozen, typed, self-documenting dataclasses.
 
-Every section of `params.yaml` loads into a frozen dataclass: `data` and `model` are defined here, and each stage
-section `<stage>` is the `Config` class of `tasks/<stage>.py` (so a new stage brings its own section without
-touching this file). A field's documentation is the string literal written right after it (litgpt style);
-`describe()` reads it back for `scratchlm params`.
+Every section of `params.yaml` loads into a frozen dataclass: `data` and `model` are defined here, `train` and
+`sampling` in tasks/common/train_config.py, and each stage section `<stage>` is the `Config` class of
+`tasks/<stage>.py` (so a new stage brings its own section without touching this file). A field's documentation is
+the string literal written right after it (litgpt style); `describe()` reads it back for `scratchlm params`.
+
+Inheritance: a stage field named like a base section (`train`, `sampling`) and of its type starts from that
+section, and the stage's own mapping under that key (optional) overrides single keys:
+`sft.train.lr` wins over `train.lr`, every other `train` key is inherited. DVC sees both (the training stages list
+`train` and their own section under `params:`), so a change to `train.lr` reruns every training stage and a change
+to `sft.train.lr` reruns sft and what follows it only.
+
+params.yaml is the authority: the pipeline runs on its values. The dataclass defaults are the same values (a test,
+tests/test_config.py, holds them equal), so a config built in code (`SftConfig(max_len=64)` in a test) means what
+the same keys mean in params.yaml.
 
 Loading is strict and happens before any work: an unknown key, a missing key, a wrong type or an impossible value
 raises `ConfigError` naming the file and the dotted key, e.g.
@@ -13,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import functools
 import importlib
 import inspect
@@ -107,18 +118,16 @@ class ModelSection:
     """Explicit ModelConfig fields that replace the preset's (e.g. {n_layers: 6, max_seq_len: 512}).
     vocab_size always comes from the trained tokenizer."""
 
-    def model_config(self, vocab_size: int):
-        """The validated `model.config.ModelConfig` for a tokenizer of `vocab_size` tokens."""
-        from model.config import ModelConfig
-        try:
-            return ModelConfig.from_preset(self.preset, **{**self.overrides, "vocab_size": vocab_size})
-        except (ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"{params_file().name}: model: {e}") from None
 
 
 BASE_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection}
-EXTRA_SECTIONS: dict[str, str] = {"promote": "tasks.common.promotion:PromoteConfig"}
-"""Sections that configure no stage: name → "module:Class" of their dataclass (imported when loaded)."""
+EXTRA_SECTIONS: dict[str, str] = {"train": "tasks.common.train_config:TrainConfig",
+                                  "sampling": "tasks.common.train_config:SamplingConfig",
+                                  "promote": "tasks.common.promotion:PromoteConfig"}
+"""Sections that configure no single stage: name → "module:Class" of their dataclass (imported when loaded;
+train_config and promotion import this module, so naming them here keeps the imports one-way)."""
+INHERITED = ("train", "sampling")
+"""Base sections a stage inherits from when it has a field of that name and type (see the module docstring)."""
 
 
 def check(ok: bool, key: str, message: str) -> None:
@@ -144,8 +153,8 @@ def read_params(path: Path | str | None = None) -> dict[str, Any]:
 
 
 def section_class(name: str) -> type:
-    """The dataclass of section `name`: `data`/`model` here, EXTRA_SECTIONS (`promote`), else `Config` in
-    `tasks/<name>.py`."""
+    """The dataclass of section `name`: `data`/`model` here, EXTRA_SECTIONS (`train`, `sampling`, `promote`), else
+    `Config` in `tasks/<name>.py`."""
     if name in BASE_SECTIONS:
         return BASE_SECTIONS[name]
     if name in EXTRA_SECTIONS:
@@ -168,15 +177,47 @@ def load_section(name: str, cls: type[T] | None = None, path: Path | str | None 
     raw = read_params(path)
     if name not in raw:
         raise ConfigError(f"{path.name}: missing section {name!r}")
-    return build(cls or section_class(name), raw[name], f"{path.name}: {name}")
+    cls = cls or section_class(name)
+    return build(cls, inherit(cls, raw, name, path), f"{path.name}: {name}")
 
 
 def load_all(path: Path | str | None = None) -> dict[str, Any]:
     """Load and validate every section (what `scratchlm params --check` and the flow run first)."""
     path = Path(path or params_file())
     raw = read_params(path)
-    return {name: build(section_class_for_file(name, path), value, f"{path.name}: {name}")
-            for name, value in raw.items()}
+    out = {}
+    for name in raw:
+        cls = section_class_for_file(name, path)
+        out[name] = build(cls, inherit(cls, raw, name, path), f"{path.name}: {name}")
+    return out
+
+
+def inherited_fields(cls: type) -> list[str]:
+    """The fields of `cls` that start from a base section: named like one of INHERITED and of its type."""
+    if not dataclasses.is_dataclass(cls) or cls.__name__ in {section_class(b).__name__ for b in INHERITED}:
+        return []
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if f.name in INHERITED and hints[f.name] is section_class(f.name)]
+
+
+def inherit(cls: type, raw: dict[str, Any], name: str, path: Path) -> Any:
+    """Section `name` of the raw params with each inherited field's base section merged under its overrides."""
+    section = raw[name]
+    fields = inherited_fields(cls)
+    if not fields or not isinstance(section, dict):
+        return section
+    section = dict(section)
+    for field_name in fields:
+        if field_name not in raw:
+            raise ConfigError(f"{path.name}: missing section {field_name!r} (the base that {name}.{field_name} "
+                              f"inherits from)")
+        base, own = raw[field_name], section.get(field_name) or {}
+        build(section_class(field_name), base, f"{path.name}: {field_name}")  # an error in the base names the base
+        if not isinstance(own, dict):
+            raise ConfigError(f"{path.name}: {name}.{field_name}: expected a mapping of overrides of "
+                              f"{field_name!r}, got {type(own).__name__}")
+        section[field_name] = {**base, **own}
+    return section
 
 
 def section_class_for_file(name: str, path: Path) -> type:
@@ -260,7 +301,6 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def _closest(word: str, options: list[str]) -> str:
-    import difflib
     match = difflib.get_close_matches(word, options, n=1)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
@@ -269,13 +309,16 @@ def _closest(word: str, options: list[str]) -> str:
 
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
-    """Map field name → the string literal written under it in the class body."""
+    """Map field name → the string literal written under it in the class body (or in a base class's)."""
+    docs: dict[str, str] = {}
+    for base in reversed(cls.__mro__[1:]):
+        if dataclasses.is_dataclass(base):
+            docs.update(field_docs(base))
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
-        return {}
+        return docs
     body = tree.body[0].body
-    docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
                 and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
@@ -292,9 +335,13 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, type, doc) for every field of `cls`, nested dataclasses flattened."""
     rows = []
     hints = typing.get_type_hints(cls)
+    inherited = inherited_fields(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(hints[f.name]):
+        if f.name in inherited:
+            rows.append((key, "section", f"{field_doc(cls, f.name)} Any key of `{f.name}` (listed under it); "
+                                         f"the rest inherited."))
+        elif dataclasses.is_dataclass(hints[f.name]):
             rows.append((key, "section", field_doc(cls, f.name)))
             rows.extend(describe(hints[f.name], key + "."))
         else:

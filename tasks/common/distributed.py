@@ -2,7 +2,7 @@
 
 A training stage runs in two halves:
 
-    python -m tasks.<stage>            launcher side: `launch_main` loads and checks the params (batch arithmetic,
+    python -m tasks.<stage>            launcher side: `training.launch` loads and checks the params (batch arithmetic,
                                        inputs, model shape) once, then execs the DeepSpeed launcher:
         deepspeed --num_gpus N --master_port P --no_local_rank --module tasks.<stage> --worker
         deepspeed --hostfile H ...     (several nodes: one line `host slots=N` per node)
@@ -14,10 +14,10 @@ A training stage runs in two halves:
     config = deepspeed_config(train, world, precision)         # the DeepSpeed JSON
     peak = peak_flops(world, precision != "fp32", override=train.peak_flops)  # FLOP/s for MFU
 
-CPU (no CUDA device, or DS_ACCELERATOR=cpu): gloo, torch's AdamW (`torch_adam`, no C++ build), the host's cores
+CPU (no CUDA device, or DS_ACCELERATOR=cpu): gloo, the host's cores
 split between its ranks (one OpenMP thread per rank on a 2-core host: two threads in one process collapse as soon
-as another job takes a core, 1,300 vs 4,300 tokens/s for the small preset at load ~4). GPU: NCCL and DeepSpeed's
-fused Adam. No DeepSpeed C++ op is JIT-built on CPU.
+as another job takes a core, 1,300 vs 4,300 tokens/s for the small preset at load ~4). GPU: NCCL. Either way the
+optimizer is torch.optim.AdamW, built by the trainer; no DeepSpeed C++ op is JIT-built.
 """
 from __future__ import annotations
 
@@ -31,14 +31,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
-from tasks.common.config import ROOT, ScratchError, load_section
+from tasks.common.config import ROOT, ScratchError
+from tasks.common.train_config import TrainConfig
 
 if TYPE_CHECKING:
     import torch
-
-    from tasks.common.trainer import TrainConfig
 
 WORKER_FLAG = "--worker"
 
@@ -81,7 +80,7 @@ def hostfile_slots(path: Path) -> dict[str, int]:
     return hosts
 
 
-def planned_world_size(train: "TrainConfig", root: Path = ROOT) -> int:
+def planned_world_size(train: TrainConfig, root: Path = ROOT) -> int:
     """Ranks the launcher will start: `ranks` on this host, or every slot of the hostfile."""
     if train.hostfile:
         return sum(hostfile_slots(root / train.hostfile).values())
@@ -94,7 +93,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_command(module: str, train: "TrainConfig", root: Path = ROOT) -> tuple[list[str], dict[str, str]]:
+def launch_command(module: str, train: TrainConfig, root: Path = ROOT) -> tuple[list[str], dict[str, str]]:
     """The `deepspeed` command line and environment that start `module --worker` on every rank."""
     cmd = [sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--log_level", "warning"]
     if train.hostfile:
@@ -133,24 +132,6 @@ def torch_extensions_dir() -> str:
     import hashlib
     venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
     return str(Path.home() / ".cache" / "scratchlm" / "torch_extensions" / venv)
-
-
-def launch_main(stage: str, config_cls: type, preflight: Callable[[Any], "TrainConfig"]) -> None:
-    """`python -m tasks.<stage>`: check the params (`preflight(cfg)` returns the TrainConfig), then exec DeepSpeed.
-
-    Errors a user can fix print one `error: <stage>: ...` line and exit 2, before any rank starts.
-    """
-    try:
-        cfg = load_section(stage, config_cls)
-        train = preflight(cfg)
-        cmd, env = launch_command(f"tasks.{stage}", train)
-    except ScratchError as e:
-        print(f"error: {stage}: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    where = f"hostfile {train.hostfile}" if train.hostfile else f"{train.ranks} rank(s) on this host"
-    device = "CPU (gloo)" if env.get("DS_ACCELERATOR") == "cpu" else "GPU (nccl)"
-    print(f"{stage}: launching DeepSpeed, {where}, {device}\n  $ {' '.join(cmd[2:])}", flush=True)
-    os.execvpe(cmd[0], cmd, env)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -255,15 +236,13 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
-def deepspeed_config(train: "TrainConfig", world: World, precision: str) -> dict[str, Any]:
-    """The DeepSpeed config of a training run (batch split, ZeRO stage, precision, clipping, AdamW)."""
+def deepspeed_config(train: TrainConfig, world: World, precision: str) -> dict[str, Any]:
+    """The DeepSpeed config of a training run: batch split, ZeRO stage, precision, clipping.
+
+    It names no optimizer: the trainer builds torch.optim.AdamW itself (trainer.build_optimizer) and hands it to
+    deepspeed.initialize, which wraps it (ZeRO partitions its states, bf16 keeps fp32 master weights in it).
+    """
     accumulation = train.grad_accum(world.size)
-    adam = {"lr": train.lr, "betas": [train.beta1, train.beta2], "eps": train.eps,
-            "weight_decay": train.weight_decay}
-    if world.on_cpu:
-        adam["torch_adam"] = True      # DeepSpeed's CPU Adam is a ~80 s C++ build; torch's AdamW is exact
-    else:
-        adam["adam_w_mode"] = True     # FusedAdam in decoupled-weight-decay (AdamW) mode
     zero: dict[str, Any] = {"stage": train.zero_stage}
     if train.zero_stage == 3:
         # gather whole layers for small models instead of many tiny prefetches
@@ -276,7 +255,6 @@ def deepspeed_config(train: "TrainConfig", world: World, precision: str) -> dict
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
-        "optimizer": {"type": "AdamW", "params": adam},
         "steps_per_print": 10**9,      # the trainer logs; DeepSpeed's own progress lines would interleave
         "wall_clock_breakdown": False,
         "dump_state": False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
@@ -19,9 +20,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from tasks.common.config import ROOT
-
-DATA_DIR = ROOT / "data"
-METRICS_DIR = ROOT / "metrics"
 
 
 @dataclass(frozen=True)
@@ -81,6 +79,23 @@ def _jsonable(x: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ JSONL shards
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
+    """Plain JSON Lines (quarantines, samples): one UTF-8 object per line, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False, default=_jsonable) + "\n" for row in rows)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.jsonl.gz"

@@ -6,7 +6,8 @@
             scheduler, or, when empty, a local cluster of `runner.workers` processes on 127.0.0.1 (one per
             process, reused by every map of the stage)
 `fn` and `items` must be picklable (top-level functions or functools.partial of them, plain data); results come
-back to the caller, and `on_result` is called on each, in input order, as soon as it and those before it are done.
+back to the caller. With `desc`, a progress bar (tasks/common/console.py) ticks as each result arrives, in input
+order, and shows `postfix(results so far)` beside it.
 
 On Dask every item is one Prefect task run of a `data-shards` flow run, visible on the Prefect server in
 PREFECT_API_URL. Without one, a single temporary Prefect server is started for the whole map and handed to the
@@ -24,6 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from tasks.common.config import RunnerConfig
+from tasks.common.console import progress
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,21 +35,28 @@ EPHEMERAL_STARTUP_SECONDS = 120
 raises it further)."""
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig,
-                 on_result: Callable[[R], Any] | None = None) -> list[R]:
-    """`[fn(x) for x in items]` on the configured runner, calling `on_result` as each finishes (in order)."""
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig, desc: str = "", unit: str = "shard",
+                 postfix: Callable[[list[R]], dict[str, Any]] | None = None) -> list[R]:
+    """`[fn(x) for x in items]` on the configured runner; with `desc`, a progress bar of one tick per item."""
     results: list[R] = []
+    bar = progress(None, total=len(items), desc=desc, unit=unit) if desc else None
 
     def collect(result: R) -> None:
         results.append(result)
-        if on_result is not None:
-            on_result(result)
+        if bar is not None:
+            bar.update(1)
+            if postfix is not None:
+                bar.set_postfix(postfix(results), refresh=False)
 
-    if runner.runner == "dask":
-        _dask_map(fn, list(items), runner, collect)
-    else:
-        for result in _local_results(fn, items, runner):
-            collect(result)
+    try:
+        if runner.runner == "dask":
+            _dask_map(fn, list(items), runner, collect)
+        else:
+            for result in _local_results(fn, items, runner):
+                collect(result)
+    finally:
+        if bar is not None:
+            bar.close()
     return results
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from tasks.common.config import ROOT
+from tasks.common.console import is_rank_zero
 
 EXPERIMENT = os.environ.get("SCRATCHLM_EXPERIMENT", "scratchlm")
 PARENT_ENV = "SCRATCHLM_PARENT_RUN_ID"
@@ -26,10 +27,6 @@ PARENT_ENV = "SCRATCHLM_PARENT_RUN_ID"
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns.db'}"
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_mlflow():
@@ -71,14 +68,15 @@ def dvc_lock_tags(stage: str, lock_file: Path = ROOT / "dvc.lock") -> dict[str, 
     return tags
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict[str, Any], prefix: str = "", encode: bool = True) -> dict[str, Any]:
+    """A nested dict with dotted keys; lists (and empty dicts) become JSON strings when `encode`."""
     out = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
+            out.update(flatten(v, key + ".", encode))
         else:
-            out[key] = json.dumps(v) if isinstance(v, (list, dict)) else v
+            out[key] = json.dumps(v) if encode and isinstance(v, (list, dict)) else v
     return out
 
 
@@ -147,7 +145,8 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Trac
         return
     mlflow = setup_mlflow()
     parent = os.environ.get(PARENT_ENV)
-    tags = {"scratchlm.stage": stage, "mlflow.source.git.commit": git_commit(), "git_commit": git_commit()}
+    commit = git_commit()
+    tags = {"scratchlm.stage": stage, "mlflow.source.git.commit": commit, "git_commit": commit}
     if parent:
         tags.update({"mlflow.parentRunId": parent, "scratchlm.parent_run_id": parent})
     tags.update(dvc_lock_tags(stage))

@@ -1,7 +1,7 @@
 """The training loop every training stage shares (pretrain, sft, reward, dpo): DeepSpeed, schedule, logging,
 checkpoints, resume and a NaN guard. A stage brings its model, its batches and its loss; the loop does the rest.
 
-    from tasks.common.trainer import Trainer, TrainConfig, BatchIndex
+    from tasks.common.trainer import Trainer          # TrainConfig, BatchIndex: tasks/common/train_config.py
 
     trainer = Trainer(
         build_model,                 # () -> nn.Module, seeded by the caller; called again (RNG forked) to hold
@@ -26,7 +26,7 @@ checkpoints, resume and a NaN guard. A stage brings its model, its batches and i
 
 What a stage plugs in, e.g.
     pretrain  batches = random windows of the token memmap;  loss = engine(x, y)[1]
-    sft       batches = padded chats + response masks;       loss = engine(x, y, loss_mask=m)[1]
+    sft       batches = padded chats, -100 off the answers;  loss = engine(x, y)[1]
     reward    batches = (chosen, rejected) pairs;            loss = bradley_terry_loss(engine(c), engine(r))
     dpo       batches = pairs;  loss_fn closes over a frozen reference model: dpo_loss(policy logps, reference logps)
 
@@ -38,8 +38,9 @@ makes a resumed run see exactly the data it would have seen (the data cursor is 
 
 Loop. Per step: for each micro batch, loss_fn → engine.backward; the losses are summed over micro batches and
 ranks (one all-reduce) and a non-finite loss stops training before the optimizer step (`TrainingDiverged`, the
-last good checkpoint untouched); then engine.step() (clipping, AdamW, the LR schedule: linear warmup then cosine
-to `min_lr_ratio`). Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu
+last good checkpoint untouched); then engine.step(): clipping, torch.optim.AdamW (built here, `build_optimizer`,
+and wrapped by DeepSpeed), and the LR schedule `TrainConfig.lr_factor` (linear warmup then cosine to
+`min_lr_ratio`) as a LambdaLR that DeepSpeed steps. The logged train/lr is read from the optimizer. Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu
 to MLflow and history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn
 and samples; every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler,
 RNG states, step) and an atomic move of `latest`. Only the rank-0 process writes logs.
@@ -52,164 +53,26 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import sysconfig
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Literal
+from typing import Any, Callable
+
+import deepspeed
+import torch
+from torch import Tensor, nn
 
 from tasks.common.checkpoint import Checkpoints, tag_of
-from tasks.common.config import ConfigError, ScratchError, check
+from tasks.common.config import ConfigError, ScratchError
+from tasks.common.console import progress, progress_write
 from tasks.common.distributed import (World, all_reduce_sum, barrier, deepspeed_config, format_flops,
                                       init_distributed, peak_flops, resolve_precision)
-from tasks.common.stage import progress
 from tasks.common.tracking import Tracker
-
-if TYPE_CHECKING:  # torch is imported where it is used, so loading params (TrainConfig) stays light
-    import torch
-    from torch import Tensor, nn
+from tasks.common.train_config import BatchIndex, TrainConfig
 
 NAN_HOOK = "SCRATCHLM_TEST_NAN_STEP"
 HANG_HOOK = "SCRATCHLM_TEST_HANG_STEP"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    ranks: int = 1
-    """DeepSpeed ranks on this host (`deepspeed --num_gpus`): GPUs, or CPU processes sharing the cores."""
-    hostfile: str = ""
-    """DeepSpeed hostfile for several nodes (`host slots=N` per line, relative to the repo); the world is then
-    every slot it lists and `ranks` is ignored. Empty = this host only."""
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    """ZeRO stage: 0 = plain data parallel, 1 = shard optimizer states, 2 = + gradients, 3 = + parameters."""
-    precision: Literal["auto", "fp32", "bf16", "autocast"] = "auto"
-    """fp32; bf16 (DeepSpeed bf16: bf16 weights and activations, fp32 master weights); autocast (fp32 weights, bf16
-    matmuls under torch.autocast). auto = bf16 on a GPU that supports it, autocast on a CPU with native bf16
-    (AVX512-BF16/AMX), else fp32."""
-    batch_size: int = 32
-    """Examples (sequences) per optimizer step, over all ranks: micro_batch_size x accumulation x ranks."""
-    micro_batch_size: int = 16
-    """Examples per forward/backward pass on one rank; gradient accumulation = batch_size / (this x ranks)."""
-    max_steps: int = 0
-    """Training budget in optimizer steps (set this or max_tokens, the other 0)."""
-    max_tokens: int = 0
-    """Training budget in tokens: steps = ceil(max_tokens / (batch_size x tokens per example))."""
-    lr: float = 1.0e-3
-    """Peak learning rate (AdamW), reached after the warmup."""
-    min_lr_ratio: float = 0.1
-    """The cosine decay ends at lr x min_lr_ratio on the last step."""
-    warmup_steps: int = 20
-    """Steps of linear warmup from lr/warmup_steps to lr."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices and embeddings (not on norm weights)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    eps: float = 1.0e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 = no clipping)."""
-    seed: int = 1337
-    """Seed of the initial weights and of the data order (batches are a function of seed, step and rank)."""
-    log_every: int = 10
-    """Steps between train/* metrics (MLflow, history.jsonl, progress bar)."""
-    eval_every: int = 100
-    """Steps between evaluations and samples (0 = only at the end)."""
-    checkpoint_every: int = 100
-    """Steps between resumable DeepSpeed checkpoints (0 = only at the end)."""
-    keep_checkpoints: int = 2
-    """Newest checkpoints kept on disk (older ones are deleted once a newer one is complete)."""
-    peak_flops: float = 0.0
-    """Peak FLOP/s per GPU or per CPU host, for MFU; 0 = the GPU table, or a one-off matmul benchmark on CPU."""
-    resume: bool = True
-    """Resume from the newest checkpoint of the same configuration (fingerprint) when there is one."""
-    compile: bool = False
-    """torch.compile the model (in place) for training and evaluation; samples stay eager. Fuses the elementwise work
-    and the casts around the matmuls: on the `small` preset, 2 CPU cores, 1.71x tokens/s under bf16 autocast and
-    1.11x in fp32, after ~10-60 s of compiling (docs/BENCHMARKS.md); each new batch shape (evaluation,
-    variable-length alignment batches) compiles once more. ZeRO 0-2; on CPU it needs a C++ compiler."""
-
-    # knobs that do not change the trained weights: left out of the checkpoint fingerprint, so changing them
-    # resumes instead of starting over
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("log_every", "eval_every", "checkpoint_every",
-                                                    "keep_checkpoints", "peak_flops", "resume", "compile")
-
-    def __post_init__(self) -> None:
-        check(self.ranks >= 1, "ranks", "must be >= 1")
-        check(self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size", "batch sizes must be >= 1")
-        check(self.max_steps >= 0 and self.max_tokens >= 0, "max_steps", "budgets must be >= 0")
-        check((self.max_steps > 0) != (self.max_tokens > 0), "max_steps",
-              f"set exactly one training budget: max_steps ({self.max_steps}) or max_tokens ({self.max_tokens}), "
-              f"the other 0")
-        check(self.lr > 0, "lr", "must be > 0")
-        check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
-        check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1", "betas must be in [0, 1)")
-        check(self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0, "eps",
-              "eps must be > 0, weight_decay and grad_clip >= 0")
-        check(self.log_every >= 1, "log_every", "must be >= 1")
-        check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every", "cadences must be >= 0")
-        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1 (resume needs the newest)")
-        check(self.peak_flops >= 0, "peak_flops", "must be >= 0")
-        check(not (self.compile and self.zero_stage == 3), "compile",
-              "is built and tested for ZeRO stages 0-2 only (ZeRO-3 gathers each layer's parameters in hooks "
-              "inside the forward; DeepSpeed's deepcompile is the route there); set compile: false or zero_stage <= 2")
-
-    def grad_accum(self, world_size: int) -> int:
-        """Micro batches per step on each rank; a clear error when the batch does not split evenly."""
-        per_pass = self.micro_batch_size * world_size
-        if self.batch_size % per_pass:
-            lower, upper = (self.batch_size // per_pass) * per_pass, (self.batch_size // per_pass + 1) * per_pass
-            raise ConfigError(
-                f"train.batch_size: {self.batch_size} examples per step is not micro_batch_size "
-                f"({self.micro_batch_size}) x accumulation x ranks ({world_size}); use a multiple of "
-                f"{per_pass} (e.g. {lower or upper} or {upper}) or change micro_batch_size / ranks")
-        return self.batch_size // per_pass
-
-    def total_steps(self, tokens_per_example: int) -> int:
-        """Optimizer steps of the budget (max_steps, or max_tokens rounded up to whole steps)."""
-        if self.max_steps:
-            steps = self.max_steps
-        else:
-            steps = math.ceil(self.max_tokens / (self.batch_size * tokens_per_example))
-        if self.warmup_steps >= steps:
-            raise ConfigError(f"train.warmup_steps: {self.warmup_steps} warmup steps leave nothing of a "
-                              f"{steps}-step budget; lower it or raise max_steps / max_tokens")
-        return steps
-
-    def fingerprint_dict(self) -> dict[str, Any]:
-        """The fields that determine the trained weights."""
-        return {k: v for k, v in asdict(self).items() if k not in self.NOT_FINGERPRINTED}
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """LR multiplier of optimizer step `step` (0-based): linear warmup, then cosine from 1 down to min_ratio,
-    reached exactly on the last step (total - 1)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress_ = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress_))
-
-
-@dataclass(frozen=True)
-class BatchIndex:
-    """Which micro batch to produce: step `step`, accumulation index `micro` on rank `rank`."""
-    step: int
-    micro: int
-    rank: int
-    world: int
-    accum: int
-    micro_batch_size: int
-
-    @property
-    def slot(self) -> int:
-        """Position of this micro batch among the step's accum x world micro batches."""
-        return self.micro * self.world + self.rank
-
-    @property
-    def examples(self) -> range:
-        """Indices of this micro batch's examples within the step's global batch of batch_size examples."""
-        return range(self.slot * self.micro_batch_size, (self.slot + 1) * self.micro_batch_size)
 
 
 BatchFn = Callable[[BatchIndex], Any]
@@ -222,8 +85,7 @@ class TrainingDiverged(ScratchError):
     """The loss (or gradient norm) stopped being finite; training stopped without saving."""
 
 
-def to_device(batch: Any, device: "torch.device") -> Any:
-    from torch import Tensor
+def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
     if isinstance(batch, dict):
@@ -242,6 +104,13 @@ def optim_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """The optimizer of every training stage: torch's AdamW over the model's decay groups. DeepSpeed wraps it (ZeRO
+    partitions its states over the ranks; bf16 keeps fp32 master weights in it) and steps it."""
+    return torch.optim.AdamW(optim_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                             eps=cfg.eps)
+
+
 class Trainer:
     """DeepSpeed training of one model (see the module docstring for the contract)."""
 
@@ -249,9 +118,6 @@ class Trainer:
                  name: str, checkpoint_dir: Path, fingerprint_info: dict[str, Any] | None = None,
                  tokens_per_example: int, flops_per_token: float = 0.0, eval_fn: EvalFn | None = None,
                  sample_fn: SampleFn | None = None, tracker: Tracker | None = None) -> None:
-        import deepspeed
-        import torch
-
         self.cfg, self.name = cfg, name
         self.build_model, self.batches, self.loss_fn = build_model, batches, loss_fn
         self.eval_fn, self.sample_fn = eval_fn, sample_fn
@@ -276,10 +142,10 @@ class Trainer:
             if self.world.device.type == "cpu":
                 check_cpu_compile_toolchain()
             model.compile()  # in place: parameter names, checkpoints and exports stay those of the eager model
-        schedule = lambda step: lr_factor(step, cfg.warmup_steps, self.total, cfg.min_lr_ratio)  # noqa: E731
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=optim_groups(model, cfg.weight_decay), config=self.ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule), dist_init_required=False)
+        optimizer = build_optimizer(model, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, self.total))
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                                    config=self.ds_config, dist_init_required=False)
         self._metric_keys: list[str] | None = None
         self._last_eval: dict[str, float] = {}
         self._last_eval_step = -1
@@ -298,13 +164,13 @@ class Trainer:
         for step in range(start, self.total):
             done = step + 1
             t0 = time.perf_counter()
-            loss, metrics, grad_norm = self._step(step, want_norm=self._due(done, self.cfg.log_every))
+            loss, metrics, grad_norm, lr = self._step(step, want_norm=self._due(done, self.cfg.log_every))
             elapsed = time.perf_counter() - t0
             train_seconds += elapsed
             window = [window[0] + 1, window[1] + elapsed]
             bar.update(1)
             if self._due(done, self.cfg.log_every):
-                row = self._train_row(step, loss, grad_norm, metrics, window, peak)
+                row = self._train_row(loss, lr, grad_norm, metrics, window, peak)
                 self._log(done, row)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['train/lr']:.2e}",
                                 tok_s=f"{row['train/tokens_per_s']:,.0f}", refresh=False)
@@ -322,10 +188,10 @@ class Trainer:
             self._save(self.total)
         return self._summary(start, train_seconds, row, peak)
 
-    def _train_row(self, step: int, loss: float, grad_norm: float, metrics: dict[str, float], window: list,
+    def _train_row(self, loss: float, lr: float, grad_norm: float, metrics: dict[str, float], window: list,
                    peak: float) -> dict[str, float]:
         tokens_per_s = window[0] * self.tokens_per_step / max(window[1], 1e-9)
-        return {"train/loss": loss, "train/lr": self.cfg.lr * self._factor(step), "train/grad_norm": grad_norm,
+        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
                 "train/tokens_per_s": tokens_per_s, "train/mfu": self._mfu(tokens_per_s, peak),
                 **{f"train/{k}": v for k, v in metrics.items()}}
 
@@ -349,11 +215,8 @@ class Trainer:
     def _due(self, done: int, every: int) -> bool:
         return done == self.total or (every > 0 and done % every == 0)
 
-    def _factor(self, step: int) -> float:
-        return lr_factor(step, self.cfg.warmup_steps, self.total, self.cfg.min_lr_ratio)
-
-    def _step(self, step: int, want_norm: bool) -> tuple[float, dict[str, float], float]:
-        """One optimizer step over accum micro batches; (mean loss, mean extra metrics, grad norm)."""
+    def _step(self, step: int, want_norm: bool) -> tuple[float, dict[str, float], float, float]:
+        """One optimizer step over accum micro batches; (mean loss, mean extra metrics, grad norm, the lr it used)."""
         engine, world = self.engine, self.world
         sums: Tensor | None = None
         for micro in range(self.accum):
@@ -373,6 +236,7 @@ class Trainer:
         if bad:
             self._diverged(step + 1, f"the loss is not finite on {bad} of {n} micro batches (mean {mean_loss})")
         norm = self._grad_norm() if want_norm and not self._norm_from_engine() else math.nan
+        lr = engine.get_lr()[0]  # what the optimizer holds for this step (the scheduler moves it in engine.step)
         engine.step()
         if want_norm and self._norm_from_engine():
             reported = engine.get_global_grad_norm()
@@ -380,11 +244,10 @@ class Trainer:
         if want_norm and not math.isfinite(norm) and not math.isnan(norm):
             self._diverged(step + 1, f"the gradient norm is {norm}")
         extra = {k: sums[2 + i].item() / n for i, k in enumerate(self._metric_keys or [])}
-        return mean_loss, extra, norm
+        return mean_loss, extra, norm, lr
 
     def _metric_values(self, loss: Tensor, metrics: dict[str, float | Tensor]) -> Tensor:
         """[loss, non-finite flag, *metrics] of one micro batch as one float64 tensor (one all-reduce per step)."""
-        import torch
         keys = sorted(metrics)
         if self._metric_keys is None:
             self._metric_keys = keys
@@ -401,7 +264,6 @@ class Trainer:
         return self.cfg.zero_stage > 0 or self.bf16
 
     def _grad_norm(self) -> float:
-        import torch
         grads = [p.grad.detach().float().norm() for p in self.engine.module.parameters() if p.grad is not None]
         return torch.linalg.vector_norm(torch.stack(grads)).item() if grads else math.nan
 
@@ -415,7 +277,6 @@ class Trainer:
     # ---- evaluation and samples ----------------------------------------------------------------------------
 
     def _evaluate(self, done: int) -> None:
-        import torch
         self._last_eval_step = done
         if self.eval_fn is not None:
             self.engine.eval()
@@ -444,7 +305,6 @@ class Trainer:
         return self._plain_model(state) if self.world.is_main else None
 
     def _plain_model(self, state: dict[str, Tensor]) -> nn.Module:
-        import torch
         with torch.random.fork_rng(devices=[]):  # building a model must not move the training RNG
             model = self.build_model().float()
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -455,7 +315,6 @@ class Trainer:
     def _resume(self) -> int:
         """Load `latest` when resuming is on; the number of steps already done."""
         if self.world.is_main and not self.cfg.resume and self.ckpt.folder.exists():
-            import shutil
             shutil.rmtree(self.ckpt.folder)
         barrier()
         self.ckpt.prepare(self.fingerprint_info)
@@ -530,8 +389,6 @@ class Trainer:
 def check_cpu_compile_toolchain() -> None:
     """torch.compile on CPU builds C++ kernels that include Python.h: fail up front, naming what is missing, instead
     of deep inside the first training step."""
-    import sysconfig
-
     from torch._inductor.cpp_builder import get_cpp_compiler
     from torch._inductor.exc import InvalidCxxCompiler
     try:
@@ -543,9 +400,3 @@ def check_cpu_compile_toolchain() -> None:
     if not headers.is_file():
         raise ConfigError(f"train.compile: torch.compile on CPU needs the Python headers ({headers} not found); "
                           f"install them (e.g. apt-get install python3-dev) or set compile: false")
-
-
-def progress_write(text: str) -> None:
-    """Print a line without breaking an active progress bar."""
-    from tqdm.auto import tqdm
-    tqdm.write(text)
