@@ -1,4 +1,4 @@
-# scratchlm: `make run` builds the model on the embedded defaults, `make test` runs the tests.
+# scratchlm: `make run` builds the model on the embedded defaults, `make test` runs the tests, `make lint` ruff.
 # Both create .venv and install the pinned working set first (nothing to install by hand).
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +16,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # the ephemeral server's 20 s default start-up budget is too short on a busy 2-core machine
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test install deploy clean help
+.PHONY: run test lint format install deploy clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -38,6 +38,14 @@ run: install  ## run the whole pipeline (Prefect flow -> dvc repro per stage -> 
 
 test: install  ## run the test suite
 	$(PY) -m pytest -q tests
+
+lint: install  ## ruff: lint and check formatting (configured in pyproject.toml); CI runs it before the tests
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install  ## ruff: apply the formatter and the safe lint fixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
 
 # work pools `make deploy` creates (scratchlm-<type>); the deployments of infra/prefect.yaml name them
 PREFECT_POOLS ?= process docker kubernetes

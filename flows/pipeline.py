@@ -12,13 +12,17 @@ What happens
     2. an MLflow parent run opens; its id goes to each stage as SCRATCHLM_PARENT_RUN_ID;
     3. each stage, in dvc.yaml order, runs as a Prefect task calling `dvc repro --single-item <stage>`: DVC decides
        whether it is stale, the stage opens its own child run, and its output streams into the Prefect logs;
-    4. a failing stage fails the flow with the stage's own error line.
+    4. a failing stage fails the flow with the stage's own error line; a transient infrastructure fault (a server
+       connection, a killed process, DVC's repository lock) is retried first (`retry_transient`), anything else
+       (a user error, a bug, a failed training run) is not.
 Prefect never holds hyperparameters (params.yaml does) and never caches (DVC does).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -30,11 +34,21 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from tasks.common import tracking
-from tasks.common.config import ROOT, ScratchError, load_all, params_file
+from tasks.common.config import INHERITED, ROOT, ScratchError, load_all, params_file
 
 
 class StageFailed(RuntimeError):
-    """A stage exited non-zero; the message is the stage's own error line."""
+    """A stage exited non-zero; the message is the stage's own error line.
+
+    exit_code: the stage command's exit status as DVC reports it ("exited with N"; negative = killed by that
+    signal), or None when DVC failed without running the command (unknown stage, repository lock, ...).
+    tail: the last lines of DVC's and the stage's output.
+    """
+
+    def __init__(self, message: str, exit_code: int | None = None, tail: list[str] | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.tail = tail or []
 
 
 def stage_order(dvc_file: Path = ROOT / "dvc.yaml") -> list[str]:
@@ -81,11 +95,16 @@ def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> None
     doc = rt.load(original)
     for key, value in overrides.items():
         node, parts = doc, key.split(".")
+        # `<stage>.train.lr` may name a key the stage does not override yet: it inherits it from the `train`
+        # section, so the override adds it there (load_all below rejects a key the base does not have)
+        inherited = len(parts) == 3 and parts[1] in INHERITED and isinstance(doc.get(parts[0]), dict)
+        if inherited and not isinstance(doc[parts[0]].get(parts[1]), dict):
+            doc[parts[0]][parts[1]] = {}
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
                 raise ScratchError(f"override {key!r}: no section {part!r} in {path.name}")
             node = node[part]
-        if parts[-1] not in node:
+        if parts[-1] not in node and not inherited:
             raise ScratchError(f"override {key!r}: unknown key {parts[-1]!r} in {path.name}")
         node[parts[-1]] = value
     with open(path, "w") as f:
@@ -145,7 +164,13 @@ def run_dvc_stage(stage: str, force: bool = False, parent_run_id: str | None = N
     code = proc.wait()
     if code != 0:
         errors = [ln for ln in tail if ln.startswith("error:")]
-        raise StageFailed(errors[-1] if errors else f"stage {stage!r} failed (exit {code}):\n" + "\n".join(tail[-15:]))
+        statuses = [int(m[1]) for ln in tail if (m := _DVC_CMD_STATUS.search(ln))]
+        status = statuses[-1] if statuses else None
+        if errors:
+            message = errors[-1]
+        else:  # the stage's own status when DVC names it (DVC itself exits 255 on any failure)
+            message = f"stage {stage!r} failed (exit {code if status is None else status}):\n" + "\n".join(tail[-15:])
+        raise StageFailed(message, exit_code=status, tail=tail)
     if ran and parent_run_id:
         tag_child_run(stage, parent_run_id)
     return StageResult(stage, ran, round(time.perf_counter() - started, 1))
@@ -158,7 +183,79 @@ def tag_child_run(stage: str, parent_run_id: str) -> None:
         tracking.Tracker(stage, run.info.run_id).set_tags(tracking.dvc_lock_tags(stage))
 
 
-@task(name="stage", task_run_name="{stage}", log_prints=False)
+# ------------------------------------------------------------------------------------------------ retries
+
+# DVC exits 255 for any failure; the stage command's own status is on its last line:
+#   ERROR: failed to reproduce 'ingest': failed to run: python -m tasks.ingest, exited with 2
+_DVC_CMD_STATUS = re.compile(r"failed to run: .*, exited with (-?\d+)\s*$")
+USER_ERROR, INTERRUPTED = 2, 130  # tasks/common/stage.py: a ScratchError exits 2, Ctrl-C 130
+# killed from outside (OOM killer, preemption, node drain): negative as DVC reports it, 128 + n through a shell.
+# The training stages checkpoint to checkpoints/, so a rerun resumes instead of starting over.
+KILLED = {-signal.SIGKILL, -signal.SIGTERM, 128 + signal.SIGKILL, 128 + signal.SIGTERM}
+# An uncaught exception's summary line ("pkg.SomeError: message"), as opposed to log or `error:` lines.
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Timeout)\b")
+# What a server or network fault looks like (MLflow tracking/registry/artifacts, the Prefect API the Dask data
+# stages use, Postgres, MinIO), and DVC's repository lock held by another dvc process. A misconfigured URI fails
+# the same way (connection refused) and costs only the retry delays before failing as itself.
+_TRANSIENT = re.compile(
+    r"\bConnection(Refused|Reset|Aborted)?Error\b|\b(ConnectTimeout|ReadTimeout|PoolTimeout|TimeoutError)\b"
+    r"|\b(MaxRetryError|NewConnectionError|RemoteProtocolError|EndpointConnectionError)\b|socket\.timeout"
+    r"|Max retries exceeded|Connection refused|Connection reset by peer|Temporary failure in name resolution"
+    r"|Bad Gateway|Service Unavailable|Gateway Time-?out|too many 50[0234] error responses"
+    r"|database is locked|could not connect to server|server closed the connection unexpectedly"
+    r"|Unable to acquire lock"
+)
+STAGE_RETRIES = 2
+STAGE_RETRY_DELAYS = [10, 60]  # seconds before retry 1 and 2: a server restart, a lock released
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether rerunning the stage can succeed without anyone changing anything.
+
+    Retried: the stage command killed by SIGKILL/SIGTERM (exit -9/-15/137/143: OOM killer, preemption); an
+    uncaught exception (exit 1) or a DVC error whose summary line is a connection/timeout/5xx/lock fault
+    (`_TRANSIENT`); the same faults raised in this process (tagging the MLflow child run after the stage).
+    Not retried: exit 2 (a user error: fix params.yaml or the data), 130 (interrupted), any other exception
+    (a bug, a diverged or failed training run, a failed check): those fail the same way again.
+    """
+    if isinstance(error, StageFailed):
+        if error.exit_code in (USER_ERROR, INTERRUPTED, -signal.SIGINT):
+            return False
+        if error.exit_code in KILLED:
+            return True
+        summaries = [ln for ln in error.tail if _EXCEPTION_LINE.match(ln) or ln.startswith("ERROR:")]
+        return any(_TRANSIENT.search(ln) for ln in summaries)
+    chain: BaseException | None = error
+    seen: set[int] = set()
+    while chain is not None and id(chain) not in seen:  # the exception and its causes (MlflowException from a
+        seen.add(id(chain))  # requests ConnectionError, say); `seen` guards against a cycle in __context__
+        if isinstance(chain, (ConnectionError, TimeoutError)) or _TRANSIENT.search(
+            f"{type(chain).__module__}.{type(chain).__qualname__}: {chain}"
+        ):
+            return True
+        chain = chain.__cause__ or chain.__context__
+    return False
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect's retry_condition_fn for stage_task: retry only `is_transient` failures.
+
+    A plain function on purpose: Prefect calls retry_condition_fn only when inspect.isfunction() is true.
+    """
+    error = state.data
+    if not isinstance(error, BaseException):
+        error = state.result(raise_on_failure=False)
+    return isinstance(error, BaseException) and is_transient(error)
+
+
+@task(
+    name="stage",
+    task_run_name="{stage}",
+    log_prints=False,
+    retries=STAGE_RETRIES,
+    retry_delay_seconds=STAGE_RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)
 def stage_task(stage: str, force: bool = False, parent_run_id: str | None = None) -> StageResult:
     """A pipeline stage as a Prefect task (one per stage, named after it)."""
     logger = get_run_logger()

@@ -1,7 +1,8 @@
 """Create the MLflow artifact bucket on MinIO if it is missing (the `minio-bucket` one-shot of infra/compose.yaml).
 
-python infra/minio_bucket.py            # reads MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
-                                        # MLFLOW_BUCKET (default: mlflow)
+Usage:
+    python infra/minio_bucket.py            # reads MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+                                            # MLFLOW_BUCKET (default: mlflow)
 """
 
 from __future__ import annotations

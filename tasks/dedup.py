@@ -40,23 +40,29 @@ import json
 import random
 import re
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sequence
+from typing import Literal
+from urllib.parse import urlsplit
 
 import numpy as np
+import redis
+from datasketch import MinHashLSH
 
-from tasks.common.config import DataConfig, RunnerConfig, ScratchError, check, load_section
-from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl_gz
+from tasks.common.config import DataConfig, ScratchError, check
+from tasks.common.console import fmt
+from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl, write_jsonl_gz
 from tasks.common.minhash import EMPTY, MinHasher, band_candidate_pairs, estimated_jaccard, lsh_params, normalise
 from tasks.common.parallel import parallel_map
-from tasks.common.stage import progress, stage_main
+from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 
 @dataclass(frozen=True)
-class Config:
+class DedupConfig:
     shingle_size: int = 3
     """Words per shingle (word n-grams of the lower-cased text, punctuation dropped)."""
     num_perm: int = 128
@@ -98,6 +104,9 @@ class Config:
             redis_address(self.redis_url)
 
 
+Config = DedupConfig  # the section class params.yaml loads (tasks/common/config.py)
+
+
 # ------------------------------------------------------------------------------------------------ sketches
 
 @dataclass
@@ -112,13 +121,13 @@ def exact_key(text: str) -> bytes:
     return hashlib.blake2b(normalise(text).encode(), digest_size=16).digest()
 
 
-def sketch_docs(ids: Sequence[str], texts: Sequence[str], cfg: Config) -> Sketches:
+def sketch_docs(ids: Sequence[str], texts: Sequence[str], cfg: DedupConfig) -> Sketches:
     """Exact keys and MinHash signatures of one batch of documents (vectorised over the batch)."""
     hasher = MinHasher(cfg.num_perm, cfg.seed)
     return Sketches(list(ids), [exact_key(t) for t in texts], hasher.text_signatures(texts, cfg.shingle_size))
 
 
-def sketch_shard(path: Path, cfg: Config) -> Sketches:
+def sketch_shard(path: Path, cfg: DedupConfig) -> Sketches:
     ids, texts = [], []
     for line, doc in enumerate(read_jsonl_gz(path), 1):
         if not isinstance(doc.get("id"), str) or not isinstance(doc.get("text"), str):
@@ -169,7 +178,7 @@ class Resolution:
         return {d: c.kind for c in self.clusters for d in c.duplicates}
 
 
-def find_duplicates(sk: Sketches, cfg: Config) -> Resolution:
+def find_duplicates(sk: Sketches, cfg: DedupConfig) -> Resolution:
     """Exact clusters, then near clusters among the exact survivors; each keeps its first document by id."""
     order = sorted(range(len(sk.ids)), key=lambda i: id_order(sk.ids[i]))
     rank = np.empty(len(order), dtype=np.int64)
@@ -202,12 +211,11 @@ def exact_duplicates(keys: Sequence[bytes], order: Sequence[int]) -> list[Cluste
     return [c for c in first.values() if c.duplicates]
 
 
-def minhashlsh_candidate_pairs(signatures: np.ndarray, positions: np.ndarray, cfg: Config, bands: int,
+def minhashlsh_candidate_pairs(signatures: np.ndarray, positions: np.ndarray, cfg: DedupConfig, bands: int,
                                rows: int) -> np.ndarray:
     """Insert `positions` into a datasketch MinHashLSH; every pair sharing a bucket → (n_pairs, 2), i < j.
 
     Reading the buckets once gives exactly the pairs that `lsh.query` of every document would."""
-    from datasketch import MinHashLSH
     hasher = MinHasher(cfg.num_perm, cfg.seed)
     pairs: set[tuple[int, int]] = set()
     with lsh_storage(cfg) as (storage, key):
@@ -224,7 +232,6 @@ def minhashlsh_candidate_pairs(signatures: np.ndarray, positions: np.ndarray, cf
 
 def redis_address(url: str) -> dict:
     """{host, port, db} of a redis://host:port[/db] URL, or a ConfigError naming `redis_url`."""
-    from urllib.parse import urlsplit
     try:
         parts = urlsplit(url)
         port, db = parts.port or 6379, parts.path.strip("/") or "0"
@@ -236,15 +243,12 @@ def redis_address(url: str) -> dict:
 
 
 @contextlib.contextmanager
-def lsh_storage(cfg: Config) -> Iterator[tuple[dict, object]]:
+def lsh_storage(cfg: DedupConfig) -> Iterator[tuple[dict, object]]:
     """MinHashLSH's storage arguments and the key of document position i: memory (ints), or Redis (bytes keys
     under a fresh prefix, so concurrent runs never mix; every key with the prefix is deleted afterwards)."""
     if cfg.lsh_storage == "memory":
         yield {}, int
         return
-    import uuid
-
-    import redis
     address = redis_address(cfg.redis_url)
     client = redis.Redis(**address)
     try:
@@ -292,44 +296,28 @@ def components(pairs: np.ndarray, rank: np.ndarray, signatures: np.ndarray) -> l
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    data = load_section("data", DataConfig)
+def run(cfg: DedupConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     inputs = shards(paths.of("filter"))
     out = fresh_dir(paths.out)
     started = time.perf_counter()
-    parts = sketch_all(inputs, cfg, data.parallel)
+    parts = parallel_map(functools.partial(sketch_shard, cfg=cfg), inputs, data.parallel, desc="dedup: sketch",
+                         postfix=lambda done: {"docs": sum(len(p.ids) for p in done)})
     sk = concat(parts, cfg.num_perm)
     sketched = time.perf_counter()
     resolution = find_duplicates(sk, cfg)
     resolved = time.perf_counter()
     removed = {sk.ids[i] for i in resolution.removed()}
     jobs = [(path, frozenset(i for i in part.ids if i in removed)) for path, part in zip(inputs, parts)]
-    kept = write_unique(jobs, out, data.parallel)
-    write_clusters(resolution, sk.ids, out / "clusters.jsonl")
+    kept = sum(parallel_map(functools.partial(copy_unique, out_dir=out), jobs, data.parallel, desc="dedup: write"))
+    write_jsonl(out / "clusters.jsonl", cluster_rows(resolution, sk.ids))
     seconds = time.perf_counter() - started
     metrics = summarise(sk, resolution, kept, seconds)
     metrics["seconds_sketch"], metrics["seconds_index"] = round(sketched - started, 3), round(resolved - sketched, 3)
     labels = read_labels(paths.of("filter") / "labels.jsonl")
     if labels:
         metrics["labelled"] = score(labels, {sk.ids[i]: kind for i, kind in resolution.removed().items()})
-    print_summary(metrics, out)
     tracker.log_artifact(out / "clusters.jsonl", "dedup")
     return metrics
-
-
-def sketch_all(inputs: list[Path], cfg: Config, runner: RunnerConfig) -> list[Sketches]:
-    bar = progress(None, total=len(inputs), desc="dedup: sketch", unit="shard")
-    docs = 0
-
-    def advance(part: Sketches) -> None:
-        nonlocal docs
-        docs += len(part.ids)
-        bar.update(1)
-        bar.set_postfix(docs=docs, refresh=False)
-
-    parts = parallel_map(functools.partial(sketch_shard, cfg=cfg), inputs, runner, on_result=advance)
-    bar.close()
-    return parts
 
 
 def copy_unique(job: tuple[Path, frozenset[str]], out_dir: Path) -> int:
@@ -338,21 +326,12 @@ def copy_unique(job: tuple[Path, frozenset[str]], out_dir: Path) -> int:
     return write_jsonl_gz(out_dir / path.name, (d for d in read_jsonl_gz(path) if d["id"] not in removed))
 
 
-def write_unique(jobs: list[tuple[Path, frozenset[str]]], out: Path, runner: RunnerConfig) -> int:
-    """Copy every shard without its dropped documents (in parallel); return the documents kept."""
-    bar = progress(None, total=len(jobs), desc="dedup: write", unit="shard")
-    kept = parallel_map(functools.partial(copy_unique, out_dir=out), jobs, runner, on_result=lambda _: bar.update(1))
-    bar.close()
-    return sum(kept)
-
-
-def write_clusters(resolution: Resolution, ids: list[str], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for n, c in enumerate(resolution.clusters):
-            row = {"cluster": n, "kind": c.kind, "kept": ids[c.kept], "duplicates": [ids[d] for d in c.duplicates]}
-            if c.kind == "near":
-                row["similarity"] = c.similarity
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+def cluster_rows(resolution: Resolution, ids: list[str]) -> Iterator[dict]:
+    for n, c in enumerate(resolution.clusters):
+        row = {"cluster": n, "kind": c.kind, "kept": ids[c.kept], "duplicates": [ids[d] for d in c.duplicates]}
+        if c.kind == "near":
+            row["similarity"] = c.similarity
+        yield row
 
 
 def summarise(sk: Sketches, r: Resolution, kept: int, seconds: float) -> dict:
@@ -446,21 +425,23 @@ def inject_near_duplicates(docs: Sequence[tuple[str, str]], fraction: float, edi
     return list(docs) + copies, labels
 
 
-def print_summary(m: dict, out: Path) -> None:
-    print(f"dedup: {m['docs_in']:,} documents → {m['kept']:,} kept; {m['exact_duplicates']:,} exact and "
-          f"{m['near_duplicates']:,} near duplicates ({m['duplicate_rate']:.2%}), {m['docs_per_s']:,.0f} docs/s")
-    print(f"  clusters: {m['exact_clusters']:,} exact, {m['near_clusters']:,} near; LSH {m['lsh_bands']} bands x "
-          f"{m['lsh_rows']} rows, {m['candidate_pairs']:,} candidate pairs, {m['verified_pairs']:,} verified")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    """What was dropped and why, how LSH did, and the ground-truth scores when labelled."""
+    lines = [f"kept {fmt(m['kept'])} of {fmt(m['docs_in'])} documents: {fmt(m['exact_duplicates'])} exact and "
+             f"{fmt(m['near_duplicates'])} near duplicates dropped ({m['duplicate_rate']:.2%}), "
+             f"{m['docs_per_s']:,.0f} docs/s",
+             f"LSH {m['lsh_bands']} bands x {m['lsh_rows']} rows: {fmt(m['candidate_pairs'])} candidate pairs, "
+             f"{fmt(m['verified_pairs'])} verified"]
     if "labelled" in m:
         g = m["labelled"]
-        print(f"  ground truth: near-dup precision {g['near_dup_precision']:.3f} recall {g['near_dup_recall']:.3f} "
-              f"(of {g['near_dup']:,}), exact-dup recall {g['exact_dup_recall']:.3f} (of {g['exact_dup']:,}), "
-              f"clean documents removed {g['clean_removed']:,}")
-    print(f"  clusters: {out / 'clusters.jsonl'}")
+        lines.append(f"ground truth: near-dup precision {g['near_dup_precision']:.3f} recall {g['near_dup_recall']:.3f}"
+                     f", exact-dup recall {g['exact_dup_recall']:.3f}, clean documents removed {g['clean_removed']}")
+    lines.append(f"clusters in {(paths.out / 'clusters.jsonl').relative_to(paths.root)}")
+    return lines
 
 
 def main() -> None:
-    stage_main("dedup", Config, run)
+    stage_main("dedup", DedupConfig, run, summary)
 
 
 if __name__ == "__main__":

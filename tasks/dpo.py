@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from model.heads import RewardModel
-from model.hf import load, load_config, save
+from model.hf import load, save
 from model.losses import dpo_loss
 from tasks.common import alignment as al
 from tasks.common.config import as_dict, check
@@ -185,11 +185,10 @@ def kl_along(policy, reference, answers: list[al.Answer], tok: al.ChatTokenizer,
 
 def preflight(cfg: DpoConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
-    al.load_tokenizer(paths.of("tokenizer"))
-    sft = check_models(paths, "sft", "reward")["sft"]
-    max_len = cfg.max_len_for("dpo", load_config(sft).max_seq_len)
-    print_plan("dpo", cfg.train, paths, 2 * max_len, f"{cfg.train.batch_size} pairs (≤ {max_len} tokens a row), "
-               f"β={cfg.beta}, policy and reference from {sft}; sources {', '.join(cfg.sources)}")
+    up = al.upstream_of("dpo", cfg, paths, "sft")
+    check_models(paths, "reward")
+    print_plan("dpo", cfg.train, paths, 2 * up.max_len, f"{cfg.train.batch_size} pairs (≤ {up.max_len} tokens a "
+               f"row), β={cfg.beta}, policy and reference from {up.model_dir}; sources {', '.join(cfg.sources)}")
 
 
 def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
@@ -197,62 +196,52 @@ def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
-    models = check_models(paths, "sft", "reward")
-    tokenizer_dir, sft = paths.of("tokenizer"), models["sft"]
-    tok = al.load_tokenizer(tokenizer_dir)
-    model_cfg = load_config(sft)
-    max_len = cfg.max_len_for("dpo", model_cfg.max_seq_len)
+    up, reward_dir = al.upstream_of("dpo", cfg, paths, "sft"), check_models(paths, "reward")["reward"]
     loaded = load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
                                   cfg.val_fraction)
-    train, val, truncated = al.encode_pairs(loaded, tok, max_len)
+    train, val, truncated = al.encode_pairs(loaded, up.tok, up.max_len)
     if world.is_main:
-        fresh_dir(paths.out)
-        write_jsonl(paths.out / "quarantine.jsonl", loaded.quarantine)
-
+        write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
     info = {"dpo": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "train")},
             "train": cfg.train.fingerprint_dict(),
-            "upstream": upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
-    folder = checkpoint_folder("dpo", info, paths.root)
-    reference = al.load_model_folder(sft, "the sft stage's output").to(world.device).eval().requires_grad_(False)
+            "upstream": upstream_fingerprint({"sft": up.model_dir, "tokenizer": up.tokenizer_dir})}
+    reference = al.load_model_folder(up.model_dir, "the sft stage's output").to(world.device)
+    reference = reference.eval().requires_grad_(False)
 
     def build_model():
         torch.manual_seed(cfg.train.seed)
-        return load(sft).train()
+        return load(up.model_dir).train()
 
     loss = DPOLoss(reference, cfg.beta, cfg.label_smoothing, cfg.sft_weight)
     lengths = [al.pair_length(e) for e in train]
     mean_len = round(2 * sum(lengths) / max(len(lengths), 1))
-    trainer = Trainer(
-        build_model, cfg.train, name="dpo", checkpoint_dir=folder, fingerprint_info=info, tracker=tracker,
-        batches=al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
-                               lambda exs: al.collate_pairs(exs, tok.pad_id).as_dict(), "training pairs"),
-        loss_fn=loss,
-        eval_fn=PreferenceEval(loss, val, cfg.train.micro_batch_size, tok.pad_id) if val else None,
-        # the reference's forward adds a third to the policy's forward + backward
-        tokens_per_example=mean_len, flops_per_token=model_cfg.flops_per_token(mean_len // 2) * 4 / 3)
+    batches = al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
+                             lambda exs: al.collate_pairs(exs, up.tok.pad_id).as_dict(), "training pairs")
+    evaluation = PreferenceEval(loss, val, cfg.train.micro_batch_size, up.tok.pad_id) if val else None
+    # the reference's forward adds a third to the policy's forward + backward
+    flops = up.model_cfg.flops_per_token(mean_len // 2) * 4 / 3
+    trainer = Trainer(build_model, cfg.train, name="dpo", checkpoint_dir=checkpoint_folder("dpo", info, paths.root),
+                      fingerprint_info=info, tracker=tracker, batches=batches, loss_fn=loss, eval_fn=evaluation,
+                      tokens_per_example=mean_len, flops_per_token=flops)
     summary = trainer.fit()
     policy = trainer.final_model()
     if not world.is_main:
         return None
 
-    save(policy, paths.out / "model", tokenizer_dir=tokenizer_dir)
+    save(policy, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
     shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    metrics = {**summary, **loaded.counts(), "truncated": truncated, "max_len": max_len, "beta": cfg.beta,
-               "fingerprint": folder.name}
+    metrics = {**summary, **loaded.counts(), "truncated": truncated, "max_len": up.max_len, "beta": cfg.beta,
+               "fingerprint": trainer.ckpt.folder.name}
     if cfg.sampling.prompts:
-        reward_model = RewardModel.load(models["reward"])
-        metrics.update(compare_with_reference(policy, reference.cpu(), reward_model, tok, cfg.sampling,
-                                              paths.out / "samples.jsonl"))
+        metrics.update(compare_with_reference(policy, reference.cpu(), RewardModel.load(reward_dir), up.tok,
+                                              cfg.sampling, paths.out / "samples.jsonl"))
         tracker.log_artifact(paths.out / "samples.jsonl", "dpo")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "dpo")
     return metrics
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
-    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
-             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens), β={m['beta']}"]
-    lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
-    lines.append(f"train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
+    lines = al.data_summary(m, "pairs", "held out") + [f"β = {m['beta']}"]
     if "val_accuracy" in m:
         lines.append(f"held-out pairs: loss {m['val_loss']:.4f}  implicit rewards chosen {m['val_rewards_chosen']:+.3f} "
                      f"rejected {m['val_rewards_rejected']:+.3f}  margin {m['val_margin']:.3f}  accuracy "

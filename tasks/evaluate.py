@@ -21,7 +21,9 @@ Writes  data/evaluate/benchmarks/<name>.jsonl    the items each benchmark scored
         data/evaluate/samples.md                generations for the fixed prompt set, model by model
         metrics/evaluate.json                   per model: val loss/ppl/bpb, benchmark acc/acc_norm, constraint
                                                 satisfaction (share of constraints met) and all_satisfied (share
-                                                of answers meeting all); win rates; what was skipped and why
+                                                of answers meeting all); win rates; what was skipped and why;
+                                                `models` (labels, in report order) and `model_stages` (label →
+                                                stage, how the register stage finds its model's evaluation)
         metrics/evaluate_plots/*.json           DVC plots: bpb per model, benchmark accuracy per model
         reports/report.md + reports/*.png       the report card (tasks/common/report.py), logged to MLflow
 Checks  a listed model that is missing fails the stage (`missing_models: skip` evaluates what exists instead,
@@ -40,17 +42,23 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from tasks.common.alignment import SamplingConfig
+from tasks.common import chat
 from tasks.common.config import ROOT, ScratchError, check
-from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
+from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json, write_jsonl
+from tasks.common.report import build_report
 from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
+from tasks.common.train_config import SamplingConfig
+from tasks.sources.builtin import generate_cloze
+from tasks.sources.examples import check_answers, held_out_prompts
 
 EVALS_DIR = ROOT / "evals"
 PLOTS_DIR = "metrics/evaluate_plots"
@@ -82,7 +90,7 @@ DEFAULT_SAMPLE_TEXTS = ["Once upon a time, there was a little", "One day, Mia we
 
 
 @dataclass(frozen=True)
-class Config:
+class EvaluateConfig:
     models: dict[str, str] = field(default_factory=lambda: {"base": "pretrain", "sft": "sft", "dpo": "dpo"})
     """Models to evaluate: label → the stage whose data/<stage>/model folder holds it (report columns in order)."""
     missing_models: Literal["error", "skip"] = "error"
@@ -104,8 +112,7 @@ class Config:
     """Seed of the held-out story-cloze items (builtin split "test": combinations never trained on)."""
     data_dir: str = "../shared/data"
     """Folder holding hellaswag/ and piqa/ JSONL slices (relative to the repository); absent → those skipped."""
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts=16, prompt_seed=4242, seed=0,
-                                                                             max_new_tokens=200, batch_size=16))
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(prompts=16, batch_size=16))
     """Held-out builtin "test" prompts answered by every model with the same seed: constraint satisfaction
     (check_constraints) and the reward model's win rates are computed on these answers."""
     reward_model: str = "reward"
@@ -136,6 +143,9 @@ class Config:
                   f"{pair!r} must be `a:b` with two different labels of evaluate.models ({', '.join(self.models)})")
 
 
+Config = EvaluateConfig  # the section class params.yaml loads (tasks/common/config.py)
+
+
 # ------------------------------------------------------------------------------------------------ models
 
 @dataclass
@@ -146,7 +156,7 @@ class Evaluated:
     folder: Path
 
 
-def find_models(cfg: Config, paths: StagePaths, skipped: dict[str, str]) -> list[Evaluated]:
+def find_models(cfg: EvaluateConfig, paths: StagePaths, skipped: dict[str, str]) -> list[Evaluated]:
     found = []
     for label, stage in cfg.models.items():
         folder = paths.of(stage) / "model"
@@ -219,7 +229,7 @@ def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[st
     training); documents longer than the context are scored in disjoint windows. bpb = nats / ln 2 / text bytes."""
     import torch
 
-    from model.losses import token_logprobs
+    from model.losses import IGNORE_INDEX, token_logprobs
     T = model.cfg.max_seq_len
     windows = []
     for doc in data.docs:
@@ -232,13 +242,13 @@ def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[st
             rows = windows[start:start + batch_size]
             width = max(len(r) for r in rows) - 1
             x = torch.full((len(rows), width), data.eot_id, dtype=torch.long)  # (B,W) right-padded
-            y = torch.full((len(rows), width), -100, dtype=torch.long)
+            y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
             for i, r in enumerate(rows):
                 x[i, :len(r) - 1] = torch.tensor(r[:-1])
                 y[i, :len(r) - 1] = torch.tensor(r[1:])
             logits, _ = model(x.to(device), all_logits=True)  # (B,W,V)
             nats -= float(token_logprobs(logits, y.to(device)).sum())
-            count += int((y != -100).sum())
+            count += int((y != IGNORE_INDEX).sum())
     loss = nats / count
     return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nats / LN2 / data.text_bytes,
             "val_tokens": count, "val_docs": len(data.docs)}
@@ -246,10 +256,9 @@ def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[st
 
 # ------------------------------------------------------------------------------------------------ benchmarks
 
-def prepare_benchmarks(cfg: Config, paths: StagePaths, tokenizer_file: Path, max_len: int,
+def prepare_benchmarks(cfg: EvaluateConfig, paths: StagePaths, tokenizer_file: Path, max_len: int,
                        skipped: dict[str, str]) -> tuple[dict[str, Path], dict[str, dict]]:
     """Write each benchmark's items to data/evaluate/benchmarks/<name>.jsonl: (files, item counts)."""
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tokenizer_file))
     out = paths.out / "benchmarks"
     out.mkdir(parents=True, exist_ok=True)
@@ -269,16 +278,14 @@ def prepare_benchmarks(cfg: Config, paths: StagePaths, tokenizer_file: Path, max
                 kept.append(row)
             else:
                 too_long += 1
-        files[name] = out / f"{name}.jsonl"
-        files[name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        files[name] = write_jsonl(out / f"{name}.jsonl", kept)
         counts[name] = {"items": len(kept), "too_long_for_context": too_long, "source": source}
     return files, counts
 
 
-def benchmark_rows(name: str, bench: Benchmark, cfg: Config, root: Path) -> tuple[str, Any]:
+def benchmark_rows(name: str, bench: Benchmark, cfg: EvaluateConfig, root: Path) -> tuple[str, Any]:
     """(source description, rows) — rows None when the data is absent (the source then says why)."""
     if bench.folder is None:
-        from tasks.sources.builtin import generate_cloze
         # more than `limit`, so items too long for the context can be left out without running short
         return (f"builtin generate_cloze(seed={cfg.cloze_seed}, split=test)",
                 generate_cloze(cfg.limit * 2, cfg.cloze_seed, "test"))
@@ -361,8 +368,11 @@ def with_offline_defaults() -> None:
 # ------------------------------------------------------------------------------------------------ generations
 
 def answer_prompts(model, tok, held: list[dict], cfg: SamplingConfig, label: str) -> tuple[dict, list[dict], list]:
-    from tasks.common.alignment import evaluate_answers
-    return evaluate_answers(model, tok, held, cfg, desc=f"evaluate: {label} answers")
+    """Sampled answers to the held-out prompts: (constraint scores, rows of answers/<label>.jsonl, the answers)."""
+    from tasks.common.alignment import sample_answers
+    answers = sample_answers(model, tok, [h["prompt_messages"] for h in held], cfg, desc=f"evaluate: {label} answers")
+    scores, rows = check_answers(held, [tok.decode(a.ids) for a in answers], [a.finished for a in answers])
+    return scores, rows, answers
 
 
 def rewards(reward_model, answers: list, tok, batch_size: int, device: str) -> list[float]:
@@ -384,12 +394,10 @@ def win_rate(a: list[float], b: list[float]) -> float:
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / max(len(a), 1)
 
 
-def fixed_samples(model, tok, cfg: Config) -> list[dict]:
+def fixed_samples(model, tok, cfg: EvaluateConfig) -> list[dict]:
     """Generations for the fixed prompt set: chat replies to sample_prompts, continuations of sample_texts
     (each set decoded as one left-padded batch with the sampling seed)."""
     from model import generate
-
-    from tasks.common import chat
     s = cfg.sampling
     eot = tok.special[chat.EOT]
     sets = [("chat", cfg.sample_prompts, tok.stop_ids,
@@ -432,7 +440,7 @@ class ModelResult:
     seconds: dict[str, float]
 
 
-def evaluate_model(m: Evaluated, cfg: Config, data: HeldOut, held: list[dict], tok, files: dict[str, Path],
+def evaluate_model(m: Evaluated, cfg: EvaluateConfig, data: HeldOut, held: list[dict], tok, files: dict[str, Path],
                    device: str, out: Path) -> ModelResult:
     """Held-out loss, answers to the held-out prompts, fixed samples (our model), then lm-eval (its HF loader)."""
     from tasks.common.alignment import load_model_folder
@@ -469,8 +477,8 @@ def evaluate_model(m: Evaluated, cfg: Config, data: HeldOut, held: list[dict], t
     return ModelResult(metrics, answers, rows, samples, seconds)
 
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    from tasks.common.alignment import held_out_prompts, load_tokenizer
+def run(cfg: EvaluateConfig, paths: StagePaths, tracker: Tracker) -> dict:
+    from tasks.common.alignment import load_tokenizer
     quiet_libraries()
     device = pick_device(cfg.device)
     skipped: dict[str, str] = {}
@@ -483,7 +491,8 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     data = held_out(paths.of("pretokenize"), cfg.val_max_tokens)
     held = held_out_prompts(cfg.sampling.prompts, cfg.sampling.prompt_seed) if cfg.sampling.prompts else []
 
-    metrics: dict[str, Any] = {"models": [m.label for m in models]}
+    # `models` orders the report's columns; `model_stages` says which stage made each (what register reads)
+    metrics: dict[str, Any] = {"models": [m.label for m in models], "model_stages": {m.label: m.stage for m in models}}
     per_model = {m.label: evaluate_model(m, cfg, data, held, tok, files, device, out) for m in models}
     answers = {label: r.answers for label, r in per_model.items() if held}
     answer_rows = {label: r.answer_rows for label, r in per_model.items() if held}
@@ -493,22 +502,20 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
 
     metrics["win_rate"] = compare_with_rewards(cfg, reward_folder, answers, answer_rows, tok, device, skipped)
     for label, rows in answer_rows.items():
-        _write_jsonl(out / "answers" / f"{label}.jsonl", rows)
+        write_jsonl(out / "answers" / f"{label}.jsonl", rows)
     (out / "samples.md").write_text(samples_markdown(samples), encoding="utf-8")
     metrics.update({"benchmark_items": items, "skipped": skipped, "device": device, "seconds_by_model": timings,
                     "val_text_bytes": data.text_bytes})
     write_plots(paths.root, metrics)
     tracker.log_artifact(out / "samples.md", "evaluate")
     tracker.log_artifact(out / "lm_eval", "evaluate/lm_eval")
-    print_table(metrics)
     if cfg.report:
-        from tasks.common.report import build_report
         report = build_report(paths.root, evaluation=metrics, tracker=tracker)
-        print(f"  report card    {report}")
+        metrics["report"] = str(report.relative_to(paths.root))
     return metrics
 
 
-def find_reward_model(cfg: Config, paths: StagePaths, skipped: dict[str, str]) -> Path | None:
+def find_reward_model(cfg: EvaluateConfig, paths: StagePaths, skipped: dict[str, str]) -> Path | None:
     if not cfg.reward_model or not cfg.win_rates or not cfg.sampling.prompts:
         return None
     folder = paths.of(cfg.reward_model) / "model"
@@ -522,7 +529,7 @@ def find_reward_model(cfg: Config, paths: StagePaths, skipped: dict[str, str]) -
     return None
 
 
-def compare_with_rewards(cfg: Config, reward_folder: Path | None, answers: dict[str, list],
+def compare_with_rewards(cfg: EvaluateConfig, reward_folder: Path | None, answers: dict[str, list],
                          answer_rows: dict[str, list[dict]], tok, device: str,
                          skipped: dict[str, str]) -> dict[str, float]:
     """Win rates `a_vs_b` on the shared prompts; each answer row gets its reward."""
@@ -544,11 +551,6 @@ def compare_with_rewards(cfg: Config, reward_folder: Path | None, answers: dict[
     return rates
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-
-
 def write_plots(root: Path, metrics: dict) -> None:
     """DVC plot data: bpb per model, and accuracy per (model, benchmark)."""
     labels = metrics["models"]
@@ -559,26 +561,28 @@ def write_plots(root: Path, metrics: dict) -> None:
                 for m in labels if (s := metrics[m]["bench"].get(b))])
 
 
-def print_table(metrics: dict) -> None:
-    labels = metrics["models"]
-    rows = [("val loss", "val_loss"), ("val ppl", "val_ppl"), ("val bpb", "val_bpb"), ("satisfaction", "satisfaction"),
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    """A table of the models side by side (loss, bpb, satisfaction, benchmark accuracy), win rates, what was skipped,
+    and where the report card is."""
+    labels = m["models"]
+    rows = [("val loss", "val_loss"), ("val bpb", "val_bpb"), ("satisfaction", "satisfaction"),
             ("all satisfied", "all_satisfied")]
-    print("\n" + f"{'':<20}" + "".join(f"{m:>10}" for m in labels))
-    for name, key in rows:
-        if all(key in metrics[m] for m in labels):
-            print(f"{name:<20}" + "".join(f"{metrics[m][key]:>10.3f}" for m in labels))
-    for bench in sorted({b for m in labels for b in metrics[m]["bench"]}):
-        print(f"{bench + ' acc':<20}" + "".join(
-            f"{metrics[m]['bench'][bench]['acc']:>10.3f}" if bench in metrics[m]["bench"] else f"{'-':>10}"
-            for m in labels))
-    for pair, rate in metrics["win_rate"].items():
-        print(f"  win rate {pair:<12} {rate:.3f}")
-    for what, why in metrics["skipped"].items():
-        print(f"  skipped {what}: {why}")
+    lines = [f"{'':<16}" + "".join(f"{label:>10}" for label in labels)]
+    lines += [f"{name:<16}" + "".join(f"{m[label][key]:>10.3f}" for label in labels)
+              for name, key in rows if all(key in m[label] for label in labels)]
+    for bench in sorted({b for label in labels for b in m[label]["bench"]}):
+        lines.append(f"{bench + ' acc':<16}" + "".join(
+            f"{m[label]['bench'][bench]['acc']:>10.3f}" if bench in m[label]["bench"] else f"{'-':>10}"
+            for label in labels))
+    lines += [f"win rate {pair}: {rate:.3f}" for pair, rate in m["win_rate"].items()]
+    lines += [f"skipped {what}: {why}" for what, why in m["skipped"].items()]
+    if "report" in m:
+        lines.append(f"report card: {m['report']}")
+    return lines
 
 
 def main() -> None:
-    stage_main("evaluate", Config, run)
+    stage_main("evaluate", EvaluateConfig, run, summary)
 
 
 if __name__ == "__main__":

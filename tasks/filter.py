@@ -35,22 +35,24 @@ Scale   shards are filtered independently in parallel on `data.parallel` (a loca
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 import string
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 
-from tasks.common.config import DataConfig, ScratchError, check, load_section
-from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl_gz
+from tasks.common.config import DataConfig, ScratchError, check
+from tasks.common.console import fmt
+from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl, write_jsonl_gz
 from tasks.common.parallel import parallel_map
-from tasks.common.stage import progress, stage_main
+from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 BULLETS = ("•", "●", "◦", "▪", "▫", "‣", "⁃", "∙", "·", "-", "*", "–", "—", "►", "→")
@@ -164,7 +166,7 @@ class Boilerplate:
 
 
 @dataclass(frozen=True)
-class Config:
+class FilterConfig:
     word_count: WordCount = field(default_factory=WordCount)
     """Document length bounds in words."""
     mean_word_length: MeanWordLength = field(default_factory=MeanWordLength)
@@ -200,6 +202,9 @@ class Config:
         check(self.reject_excerpt_chars >= 0, "reject_excerpt_chars", "must be >= 0")
 
 
+Config = FilterConfig  # the section class params.yaml loads (tasks/common/config.py)
+
+
 # ------------------------------------------------------------------------------------------------ text statistics
 
 # Punctuation stripped from both ends of a word before length and n-gram statistics.
@@ -219,7 +224,7 @@ class TextStats:
     _ranks: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @classmethod
-    def of(cls, text: str) -> "TextStats":
+    def of(cls, text: str) -> TextStats:
         words = text.split()
         norm = [w for w in (t.strip(_PUNCTUATION) for t in text.lower().split()) if w]
         lines = [s for s in (line.strip() for line in text.splitlines()) if s]
@@ -401,7 +406,7 @@ RULES: dict[str, RuleFn] = {
 }
 
 
-def failed_rules(text: str, cfg: Config) -> dict[str, str]:
+def failed_rules(text: str, cfg: FilterConfig) -> dict[str, str]:
     """Every enabled rule `text` fails → its reason, in rule order (empty: the document is kept)."""
     stats = TextStats.of(unicodedata.normalize("NFC", text))
     failed = {}
@@ -427,7 +432,7 @@ class ShardResult:
     rejected_ids: list[str] = field(default_factory=list)
 
 
-def filter_shard(path: Path, out_dir: Path, cfg: Config) -> ShardResult:
+def filter_shard(path: Path, out_dir: Path, cfg: FilterConfig) -> ShardResult:
     """Filter one input shard into `out_dir/<same name>`; return its counts, reject samples and rejected ids."""
     result = ShardResult(path.name)
 
@@ -454,48 +459,27 @@ def filter_shard(path: Path, out_dir: Path, cfg: Config) -> ShardResult:
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    data = load_section("data", DataConfig)
+def run(cfg: FilterConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     inputs = shards(paths.of("ingest"))
     out = fresh_dir(paths.out)
     started = time.perf_counter()
-    results = filter_shards(inputs, out, cfg, data)
+    results = parallel_map(functools.partial(filter_shard, out_dir=out, cfg=cfg), inputs, data.parallel,
+                           desc="filter", postfix=lambda done: {"docs": sum(r.docs_in for r in done),
+                                                                "kept": sum(r.kept for r in done)})
     seconds = time.perf_counter() - started
-    write_rejects(results, out / "rejects.jsonl", cfg.reject_samples)
+    write_jsonl(out / "rejects.jsonl", first_rejects(results, cfg.reject_samples))
     labels = read_labels(paths.of("ingest") / "labels.jsonl")
     rejected_ids = {i for r in results for i in r.rejected_ids}
-    write_labels([row for row in labels if row["id"] not in rejected_ids], out / "labels.jsonl")
+    write_jsonl(out / "labels.jsonl", [row for row in labels if row["id"] not in rejected_ids])
     metrics = {**summarise(results, seconds), **ground_truth_scores(labels, rejected_ids)}
-    print_summary(metrics, out)
     tracker.log_artifact(out / "rejects.jsonl", "filter")
     return metrics
 
 
-def filter_shards(inputs: list[Path], out: Path, cfg: Config, data: DataConfig) -> list[ShardResult]:
-    bar = progress(None, total=len(inputs), desc="filter", unit="shard")
-    done: list[ShardResult] = []
-
-    def advance(result: ShardResult) -> None:
-        done.append(result)
-        bar.update(1)
-        bar.set_postfix(docs=sum(r.docs_in for r in done), kept=sum(r.kept for r in done), refresh=False)
-
-    results = parallel_map(functools.partial(filter_shard, out_dir=out, cfg=cfg), inputs, data.parallel,
-                           on_result=advance)
-    bar.close()
-    return results
-
-
-def write_rejects(results: list[ShardResult], path: Path, per_rule: int) -> None:
-    """The first `per_rule` rejects of each rule in corpus order."""
-    taken: Counter = Counter()
-    with open(path, "w", encoding="utf-8") as f:
-        for rule in RULES:
-            for r in results:
-                for row in r.samples.get(rule, []):
-                    if taken[rule] < per_rule:
-                        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        taken[rule] += 1
+def first_rejects(results: list[ShardResult], per_rule: int) -> Iterator[dict]:
+    """The first `per_rule` rejects of each rule in corpus order (rule by rule)."""
+    for rule in RULES:
+        yield from itertools.islice((row for r in results for row in r.samples.get(rule, [])), per_rule)
 
 
 def read_labels(path: Path) -> list[dict]:
@@ -514,12 +498,6 @@ def read_labels(path: Path) -> list[dict]:
                 raise ScratchError(f"{path}:{number}: not a label row {{id, label, of}} ({e}); "
                                    f"rerun ingest to rewrite it") from None
     return rows
-
-
-def write_labels(rows: list[dict], path: Path) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
 
 
 def summarise(results: list[ShardResult], seconds: float) -> dict:
@@ -554,26 +532,23 @@ def ground_truth_scores(labels: list[dict], rejected_ids: set[str]) -> dict:
         "junk_recall_by_kind": {k: round(h / t, 6) for k, (h, t) in sorted(by_kind.items())}}}
 
 
-def print_summary(m: dict, out: Path) -> None:
-    print(f"filter: {m['docs_in']:,} documents → {m['kept']:,} kept ({m['kept_fraction']:.1%}), "
-          f"{m['rejected']:,} rejected, {m['docs_per_s']:,.0f} docs/s")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    """Kept share, rejects by rule (first failed / any failed), the ground-truth scores when labelled."""
+    lines = [f"kept {fmt(m['kept'])} of {fmt(m['docs_in'])} documents ({m['kept_fraction']:.1%}), "
+             f"{m['docs_per_s']:,.0f} docs/s"]
     if m["rejected"]:
-        print(f"  {'rejected by rule':<22}{'first':>9}{'any':>9}")
-    for rule in RULES:
-        first, any_ = m["rejected_by_rule"].get(rule, 0), m["failed_by_rule"].get(rule, 0)
-        if first or any_:
-            print(f"  {rule:<22}{first:>9,}{any_:>9,}")
+        lines.append("rejected by rule (first / any): " + ", ".join(
+            f"{rule} {fmt(m['rejected_by_rule'].get(rule, 0))}/{fmt(n)}" for rule, n in m["failed_by_rule"].items()))
     if "labelled" in m:
         g = m["labelled"]
-        print(f"  ground truth: junk recall {g['junk_recall']:.3f} of {g['junk']:,}, "
-              f"clean false-reject rate {g['clean_false_reject_rate']:.4f} of {g['clean']:,}")
-        for kind, recall in g["junk_recall_by_kind"].items():
-            print(f"    junk {kind:<20} recall {recall:.3f}")
-    print(f"  samples of rejects: {out / 'rejects.jsonl'}")
+        lines.append(f"ground truth: junk recall {g['junk_recall']:.3f} of {fmt(g['junk'])}, clean false-reject "
+                     f"rate {g['clean_false_reject_rate']:.4f} of {fmt(g['clean'])}")
+    lines.append(f"samples of rejects in {(paths.out / 'rejects.jsonl').relative_to(paths.root)}")
+    return lines
 
 
 def main() -> None:
-    stage_main("filter", Config, run)
+    stage_main("filter", FilterConfig, run, summary)
 
 
 if __name__ == "__main__":

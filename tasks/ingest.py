@@ -23,9 +23,10 @@ from __future__ import annotations
 import functools
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from tasks.common.config import ROOT, DataConfig, ScratchError, check
 from tasks.common.console import fmt
@@ -218,7 +219,7 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
         lines += [f"{fmt(s['docs_out'])} documents, {fmt(s['quarantined'])} quarantined from {source}"
                   for source, s in m["per_source"].items()]
     if m["skipped_files"]:
-        lines.append(f"skipped {len(m['skipped_files'])} non-document files (metrics: skipped_files)")
+        lines.append(f"{len(m['skipped_files'])} non-document file(s) skipped (metrics: skipped_files)")
     return lines
 
 

@@ -26,7 +26,6 @@ Scale   shards are encoded in parallel on `data.parallel` (each worker: `encode_
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -37,12 +36,14 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from tasks.common.config import DataConfig, ScratchError, check, load_section
-from tasks.common.dvcio import StagePaths, fresh_dir, read_json, read_jsonl_gz, shards, write_json
+from tasks.common.config import DataConfig, ScratchError, check
+from tasks.common.console import fmt
+from tasks.common.dvcio import StagePaths, file_sha256, fresh_dir, read_json, read_jsonl_gz, shards, write_json
 from tasks.common.parallel import parallel_map
 from tasks.common.split import Split, load_split
-from tasks.common.stage import progress, stage_main
+from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 SPLITS = ("train", "val")
@@ -53,7 +54,7 @@ COUNTING = ("tokens = every id in <split>.bin: text_tokens (the documents' own t
 
 
 @dataclass(frozen=True)
-class Config:
+class PretokenizeConfig:
     batch_docs: int = 1000
     """Documents per `encode_batch` call and per write to the token files: a worker's memory is one batch."""
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
@@ -61,6 +62,9 @@ class Config:
 
     def __post_init__(self) -> None:
         check(self.batch_docs >= 1, "batch_docs", "must be >= 1")
+
+
+Config = PretokenizeConfig  # the section class params.yaml loads (tasks/common/config.py)
 
 
 def token_dtype(vocab_size: int, wanted: str = "auto") -> str:
@@ -95,7 +99,7 @@ class SplitCount:
     tokens: int = 0        # including one eot per document
     text_bytes: int = 0
 
-    def add(self, other: "SplitCount") -> None:
+    def add(self, other: SplitCount) -> None:
         self.documents += other.documents
         self.tokens += other.tokens
         self.text_bytes += other.text_bytes
@@ -150,18 +154,9 @@ def encode_shard(job: ShardJob) -> ShardResult:
 
 def load_plain(path: Path):
     """The tokenizer with special-token strings in text encoded as plain characters (never the eot id)."""
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(path))
     tok.encode_special_tokens = True
     return tok
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def encode_docs(tok, texts: list[str], eot_id: int, dtype: str) -> np.ndarray:
@@ -179,8 +174,7 @@ def encode_docs(tok, texts: list[str], eot_id: int, dtype: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    data = load_section("data", DataConfig)
+def run(cfg: PretokenizeConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     tok_dir = paths.of("tokenizer")
     split = load_split(tok_dir)
     tmeta = checked_tokenizer_meta(tok_dir)
@@ -194,7 +188,8 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     jobs = [ShardJob(i, p, parts, tok_dir / "tokenizer.json", split, dtype, tmeta["eot_id"], cfg.batch_docs, threads)
             for i, p in enumerate(docs)]
     started = time.perf_counter()
-    results = encode_all(jobs, data)
+    results = parallel_map(encode_shard, jobs, data.parallel, desc="pretokenize",
+                           postfix=lambda done: {"tokens": fmt(sum(c.tokens for r in done for c in r.counts.values()))})
     counts = {s: SplitCount() for s in SPLITS}
     for r in results:
         for s in SPLITS:
@@ -212,7 +207,6 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
                "dtype": dtype, "vocab_size": tmeta["vocab_size"], "seconds_encoding": round(seconds, 2),
                "mb_per_second": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
                **{f"{s}_bytes_per_token": meta["splits"][s]["bytes_per_text_token"] for s in SPLITS}}
-    print_summary(meta, metrics, out)
     tracker.log_artifact(out / "meta.json", "pretokenize")
     return metrics
 
@@ -232,26 +226,12 @@ def checked_tokenizer_meta(tok_dir: Path) -> dict:
     tok_file = tok_dir / "tokenizer.json"
     if not tok_file.is_file():
         raise ScratchError(f"{tok_file}: missing (rerun the tokenizer stage: dvc repro tokenizer)")
-    sha = sha256_file(tok_file)
+    sha = file_sha256(tok_file)
     if sha != tmeta["tokenizer_sha256"]:
         raise ScratchError(f"{tok_file}: sha256 {sha[:12]}… differs from {tok_dir / 'meta.json'} "
                            f"({tmeta['tokenizer_sha256'][:12]}…); the tokenizer was changed after training, "
                            f"rerun the tokenizer stage")
     return {**tmeta, "tokenizer_sha256": sha}
-
-
-def encode_all(jobs: list[ShardJob], data: DataConfig) -> list[ShardResult]:
-    bar = progress(None, total=len(jobs), desc="pretokenize", unit="shard")
-    tokens = [0]
-
-    def advance(r: ShardResult) -> None:
-        tokens[0] += sum(c.tokens for c in r.counts.values())
-        bar.update(1)
-        bar.set_postfix(tokens=f"{tokens[0]:,}", refresh=False)
-
-    results = parallel_map(encode_shard, jobs, data.parallel, on_result=advance)
-    bar.close()
-    return results
 
 
 def check_counts(counts: dict[str, SplitCount], tmeta: dict, tok_dir: Path, dedup: Path) -> None:
@@ -299,19 +279,8 @@ def build_meta(counts: dict[str, SplitCount], tmeta: dict, split: Split, dtype: 
             "split": split.as_dict(), "source": "data/dedup"}
 
 
-def print_summary(meta: dict, m: dict, out: Path) -> None:
-    print(f"pretokenize: {m['train_tokens'] + m['val_tokens']:,} {meta['dtype']} tokens in {m['seconds_encoding']:.1f}s "
-          f"({m['mb_per_second']:.2f} MB/s of text), vocab {meta['vocab_size']:,}, eot_id {meta['eot_id']}")
-    for s in SPLITS:
-        c = meta["splits"][s]
-        print(f"  {s:<5}  {c['documents']:>9,} docs  {c['tokens']:>12,} tokens  {c['text_bytes']:>13,} bytes  "
-              f"{c['bytes_per_text_token']:.3f} bytes/token  → {out / c['file']}")
-    print(f"  val docs   {out / meta['val_docs']}")
-    print(f"  split      val_fraction={meta['split']['val_fraction']} (from data/tokenizer/meta.json)")
-
-
 def main() -> None:
-    stage_main("pretokenize", Config, run)
+    stage_main("pretokenize", PretokenizeConfig, run)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Runbook
     dvc repro pretrain                            # or: scratchlm stage pretrain / python -m tasks.pretrain
     dvc exp run -S pretrain.train.lr=2e-3         # an experiment (reruns pretrain and what follows only)
-    dvc exp run -S pretrain.train.ranks=2 -S pretrain.train.zero_stage=2      # 2 ranks, ZeRO-2
+    dvc exp run -S pretrain.train.ranks=2 -S ++pretrain.train.zero_stage=2    # 2 ranks, ZeRO-2 (`++` adds a key
+                                                  # the stage's `train:` does not override yet; `train.*` is the base)
     python -m tasks.pretrain                      # launcher: checks the params, then execs
         deepspeed --num_gpus <train.ranks> --master_port <free> --no_local_rank --module tasks.pretrain --worker
     A killed run resumes by itself: rerun the same command (the newest checkpoint of the same configuration is
@@ -293,13 +294,13 @@ def run(cfg: PretrainConfig, paths: StagePaths, tracker: Tracker, model: ModelSe
         return Llama(model_cfg)
 
     val_starts = val_window_starts(data.val, cfg.seq_len, cfg.val_windows, cfg.train.seed)
-    trainer = Trainer(
-        build_model, cfg.train, name="pretrain", checkpoint_dir=folder, fingerprint_info=info, tracker=tracker,
-        batches=TrainWindows(data.train, cfg.seq_len, cfg.train.batch_size, cfg.train.seed),
-        loss_fn=next_token_loss,
-        eval_fn=Validation(data.val, val_starts, cfg.seq_len, cfg.train.micro_batch_size, data.tokens_per_byte("val")),
-        sample_fn=Samples(cfg.samples, tokenizer_dir / "tokenizer.json", data.eot_id, cfg.train.seed),
-        tokens_per_example=cfg.seq_len, flops_per_token=model_cfg.flops_per_token(cfg.seq_len))
+    batches = TrainWindows(data.train, cfg.seq_len, cfg.train.batch_size, cfg.train.seed)
+    validation = Validation(data.val, val_starts, cfg.seq_len, cfg.train.micro_batch_size, data.tokens_per_byte("val"))
+    samples = Samples(cfg.samples, tokenizer_dir / "tokenizer.json", data.eot_id, cfg.train.seed)
+    trainer = Trainer(build_model, cfg.train, name="pretrain", checkpoint_dir=folder, fingerprint_info=info,
+                      tracker=tracker, batches=batches, loss_fn=next_token_loss, eval_fn=validation,
+                      sample_fn=samples, tokens_per_example=cfg.seq_len,
+                      flops_per_token=model_cfg.flops_per_token(cfg.seq_len))
     summary = trainer.fit()
     trained = trainer.final_model()
     if not world.is_main:

@@ -8,7 +8,8 @@ Runbook
 
 Reads   data/<register.model_stage>/model/     the final model (DPO by default): an HF LlamaForCausalLM folder with
                                                its tokenizer and chat template
-        metrics/evaluate.json                  that model's evaluation (bpb, benchmarks, satisfaction, win rates)
+        metrics/evaluate.json                  that model's evaluation (bpb, benchmarks, satisfaction, win rates),
+                                               found by its stage in `model_stages` (label → stage)
         dvc.lock                               the hashes of the data, params and code the model came from
 Writes  MLflow: in this stage's run, a logged model `model` (pyfunc from code: tasks/common/pyfunc.py, artifacts =
                 the HF folder, code = model/ + tasks/common/chat.py, signature with prompt/messages inputs and
@@ -16,7 +17,8 @@ Writes  MLflow: in this stage's run, a logged model `model` (pyfunc from code: t
                 `register.model_name` with the alias `register.alias`; the version's tags: the pipeline run id,
                 the git commit, the dvc.lock hashes of the model's stage and of evaluate, and `eval.*` = the
                 model's evaluation (what `flows/promote.py` gates on)
-        data/register/registered.json          {name, version, alias, run_id, pipeline_run_id, model_uri, ...}
+        data/register/registered.json          {name, version, alias, run_id, pipeline_run_id, model_uri, ...,
+                                               smoke_test (the logged model's answer to its input example)}
         metrics/register.json                  version and the evaluation numbers it was registered with
 Checks  the model folder and its evaluation must exist; MLflow must be on (SCRATCHLM_NO_MLFLOW=1 is an error here);
         the logged model is loaded back and answers its input example before the alias moves.
@@ -27,9 +29,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from importlib.metadata import version as package_version
 from pathlib import Path
 
-from tasks.common.config import ROOT, ScratchError, check, load_section
+from tasks.common.config import ROOT, ScratchError, check
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
 from tasks.common.stage import stage_main
 from tasks.common.tracking import PARENT_ENV, Tracker, dvc_lock_tags, flatten, git_commit
@@ -40,7 +43,7 @@ INPUT_EXAMPLE_PROMPT = "Write a short story about a cat named Tom who goes to th
 
 
 @dataclass(frozen=True)
-class Config:
+class RegisterConfig:
     model_name: str = "scratchlm"
     """Registered model name in the MLflow model registry."""
     model_stage: str = "dpo"
@@ -54,6 +57,9 @@ class Config:
               "must name the candidate (e.g. challenger); @champion is moved only by the promote flow")
 
 
+Config = RegisterConfig  # the section class params.yaml loads (tasks/common/config.py)
+
+
 # ------------------------------------------------------------------------------------------------ inputs
 
 def model_folder(paths: StagePaths, stage: str) -> Path:
@@ -65,17 +71,20 @@ def model_folder(paths: StagePaths, stage: str) -> Path:
 
 
 def model_evaluation(root: Path, stage: str) -> dict:
-    """The evaluation of the model that `stage` produced, from metrics/evaluate.json (labels from evaluate.models)."""
+    """The evaluation of the model that `stage` produced, from metrics/evaluate.json: its `model_stages` says which
+    label evaluate gave each stage's model."""
     file = root / "metrics" / "evaluate.json"
     if not file.is_file():
         raise ScratchError(f"{file}: missing; run `dvc repro evaluate` before register")
     metrics = read_json(file)
-    from tasks.evaluate import Config as EvaluateConfig
-    labels = [label for label, s in load_section("evaluate", EvaluateConfig).models.items() if s == stage]
-    found = [label for label in labels if isinstance(metrics.get(label), dict)]
+    stages = metrics.get("model_stages")
+    if not isinstance(stages, dict):
+        raise ScratchError(f"{file}: no `model_stages` (label → stage of each evaluated model); rerun evaluate")
+    found = [label for label, s in stages.items() if s == stage and isinstance(metrics.get(label), dict)]
     if not found:
-        raise ScratchError(f"{file}: no evaluation of the {stage!r} model (evaluate.models maps "
-                           f"{labels or 'no label'} to it); rerun evaluate")
+        raise ScratchError(f"{file}: no evaluation of the {stage!r} model (evaluated: "
+                           f"{', '.join(f'{k} ({v})' for k, v in stages.items()) or 'none'}); add it to "
+                           f"evaluate.models and rerun evaluate, or set register.model_stage")
     label = found[0]
     return {"label": label, **metrics[label], "win_rate": metrics.get("win_rate", {})}
 
@@ -99,8 +108,7 @@ def lineage_tags(model_stage: str, root: Path = ROOT) -> dict[str, str]:
 
 def pip_requirements() -> list[str]:
     """The packages the pyfunc imports, pinned to what runs here (so `--env-manager virtualenv` rebuilds it)."""
-    from importlib.metadata import version
-    return [f"{p}=={version(p)}" for p in ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")]
+    return [f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")]
 
 
 def signature():
@@ -109,14 +117,14 @@ def signature():
 
 
 def input_example() -> tuple:
-    import pandas as pd
+    import pandas as pd  # here, not at the top: pandas (~1 s) would weigh on every `scratchlm params --check`
     # every row names both inputs (an empty one is absent): a column missing from some rows would be NaN there
     frame = pd.DataFrame([{"prompt": "", "messages": [{"role": "user", "content": INPUT_EXAMPLE_PROMPT}]},
                           {"prompt": "Once upon a time", "messages": []}])
     return frame, {"max_new_tokens": 16, "temperature": 0.8, "top_p": 0.95, "seed": 0}
 
 
-def log_and_register(folder: Path, cfg: Config, run_id: str, tags: dict[str, str]):
+def log_and_register(folder: Path, cfg: RegisterConfig, run_id: str, tags: dict[str, str]):
     """Log the pyfunc into run `run_id`, register it, tag the version; returns (ModelVersion, model_uri)."""
     import mlflow
     client = mlflow.MlflowClient()
@@ -144,7 +152,7 @@ def smoke_test(model_uri: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ stage
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
+def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
     if not tracker.active:
         raise ScratchError("register needs MLflow (unset SCRATCHLM_NO_MLFLOW); the model registry lives there")
     folder = model_folder(paths, cfg.model_stage)
@@ -163,30 +171,29 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     record = {"name": cfg.model_name, "version": int(version.version), "alias": cfg.alias, "run_id": tracker.run_id,
               "pipeline_run_id": tags["pipeline_run_id"], "model_uri": f"models:/{cfg.model_name}@{cfg.alias}",
               "version_uri": f"models:/{cfg.model_name}/{version.version}", "logged_model_uri": logged_uri,
-              "model_stage": cfg.model_stage, "git_commit": tags["git_commit"]}
+              "model_stage": cfg.model_stage, "eval_label": evaluation["label"], "git_commit": tags["git_commit"],
+              "smoke_test": sample}
     write_json(out / "registered.json", record)
     tracker.log_artifact(out / "registered.json", "register")
     if (paths.root / "dvc.lock").is_file():
         tracker.log_artifact(paths.root / "dvc.lock", "lineage")
-    print_summary(record, evaluation, sample)
     numbers = {k.removeprefix("eval."): float(v) for k, v in eval_tags(evaluation).items()}
     return {"version": record["version"], "eval": numbers}
 
 
-def print_summary(record: dict, evaluation: dict, sample: str) -> None:
-    print(f"register: {record['name']} version {record['version']} is @{record['alias']} "
-          f"(the {record['model_stage']} model, evaluated as {evaluation['label']!r})")
-    for key in ("val_bpb", "satisfaction"):
-        if key in evaluation:
-            print(f"  {key:<14} {evaluation[key]:.4f}")
-    print(f"  model uri      {record['model_uri']}  (= {record['version_uri']})")
-    print(f"  smoke test     {sample[:70]!r}")
-    print(f"  promote        scratchlm promote   (moves @champion when the gates in params.yaml pass)")
-    print(f"  serve          mlflow models serve -m {record['model_uri']} --env-manager local -p 5001")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    """Which version got the alias, what it answered, and the next commands (promote, serve)."""
+    r = read_json(paths.out / "registered.json")
+    return [f"{r['name']} version {r['version']} is @{r['alias']}: the {r['model_stage']} model, evaluated as "
+            f"{r['eval_label']!r}" + "".join(f", {k} {m['eval'][k]:.4f}" for k in ("val_bpb", "satisfaction")
+                                            if k in m["eval"]),
+            f"smoke test answered {r['smoke_test'][:60]!r}",
+            f"next: scratchlm promote (moves @champion when the gates in params.yaml pass); serve: "
+            f"mlflow models serve -m {r['model_uri']} --env-manager local -p 5001"]
 
 
 def main() -> None:
-    stage_main("register", Config, run)
+    stage_main("register", RegisterConfig, run, summary)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Runbook
     dvc repro reward                               # or: scratchlm stage reward / python -m tasks.reward
-    dvc exp run -S reward.train.max_steps=300      # a longer run (reruns reward and dpo)
+    dvc exp run -S ++reward.train.max_steps=300    # a longer run (reruns reward and dpo)
     dvc exp run -S 'reward.sources=[../shared/data/hh-rlhf-harmless-base/harmless-base_test_rows0000-1811.jsonl.gz]'
     python -m tasks.reward                         # launcher: checks the params, then execs
         deepspeed --num_gpus <train.ranks> ... --module tasks.reward --worker
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from model.heads import RewardModel
-from model.hf import load, load_config
+from model.hf import load
 from model.losses import bradley_terry_loss
 from tasks.common import alignment as al
 from tasks.common.config import as_dict
@@ -116,11 +116,9 @@ def held_out_report(model, pairs: list[al.PairExample], broken: list[str | None]
 
 def preflight(cfg: RewardConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
-    al.load_tokenizer(paths.of("tokenizer"))
-    sft = check_models(paths, "sft")["sft"]
-    max_len = cfg.max_len_for("reward", load_config(sft).max_seq_len)
-    print_plan("reward", cfg.train, paths, 2 * max_len, f"{cfg.train.batch_size} pairs (≤ {max_len} tokens a row) "
-               f"from {sft}; sources {', '.join(cfg.sources)}")
+    up = al.upstream_of("reward", cfg, paths, "sft")
+    print_plan("reward", cfg.train, paths, 2 * up.max_len, f"{cfg.train.batch_size} pairs (≤ {up.max_len} tokens a "
+               f"row) from {up.model_dir}; sources {', '.join(cfg.sources)}")
 
 
 def run(cfg: RewardConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
@@ -128,54 +126,44 @@ def run(cfg: RewardConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
-    tokenizer_dir, sft = paths.of("tokenizer"), check_models(paths, "sft")["sft"]
-    tok = al.load_tokenizer(tokenizer_dir)
-    model_cfg = load_config(sft)
-    max_len = cfg.max_len_for("reward", model_cfg.max_seq_len)
+    up = al.upstream_of("reward", cfg, paths, "sft")
     loaded = load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
                                   cfg.val_fraction)
-    train, val, truncated = al.encode_pairs(loaded, tok, max_len)
+    train, val, truncated = al.encode_pairs(loaded, up.tok, up.max_len)
     if world.is_main:
-        fresh_dir(paths.out)
-        write_jsonl(paths.out / "quarantine.jsonl", loaded.quarantine)
-
+        write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
     info = {"reward": {k: v for k, v in as_dict(cfg).items() if k != "train"}, "train": cfg.train.fingerprint_dict(),
-            "upstream": upstream_fingerprint({"sft": sft, "tokenizer": tokenizer_dir})}
-    folder = checkpoint_folder("reward", info, paths.root)
+            "upstream": upstream_fingerprint({"sft": up.model_dir, "tokenizer": up.tokenizer_dir})}
 
     def build_model():
         torch.manual_seed(cfg.train.seed)  # the head's initial weights
-        return RewardModel.from_backbone(load(sft)).train()
+        return RewardModel.from_backbone(load(up.model_dir)).train()
 
     lengths = [al.pair_length(e) for e in train]
     mean_len = round(2 * sum(lengths) / max(len(lengths), 1))  # tokens a pair puts through the model
-    trainer = Trainer(
-        build_model, cfg.train, name="reward", checkpoint_dir=folder, fingerprint_info=info, tracker=tracker,
-        batches=al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
-                               lambda exs: al.collate_pairs(exs, tok.pad_id).as_dict(), "training pairs"),
-        loss_fn=bradley_terry,
-        eval_fn=PairAccuracy(val, cfg.train.micro_batch_size, tok.pad_id) if val else None,
-        tokens_per_example=mean_len, flops_per_token=model_cfg.flops_per_token(mean_len // 2))
+    batches = al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
+                             lambda exs: al.collate_pairs(exs, up.tok.pad_id).as_dict(), "training pairs")
+    evaluation = PairAccuracy(val, cfg.train.micro_batch_size, up.tok.pad_id) if val else None
+    trainer = Trainer(build_model, cfg.train, name="reward", checkpoint_dir=checkpoint_folder("reward", info, paths.root),
+                      fingerprint_info=info, tracker=tracker, batches=batches, loss_fn=bradley_terry,
+                      eval_fn=evaluation, tokens_per_example=mean_len,
+                      flops_per_token=up.model_cfg.flops_per_token(mean_len // 2))
     summary = trainer.fit()
     model = trainer.final_model()
     if not world.is_main:
         return None
 
-    model.save(paths.out / "model", tokenizer_dir=tokenizer_dir)
+    model.save(paths.out / "model", tokenizer_dir=up.tokenizer_dir)
     shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    held_out = held_out_report(model, val, [broken_constraint(p) for p in loaded.val], tok.pad_id,
+    held_out = held_out_report(model, val, [broken_constraint(p) for p in loaded.val], up.tok.pad_id,
                                cfg.train.micro_batch_size) if val else {}
-    metrics = {**summary, **loaded.counts(), **held_out, "truncated": truncated, "max_len": max_len,
-               "fingerprint": folder.name}
     tracker.log_artifact(paths.out / "quarantine.jsonl", "reward")
-    return metrics
+    return {**summary, **loaded.counts(), **held_out, "truncated": truncated, "max_len": up.max_len,
+            "fingerprint": trainer.ckpt.folder.name}
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
-    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} pairs ({m['val_examples']:,} held out, "
-             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)"]
-    lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
-    lines.append(f"train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s")
+    lines = al.data_summary(m, "pairs", "held out")
     if "accuracy" in m:
         lines.append(f"held-out pair accuracy {m['accuracy']:.1%}   mean margin r(chosen) - r(rejected) "
                      f"{m['margin']:.3f}")

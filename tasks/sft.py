@@ -2,7 +2,8 @@
 
 Runbook
     dvc repro sft                                  # or: scratchlm stage sft / python -m tasks.sft
-    dvc exp run -S sft.train.max_steps=200         # a longer run (reruns sft, reward and dpo)
+    dvc exp run -S ++sft.train.max_steps=200       # a longer run (reruns sft, reward and dpo); `++` adds the key to
+                                                   # sft's overrides of the shared `train` section
     dvc exp run -S 'sft.sources=[builtin:instructions,../shared/data/alpaca-en-demo/alpaca_en_demo.json]'
     python -m tasks.sft                            # launcher: checks the params, then execs
         deepspeed --num_gpus <train.ranks> ... --module tasks.sft --worker
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from model.hf import load, load_config, save
+from model.hf import load, save
 from tasks.common import alignment as al
 from tasks.common.config import as_dict
 from tasks.common.distributed import init_distributed
@@ -128,11 +129,9 @@ class HeldOutSamples:
 
 def preflight(cfg: SftConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
-    al.load_tokenizer(paths.of("tokenizer"))
-    pretrained = check_models(paths, "pretrain")["pretrain"]
-    max_len = cfg.max_len_for("sft", load_config(pretrained).max_seq_len)
-    print_plan("sft", cfg.train, paths, max_len, f"{cfg.train.batch_size} conversations (≤ {max_len} tokens) "
-               f"from {pretrained}; sources {', '.join(cfg.sources)}")
+    up = al.upstream_of("sft", cfg, paths, "pretrain")
+    print_plan("sft", cfg.train, paths, up.max_len, f"{cfg.train.batch_size} conversations (≤ {up.max_len} tokens) "
+               f"from {up.model_dir}; sources {', '.join(cfg.sources)}")
 
 
 def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
@@ -140,48 +139,43 @@ def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
-    tokenizer_dir, pretrained = paths.of("tokenizer"), check_models(paths, "pretrain")["pretrain"]
-    tok = al.load_tokenizer(tokenizer_dir)
-    model_cfg = load_config(pretrained)
-    max_len = cfg.max_len_for("sft", model_cfg.max_seq_len)
+    up = al.upstream_of("sft", cfg, paths, "pretrain")
+    tok = up.tok
     loaded = load_instruction_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
                                    cfg.val_fraction)
-    data = encode_all(loaded, tok, max_len)
+    data = encode_all(loaded, tok, up.max_len)
     if world.is_main:
-        fresh_dir(paths.out)
-        write_jsonl(paths.out / "quarantine.jsonl", loaded.quarantine)
-
+        write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
     info = {"sft": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "eval_base", "train")},
             "train": cfg.train.fingerprint_dict(),
-            "upstream": upstream_fingerprint({"pretrain": pretrained, "tokenizer": tokenizer_dir})}
-    folder = checkpoint_folder("sft", info, paths.root)
+            "upstream": upstream_fingerprint({"pretrain": up.model_dir, "tokenizer": up.tokenizer_dir})}
 
     def build_model():
         torch.manual_seed(cfg.train.seed)
-        return load(pretrained).train()
+        return load(up.model_dir).train()
 
     lengths = [len(e.ids) for e in data.train]
     mean_len = round(sum(lengths) / max(len(lengths), 1))
-    trainer = Trainer(
-        build_model, cfg.train, name="sft", checkpoint_dir=folder, fingerprint_info=info, tracker=tracker,
-        batches=al.StepBatches(data.train, lengths, cfg.train.batch_size, cfg.train.seed,
-                               lambda exs: al.collate_sft(exs, tok.pad_id), "training conversations"),
-        loss_fn=response_loss,
-        eval_fn=ResponseLoss(data.val, cfg.train.micro_batch_size, tok.pad_id) if data.val else None,
-        # samples at intermediate evaluations only: the end report samples every held-out prompt anyway
-        sample_fn=HeldOutSamples(tok, cfg.sampling) if cfg.sampling.prompts and cfg.train.eval_every else None,
-        tokens_per_example=mean_len, flops_per_token=model_cfg.flops_per_token(mean_len))
+    batches = al.StepBatches(data.train, lengths, cfg.train.batch_size, cfg.train.seed,
+                             lambda exs: al.collate_sft(exs, tok.pad_id), "training conversations")
+    evaluation = ResponseLoss(data.val, cfg.train.micro_batch_size, tok.pad_id) if data.val else None
+    # samples at intermediate evaluations only: the end report samples every held-out prompt anyway
+    samples = HeldOutSamples(tok, cfg.sampling) if cfg.sampling.prompts and cfg.train.eval_every else None
+    trainer = Trainer(build_model, cfg.train, name="sft", checkpoint_dir=checkpoint_folder("sft", info, paths.root),
+                      fingerprint_info=info, tracker=tracker, batches=batches, loss_fn=response_loss,
+                      eval_fn=evaluation, sample_fn=samples, tokens_per_example=mean_len,
+                      flops_per_token=up.model_cfg.flops_per_token(mean_len))
     summary = trainer.fit()
     model = trainer.final_model()
     if not world.is_main:
         return None
 
-    save(model, paths.out / "model", tokenizer_dir=tokenizer_dir)
+    save(model, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
     shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    metrics = {**summary, **loaded.counts(), "truncated": data.truncated, "max_len": max_len,
-               "mean_train_tokens": mean_len, "fingerprint": folder.name}
+    metrics = {**summary, **loaded.counts(), "truncated": data.truncated, "max_len": up.max_len,
+               "mean_train_tokens": mean_len, "fingerprint": trainer.ckpt.folder.name}
     if cfg.sampling.prompts:
-        base = load(pretrained) if cfg.eval_base else None
+        base = load(up.model_dir) if cfg.eval_base else None
         metrics.update(satisfaction_report(model, base, tok, cfg.sampling, paths.out / "samples.jsonl"))
         tracker.log_artifact(paths.out / "samples.jsonl", "sft")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "sft")
@@ -207,11 +201,8 @@ def satisfaction_report(model, base, tok: al.ChatTokenizer, sampling: SamplingCo
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
-    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} conversations ({m['val_examples']:,} validation, "
-             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)"]
-    lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
-    lines.append(f"train loss {m['train_loss']:.4f}   val loss on responses {m.get('val_loss', float('nan')):.4f}   "
-                 f"{m['tokens_per_s']:,.0f} tokens/s")
+    lines = al.data_summary(m, "conversations", "validation")
+    lines.append(f"val loss on responses {m.get('val_loss', float('nan')):.4f}")
     if "sft_satisfaction" in m:
         base = (f"base {m['base_satisfaction']:.1%} (all {m['base_all_satisfied']:.1%}) → "
                 if "base_satisfaction" in m else "")

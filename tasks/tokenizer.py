@@ -25,20 +25,23 @@ Scale   the split is a hash of each document id (tasks/common/split.py), so it n
 from __future__ import annotations
 
 import functools
-import hashlib
+import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tasks.common import chat
-from tasks.common.config import DataConfig, ScratchError, check, load_section
-from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_json
+from tasks.common.config import DataConfig, ScratchError, check
+from tasks.common.console import fmt
+from tasks.common.dvcio import StagePaths, file_sha256, fresh_dir, read_jsonl_gz, shards, write_json
 from tasks.common.parallel import parallel_map
 from tasks.common.split import Split
-from tasks.common.stage import progress, stage_main
+from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 BYTE_TOKENS = 256
@@ -46,7 +49,7 @@ TRAIN_BATCH_DOCS = 1000   # documents per batch handed to the BPE trainer (token
 
 
 @dataclass(frozen=True)
-class Config:
+class TokenizerConfig:
     vocab_size: int = 4096
     """Tokens in the vocabulary, the 256 byte tokens and the special tokens included (4096 for the CPU default,
     32768-50304 for real runs). The trainer may stop below it on a tiny corpus; metrics say what it reached."""
@@ -76,20 +79,21 @@ class Config:
         return Split(self.val_fraction, self.split_salt)
 
 
+Config = TokenizerConfig  # the section class params.yaml loads (tasks/common/config.py)
+
+
 # ------------------------------------------------------------------------------------------------ the model
 
 def new_tokenizer():
     """An untrained byte-level BPE: no normalizer and no prefix space, so decode(encode(text)) == text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     return tok
 
 
-def train_bpe(texts: Iterator[list[str]], cfg: Config, n_docs: int):
+def train_bpe(texts: Iterator[list[str]], cfg: TokenizerConfig, n_docs: int):
     """Train on batches of texts; special tokens come first (ids 0..5 in chat.SPECIAL_TOKENS order)."""
-    from tokenizers import pre_tokenizers, trainers
     tok = new_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
                                   special_tokens=list(chat.SPECIAL_TOKENS),
@@ -101,7 +105,6 @@ def train_bpe(texts: Iterator[list[str]], cfg: Config, n_docs: int):
 
 def load_plain(path: Path):
     """tokenizer.json for encoding documents: special-token strings in the text stay plain text."""
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(path))
     tok.encode_special_tokens = True
     return tok
@@ -203,8 +206,6 @@ def save_folder(tok, out: Path) -> None:
 
 def check_hf_folder(out: Path) -> None:
     """Load the folder as transformers users will and hold its chat template to render_chat."""
-    import logging
-
     from transformers import AutoTokenizer
     logging.getLogger("transformers").setLevel(logging.ERROR)
     hf = AutoTokenizer.from_pretrained(str(out))
@@ -219,18 +220,9 @@ def check_hf_folder(out: Path) -> None:
         raise ScratchError(f"{out}: transformers sees eos/pad ids {hf.eos_token_id}/{hf.pad_token_id}, expected 0/1")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------ stage
 
-def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
-    data = load_section("data", DataConfig)
+def run(cfg: TokenizerConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     docs = shards(paths.of("dedup"))
     counts = total(parallel_map(functools.partial(count_shard, split=cfg.split), docs, data.parallel))
     check_splits(counts, cfg, paths.of("dedup"))
@@ -242,10 +234,8 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     train_seconds = time.perf_counter() - started
     save_folder(tok, out)
 
-    bar = progress(None, total=len(docs), desc="tokenizer: validation", unit="shard")
     work = functools.partial(validate_shard, split=cfg.split, tokenizer_file=out / "tokenizer.json")
-    val = total(parallel_map(work, docs, data.parallel, on_result=lambda _: bar.update(1)))
-    bar.close()
+    val = total(parallel_map(work, docs, data.parallel, desc="tokenizer: validation"))
     if val.roundtrip_failures:
         raise ScratchError(f"tokenizer: {val.roundtrip_failures} validation documents do not decode back to their "
                            f"text (first: id {val.first_failure!r}); the tokenizer is not lossless")
@@ -261,11 +251,10 @@ def run(cfg: Config, paths: StagePaths, tracker: Tracker) -> dict:
     }
     meta = {"split": cfg.split.as_dict(), "vocab_size": metrics["vocab_size"],
             "special_tokens": chat.special_ids(tok), "eot_id": tok.token_to_id(chat.EOT),
-            "pad_id": tok.token_to_id(chat.PAD), "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
+            "pad_id": tok.token_to_id(chat.PAD), "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
             "source": "data/dedup", "counts": {k: metrics[k] for k in
                                                ("train_docs", "train_bytes", "val_docs", "val_bytes")}}
     write_json(out / "meta.json", meta)
-    print_summary(metrics, cfg, out)
     tracker.log_artifact(out, "tokenizer")
     return metrics
 
@@ -279,7 +268,7 @@ def total(parts: list[ShardCount]) -> ShardCount:
     return t
 
 
-def check_splits(c: ShardCount, cfg: Config, folder: Path) -> None:
+def check_splits(c: ShardCount, cfg: TokenizerConfig, folder: Path) -> None:
     n = c.train_docs + c.val_docs
     for name, docs in (("train", c.train_docs), ("validation", c.val_docs)):
         if docs == 0:
@@ -289,23 +278,21 @@ def check_splits(c: ShardCount, cfg: Config, folder: Path) -> None:
         raise ScratchError(f"{folder}: the train split has {c.train_docs} documents but no text to train on")
 
 
-def print_summary(m: dict, cfg: Config, out: Path) -> None:
-    print(f"tokenizer: byte-level BPE, {m['vocab_size']:,} tokens (asked {cfg.vocab_size:,}) trained in "
-          f"{m['train_seconds']:.1f}s on {m['trained_on_bytes'] / 1e6:.1f} MB ({m['trained_on_docs']:,} of "
-          f"{m['train_docs']:,} train documents)")
-    print(f"  split      val_fraction={cfg.val_fraction} salt={cfg.split_salt!r}: "
-          f"{m['train_docs']:,} train / {m['val_docs']:,} validation documents")
-    print(f"  validation {m['val_bytes_per_token']:.3f} bytes/token ({m['val_bytes']:,} bytes, {m['val_tokens']:,} "
-          f"tokens), every document round-trips exactly")
-    print(f"  special    " + " ".join(f"{t}={i}" for i, t in enumerate(chat.SPECIAL_TOKENS)))
-    print(f"  folder     {out}  (AutoTokenizer.from_pretrained loads it; chat template checked)")
-    if m["vocab_size"] < cfg.vocab_size:
-        print(f"  note       the corpus ran out of merges at {m['vocab_size']:,} tokens (min_frequency="
-              f"{cfg.min_frequency}); pretokenize and the model use the reached size")
+def summary(m: dict, paths: StagePaths) -> list[str]:
+    """What was trained on what, how well it compresses, and a vocabulary that fell short of the request."""
+    lines = [f"byte-level BPE of {fmt(m['vocab_size'])} tokens trained in {m['train_seconds']:.1f}s on "
+             f"{m['trained_on_bytes'] / 1e6:.1f} MB ({fmt(m['trained_on_docs'])} of {fmt(m['train_docs'])} train "
+             f"documents; {fmt(m['val_docs'])} held out for validation)",
+             f"validation: {m['val_bytes_per_token']:.3f} bytes/token, every document round-trips; "
+             f"AutoTokenizer.from_pretrained({str(paths.out.relative_to(paths.root))!r}) loads it"]
+    if m["vocab_size"] < m["vocab_size_requested"]:
+        lines.append(f"the corpus ran out of merges below the {fmt(m['vocab_size_requested'])} tokens asked for; "
+                     f"pretokenize and the model use {fmt(m['vocab_size'])}")
+    return lines
 
 
 def main() -> None:
-    stage_main("tokenizer", Config, run)
+    stage_main("tokenizer", TokenizerConfig, run, summary)
 
 
 if __name__ == "__main__":

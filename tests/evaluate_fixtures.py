@@ -4,14 +4,22 @@ folders (model.hf.save), randomly initialised or trained for a few steps. They k
 independent of a full pipeline run."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from model.config import ModelConfig
-from model.hf import save
+from model.heads import RewardModel
+from model.hf import load, save
 from model.llama import Llama
+from tasks import register
+from tasks.common.dvcio import stage_paths, write_jsonl_gz
+from tasks.common.tracking import stage_run
+from tasks.pretokenize import encode_docs, load_plain
+from tasks.tokenizer import TokenizerConfig, save_folder, train_bpe
 
 NAMES = ["Mia", "Tom", "Lily", "Ben", "Sara", "Max"]
 PLACES = ["park", "garden", "river", "school", "forest", "market"]
@@ -29,16 +37,14 @@ def story_sentences(n: int, seed: int) -> list[str]:
 
 def train_tokenizer(folder: Path, vocab_size: int = 512) -> Path:
     """An HF tokenizer folder exactly as the tokenizer stage writes one (tokenizer.json + configs + template)."""
-    from tasks.tokenizer import Config, save_folder, train_bpe
     texts = story_sentences(400, 0)
-    tok = train_bpe(iter([texts]), Config(vocab_size=vocab_size, min_frequency=1), len(texts))
+    tok = train_bpe(iter([texts]), TokenizerConfig(vocab_size=vocab_size, min_frequency=1), len(texts))
     folder.mkdir(parents=True, exist_ok=True)
     save_folder(tok, folder)
     return folder
 
 
 def _vocab_size(tokenizer_dir: Path) -> int:
-    from tokenizers import Tokenizer
     return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
 
 
@@ -53,7 +59,6 @@ def tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, max_seq_len: in
 def train_tiny(folder: Path, tokenizer_dir: Path, texts: list[str], steps: int = 60, seed: int = 0,
                max_seq_len: int = 512) -> Path:
     """A tiny Llama trained for a few AdamW steps on `texts` (documents joined by <|endoftext|>)."""
-    from tokenizers import Tokenizer
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
     ids: list[int] = []
@@ -85,10 +90,6 @@ VAL_TEXTS = [
 
 def write_pretokenize(root: Path, tokenizer_dir: Path, texts: list[str]) -> Path:
     """data/pretokenize/{val.bin, meta.json, val_docs.jsonl.gz} in the pretokenize stage's format (its encoder)."""
-    import json
-
-    from tasks.common.dvcio import write_jsonl_gz
-    from tasks.pretokenize import encode_docs, load_plain
     out = root / "data" / "pretokenize"
     out.mkdir(parents=True, exist_ok=True)
     tok = load_plain(tokenizer_dir / "tokenizer.json")
@@ -107,8 +108,6 @@ def write_pretokenize(root: Path, tokenizer_dir: Path, texts: list[str]) -> Path
 
 def pipeline_outputs(root: Path, stages: tuple[str, ...] = ("pretrain", "sft", "dpo"), reward: bool = True) -> Path:
     """What the stages upstream of evaluate leave under <root>/data: tokenizer, pretokenize, models, reward model."""
-    from model.heads import RewardModel
-    from model.hf import load
     tok_dir = train_tokenizer(root / "data" / "tokenizer")
     write_pretokenize(root, tok_dir, VAL_TEXTS + story_sentences(20, 7))
     for i, stage in enumerate(stages):  # random weights, a different seed per stage: evaluation needs no skill
@@ -126,13 +125,13 @@ def evaluation(dpo_bpb: float = 1.5, satisfaction: float = 0.25, cloze: float = 
         return {"val_loss": bpb * 2.4, "val_ppl": 10.0, "val_bpb": bpb, "val_tokens": 1000, "val_docs": 10,
                 "satisfaction": sat, "all_satisfied": sat / 2, "per_constraint": {"name": 0.9},
                 "bench": {"cloze": {"acc": acc, "acc_norm": acc - 0.05}, "piqa": {"acc": 0.55, "acc_norm": 0.5}}}
-    return {"models": ["base", "sft", "dpo"], "base": model(dpo_bpb + 0.1, 0.0, cloze - 0.1),
+    return {"models": ["base", "sft", "dpo"], "model_stages": {"base": "pretrain", "sft": "sft", "dpo": "dpo"},
+            "base": model(dpo_bpb + 0.1, 0.0, cloze - 0.1),
             "sft": model(dpo_bpb + 0.05, satisfaction / 2, cloze), "dpo": model(dpo_bpb, satisfaction, cloze),
             "win_rate": {"sft_vs_base": 0.7, "dpo_vs_sft": 0.6}, "skipped": {}}
 
 
 PARAMS = """\
-evaluate: {}
 register: {}
 promote:
   max_val_bpb: 3.0
@@ -145,7 +144,6 @@ promote:
 def registry_project(root: Path, monkeypatch, metrics: dict | None = None) -> Path:
     """A project folder ready for the register stage: data/dpo/model, metrics/evaluate.json, dvc.lock, params;
     MLflow pointed at a SQLite file inside it (artifacts under it too: the working directory moves there)."""
-    import json
     tok_dir = train_tokenizer(root / "data" / "tokenizer")
     tiny_model(root / "data" / "dpo" / "model", tok_dir, seed=5)
     (root / "metrics").mkdir(parents=True, exist_ok=True)
@@ -164,11 +162,6 @@ def registry_project(root: Path, monkeypatch, metrics: dict | None = None) -> Pa
 
 def run_register(root: Path) -> dict:
     """The register stage's run() inside its own MLflow run, as stage_main does it; returns registered.json."""
-    import json
-
-    from tasks.common.dvcio import stage_paths
-    from tasks.common.tracking import stage_run
-    from tasks.register import Config, run
     with stage_run("register", {}) as tracker:
-        run(Config(), stage_paths("register", root=root), tracker)
+        register.run(register.RegisterConfig(), stage_paths("register", root=root), tracker)
     return json.loads((root / "data" / "register" / "registered.json").read_text())

@@ -127,3 +127,19 @@ def test_checking_params_loads_neither_deepspeed_nor_mlflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_set_reaches_an_inherited_key_and_a_bad_one_leaves_the_file_as_it_was(tmp_path):
+    """`scratchlm run --set sft.train.beta2=0.99` adds the key to sft's overrides of `train`."""
+    from flows.pipeline import apply_overrides
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    apply_overrides({"sft.train.beta2": 0.99, "sft.sampling.top_p": 0.5, "train.lr": 1.0e-3}, path)
+    assert (load_section("sft", path=path).train.beta2, load_section("sft", path=path).sampling.top_p) == (0.99, 0.5)
+    assert (load_section("sft", path=path).train.lr, load_section("reward", path=path).train.lr) == (1.0e-3, 3.0e-4)
+    before = path.read_text()
+    with pytest.raises(ConfigError, match=r"sft.train.betta2: unknown key \(did you mean 'beta2'\?\)"):
+        apply_overrides({"sft.train.betta2": 0.5}, path)
+    with pytest.raises(ConfigError, match=r"reward.sampling: unknown key"):  # reward samples nothing
+        apply_overrides({"reward.sampling.top_p": 0.5}, path)
+    assert path.read_text() == before

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from model.hf import load
-from tasks.evaluate import BENCHMARKS, Config, prepare_benchmarks, quiet_libraries, run_lm_eval
 from tasks.common.dvcio import stage_paths
+from tasks.evaluate import BENCHMARKS, EvaluateConfig, prepare_benchmarks, quiet_libraries, run_lm_eval
 from tests.conftest import SHARED_DATA
 from tests.evaluate_fixtures import story_sentences, train_tiny, train_tokenizer
 
@@ -24,7 +25,7 @@ def scored(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lmeval")
     tok_dir = train_tokenizer(tmp / "tokenizer")
     folder = train_tiny(tmp / "model", tok_dir, story_sentences(300, 1), steps=40)
-    cfg = Config(limit=ITEMS, data_dir=str(SHARED_DATA), benchmarks=["cloze", "hellaswag", "piqa"])
+    cfg = EvaluateConfig(limit=ITEMS, data_dir=str(SHARED_DATA), benchmarks=["cloze", "hellaswag", "piqa"])
     paths = stage_paths("evaluate", root=tmp)
     skipped: dict[str, str] = {}
     files, counts = prepare_benchmarks(cfg, paths, folder / "tokenizer.json", 512, skipped)
@@ -50,7 +51,6 @@ def own_loglikelihoods(model, tok, context: str, choices: list[str]) -> list[flo
 
 
 def test_lm_eval_equals_our_loglikelihoods(scored):
-    from tokenizers import Tokenizer
     folder, files, counts, skipped, result = scored
     model = load(folder)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -85,7 +85,7 @@ def test_real_slices_are_scored_or_skipped_with_reason(scored):
 
 
 def test_missing_slice_is_skipped_with_reason(scored, tmp_path):
-    cfg = Config(limit=3, data_dir=str(tmp_path / "nowhere"), benchmarks=["piqa"])
+    cfg = EvaluateConfig(limit=3, data_dir=str(tmp_path / "nowhere"), benchmarks=["piqa"])
     skipped: dict[str, str] = {}
     files, counts = prepare_benchmarks(cfg, stage_paths("evaluate", root=tmp_path), scored[0] / "tokenizer.json",
                                        512, skipped)
@@ -95,7 +95,7 @@ def test_missing_slice_is_skipped_with_reason(scored, tmp_path):
 
 def test_items_too_long_for_the_context_are_counted_not_scored(scored, tmp_path):
     folder = scored[0]
-    cfg = Config(limit=5, benchmarks=["cloze"])
+    cfg = EvaluateConfig(limit=5, benchmarks=["cloze"])
     skipped: dict[str, str] = {}
     files, counts = prepare_benchmarks(cfg, stage_paths("evaluate", root=tmp_path), folder / "tokenizer.json", 48,
                                        skipped)

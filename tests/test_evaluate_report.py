@@ -9,7 +9,9 @@ import re
 
 import pytest
 
-from tasks.common.report import build_report
+from tasks.common.report import build_report, curves, pipeline_stages
+from tasks.common.tracking import Tracker, setup_mlflow
+from tests.conftest import ROOT
 from tests.evaluate_fixtures import evaluation
 
 STAGE_METRICS = {
@@ -52,8 +54,6 @@ def project(tmp_path, monkeypatch, mlflow_uri):
 
 def make_runs(parent_name: str = "build_llm"):
     import mlflow
-
-    from tasks.common.tracking import setup_mlflow
     setup_mlflow()
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name("scratchlm").experiment_id
@@ -91,7 +91,6 @@ def test_report_renders_every_section_with_its_plots(project):
 
 
 def test_curves_skip_schedule_metrics_and_single_points(project):
-    from tasks.common.report import curves
     import mlflow
     _, _, _, runs = make_runs()
     series = curves(mlflow.MlflowClient().get_run(runs["pretrain"]))
@@ -115,10 +114,14 @@ def test_stages_a_pipeline_run_skipped_come_from_their_latest_run(project):
     assert sft in text and first["pretrain"] in text and first["sft"] not in text
 
 
+def test_pipeline_stages_are_dvc_yamls_in_order(tmp_path):
+    stages = pipeline_stages(ROOT)
+    assert stages[:3] == ["ingest", "filter", "dedup"] and stages.index("evaluate") < stages.index("register")
+    assert pipeline_stages(tmp_path) == []
+
+
 def test_report_is_logged_to_mlflow_and_renders_without_inputs(tmp_path, monkeypatch, mlflow_uri):
     import mlflow
-
-    from tasks.common.tracking import Tracker, setup_mlflow
     monkeypatch.chdir(tmp_path)
     setup_mlflow()
     run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("scratchlm").experiment_id)

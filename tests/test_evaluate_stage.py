@@ -3,18 +3,21 @@ lm-eval benchmarks, constraint satisfaction and reward win rates on shared promp
 the report card; missing models fail or are skipped with the reason."""
 from __future__ import annotations
 
+import gzip
 import json
 import math
+import os
+import shutil
 
 import pytest
 import torch
 
 from model.hf import load
-from tasks.common.alignment import SamplingConfig
 from tasks.common.config import ScratchError
 from tasks.common.dvcio import stage_paths
 from tasks.common.tracking import Tracker
-from tasks.evaluate import Config, held_out, held_out_loss, quiet_libraries, run, win_rate
+from tasks.common.train_config import SamplingConfig
+from tasks.evaluate import EvaluateConfig, held_out, held_out_loss, quiet_libraries, run, summary, win_rate
 from tests.evaluate_fixtures import VAL_TEXTS, pipeline_outputs
 
 SMALL = dict(limit=6, val_max_tokens=0, benchmarks=["cloze"], batch_size=8,
@@ -31,10 +34,9 @@ def project(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(project):
-    import os
     os.environ["SCRATCHLM_NO_MLFLOW"] = "1"
     try:
-        metrics = run(Config(**SMALL), stage_paths("evaluate", root=project), Tracker("evaluate", None))
+        metrics = run(EvaluateConfig(**SMALL), stage_paths("evaluate", root=project), Tracker("evaluate", None))
     finally:
         del os.environ["SCRATCHLM_NO_MLFLOW"]
     return project, metrics
@@ -63,7 +65,6 @@ def test_bits_per_byte_counts_the_texts_utf8_bytes(project):
 
 
 def data_texts(project) -> list[str]:
-    import gzip
     with gzip.open(project / "data" / "pretokenize" / "val_docs.jsonl.gz", "rt") as f:
         return [json.loads(line)["text"] for line in f]
 
@@ -76,6 +77,7 @@ def test_val_max_tokens_takes_whole_documents(project):
 def test_stage_writes_metrics_for_every_model(evaluated):
     project, m = evaluated
     assert m["models"] == ["base", "sft", "dpo"]
+    assert m["model_stages"] == {"base": "pretrain", "sft": "sft", "dpo": "dpo"}  # what register looks its model up in
     for label in m["models"]:
         r = m[label]
         assert r["val_bpb"] > 0 and r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]))
@@ -87,6 +89,9 @@ def test_stage_writes_metrics_for_every_model(evaluated):
     assert all(0.0 <= v <= 1.0 for v in m["win_rate"].values())
     assert m["benchmark_items"]["cloze"]["items"] == 6
     json.dumps(m)  # what stage_main writes to metrics/evaluate.json
+    said = summary(m, stage_paths("evaluate", root=project))
+    assert said[0].split() == ["base", "sft", "dpo"] and said[2].startswith("val bpb")
+    assert "win rate dpo_vs_sft: " in "\n".join(said) and said[-1] == "report card: reports/report.md"
 
 
 def test_answers_carry_constraints_and_rewards(evaluated):
@@ -119,21 +124,22 @@ def test_plots_samples_and_report(evaluated):
 
 
 def test_missing_model_fails_or_is_skipped(tmp_path, project, monkeypatch):
-    import shutil
     monkeypatch.setenv("SCRATCHLM_NO_MLFLOW", "1")
     for part in ("tokenizer", "pretokenize", "pretrain", "reward"):
         shutil.copytree(project / "data" / part, tmp_path / "data" / part)
     paths = stage_paths("evaluate", root=tmp_path)
     with pytest.raises(ScratchError, match=r"evaluate.models.sft: .*data/sft/model has no model .*dvc repro sft"):
-        run(Config(**SMALL), paths, Tracker("evaluate", None))
-    cfg = Config(**{**SMALL, "missing_models": "skip", "report": False, "sample_prompts": [], "sample_texts": []})
+        run(EvaluateConfig(**SMALL), paths, Tracker("evaluate", None))
+    cfg = EvaluateConfig(**{**SMALL, "missing_models": "skip", "report": False, "sample_prompts": [],
+                            "sample_texts": []})
     m = run(cfg, paths, Tracker("evaluate", None))
     assert m["models"] == ["base"] and "data/sft/model" in m["skipped"]["model:sft"]
+    assert m["model_stages"] == {"base": "pretrain"} and "report" not in m
     assert m["win_rate"] == {} and set(m["skipped"]) >= {"win_rate:sft_vs_base", "win_rate:dpo_vs_sft"}
 
 
 def test_config_rejects_unknown_benchmark_and_bad_pairs():
     with pytest.raises(ScratchError, match="benchmarks: unknown"):
-        Config(benchmarks=["mmlu"])
+        EvaluateConfig(benchmarks=["mmlu"])
     with pytest.raises(ScratchError, match="win_rates"):
-        Config(win_rates=["dpo:nope"])
+        EvaluateConfig(win_rates=["dpo:nope"])

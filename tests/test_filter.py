@@ -18,6 +18,8 @@ from tasks.common.tracking import Tracker
 from tasks.sources import builtin
 from tests.conftest import ROOT, shared
 
+PARAMS = ROOT / "params.yaml"
+
 CLEAN = ("Once upon a time, a little fox named Pip lived near a quiet river. Every morning she walked to the water "
          "and looked at the fish.\nOne day she found a shiny stone under a tall tree. She showed it to her friend, "
          "an old owl, who told her it was a piece of the moon.\nPip laughed and kept the stone in her den. When "
@@ -56,7 +58,7 @@ CASES = {
 }
 
 
-def without(cfg: quality.Config, *rules: str) -> quality.Config:
+def without(cfg: quality.FilterConfig, *rules: str) -> quality.FilterConfig:
     return dataclasses.replace(cfg, **{r: dataclasses.replace(getattr(cfg, r), enabled=False) for r in rules})
 
 
@@ -67,13 +69,13 @@ def test_every_rule_has_a_case_and_a_params_entry():
 
 
 def test_clean_story_passes_every_rule():
-    assert quality.failed_rules(CLEAN, quality.Config()) == {}
+    assert quality.failed_rules(CLEAN, quality.FilterConfig()) == {}
 
 
 @pytest.mark.parametrize("rule", list(CASES))
 def test_each_rule_rejects_its_case_and_can_be_switched_off(rule):
     text, off = CASES[rule]
-    cfg = without(quality.Config(), *off)
+    cfg = without(quality.FilterConfig(), *off)
     failed = quality.failed_rules(text, cfg)
     assert next(iter(failed), None) == rule, failed
     assert failed[rule]  # a readable reason
@@ -82,8 +84,8 @@ def test_each_rule_rejects_its_case_and_can_be_switched_off(rule):
 
 def test_thresholds_come_from_the_config():
     text = " ".join(VOCAB[:25])
-    assert "word_count" not in quality.failed_rules(text, quality.Config())
-    strict = dataclasses.replace(quality.Config(), word_count=quality.WordCount(min_words=26))
+    assert "word_count" not in quality.failed_rules(text, quality.FilterConfig())
+    strict = dataclasses.replace(quality.FilterConfig(), word_count=quality.WordCount(min_words=26))
     assert quality.failed_rules(text, strict)["word_count"] == "25 words < 26"
 
 
@@ -126,7 +128,7 @@ def corpus() -> list[builtin.BuiltinDoc]:
 
 
 def test_builtin_planted_junk_is_rejected_and_clean_stories_kept(corpus):
-    cfg = load_section("filter", quality.Config)   # the default params
+    cfg = load_section("filter", quality.FilterConfig, path=PARAMS)   # the default params
     rejected = {d.id for d in corpus if quality.failed_rules(d.text, cfg)}
     junk = [d for d in corpus if d.label == "junk"]
     clean = [d for d in corpus if d.label == "clean"]
@@ -138,8 +140,9 @@ def test_builtin_planted_junk_is_rejected_and_clean_stories_kept(corpus):
         assert of_kind and sum(d.id in rejected for d in of_kind) / len(of_kind) >= 0.9, kind
 
 
-def write_ingest(root: Path, docs: list[builtin.BuiltinDoc], per_shard: int) -> None:
-    folder = root / "data" / "ingest"
+def write_shards(root: Path, stage: str, docs: list[builtin.BuiltinDoc], per_shard: int) -> None:
+    """data/<stage>/ as a data stage leaves it: shards of `per_shard` documents and the labels of all of them."""
+    folder = root / "data" / stage
     folder.mkdir(parents=True)
     for n, start in enumerate(range(0, len(docs), per_shard)):
         rows = [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start:start + per_shard]]
@@ -148,13 +151,12 @@ def write_ingest(root: Path, docs: list[builtin.BuiltinDoc], per_shard: int) -> 
                                                  for d in docs))
 
 
-def test_stage_counts_add_up_and_outputs_agree(tmp_path, corpus, monkeypatch, capsys):
+def test_stage_counts_add_up_and_outputs_agree(tmp_path, corpus):
     docs = corpus[:1200]
-    write_ingest(tmp_path, docs, per_shard=500)
-    monkeypatch.setenv("SCRATCHLM_PARAMS", str(ROOT / "params.yaml"))
-    cfg = dataclasses.replace(load_section("filter", quality.Config), reject_samples=2)
+    write_shards(tmp_path, "ingest", docs, per_shard=500)
+    cfg = dataclasses.replace(load_section("filter", quality.FilterConfig, path=PARAMS), reject_samples=2)
     paths = stage_paths("filter", root=tmp_path)
-    m = quality.run(cfg, paths, Tracker("filter", None))
+    m = quality.run(cfg, paths, Tracker("filter", None), load_section("data", path=PARAMS))
 
     kept = list(read_docs(paths.out))
     assert sorted(p.name for p in paths.out.glob("shard-*")) == [f"shard-00000-000{i}.jsonl.gz" for i in range(3)]
@@ -178,16 +180,18 @@ def test_stage_counts_add_up_and_outputs_agree(tmp_path, corpus, monkeypatch, ca
     g = m["labelled"]
     assert g["junk_recall"] >= 0.95 and g["clean_false_reject_rate"] <= 0.02
     assert set(g["junk_recall_by_kind"]) == set(builtin.JUNK_KINDS)
-    out = capsys.readouterr().out
-    assert "filter: 1,200 documents" in out and "junk recall" in out
+    said = "\n".join(quality.summary(m, paths))
+    assert f"of 1,200 documents ({m['kept_fraction']:.1%})" in said and "junk recall" in said
+    assert "data/filter/rejects.jsonl" in said
 
 
-def test_stage_without_labels_reports_no_scores(tmp_path, corpus, monkeypatch):
-    write_ingest(tmp_path, corpus[:50], per_shard=50)
+def test_stage_without_labels_reports_no_scores(tmp_path, corpus):
+    write_shards(tmp_path, "ingest", corpus[:50], per_shard=50)
     (tmp_path / "data/ingest/labels.jsonl").write_text("")
-    monkeypatch.setenv("SCRATCHLM_PARAMS", str(ROOT / "params.yaml"))
-    m = quality.run(quality.Config(), stage_paths("filter", root=tmp_path), Tracker("filter", None))
+    paths = stage_paths("filter", root=tmp_path)
+    m = quality.run(quality.FilterConfig(), paths, Tracker("filter", None), load_section("data", path=PARAMS))
     assert "labelled" not in m and m["docs_in"] == 50
+    assert (paths.out / "labels.jsonl").read_text() == "" and "ground truth" not in " ".join(quality.summary(m, paths))
 
 
 def test_bad_labels_row_names_file_and_line(tmp_path):
@@ -204,7 +208,7 @@ def test_default_thresholds_keep_real_tinystories():
     pieces = (folder / "TinyStories-train_first2MiB.txt").read_text(encoding="utf-8").split("<|endoftext|>")[:-1]
     stories = [p.strip() for p in pieces]
     assert len(stories) == 2316
-    cfg = load_section("filter", quality.Config, path=ROOT / "params.yaml")
+    cfg = load_section("filter", quality.FilterConfig, path=PARAMS)
     failed = [quality.failed_rules(s, cfg) for s in stories]
     kept = sum(not f for f in failed) / len(stories)
     assert kept >= 0.995, Counter(next(iter(f)) for f in failed if f)

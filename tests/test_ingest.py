@@ -6,25 +6,23 @@ import json
 from pathlib import Path
 
 import pytest
-import yaml
 
 from tasks import ingest
-from tasks.common.config import ScratchError, load_section
+from tasks.common.config import DataConfig, ScratchError, build, read_params
 from tasks.common.dvcio import read_docs, stage_paths
 from tasks.common.tracking import Tracker
 from tests.conftest import ROOT, shared
 
 
-def run_ingest(tmp_path: Path, monkeypatch, sources: list[str], data: dict | None = None, **cfg) -> tuple[dict, list[dict], list[dict]]:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["data"]["sources"] = sources
-    params["data"]["builtin"]["n_docs"] = 400
-    params["data"].update(data or {})
-    params["ingest"].update(cfg)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    monkeypatch.setenv("SCRATCHLM_PARAMS", str(tmp_path / "params.yaml"))
+def run_ingest(tmp_path: Path, sources: list[str], data: dict | None = None, **cfg
+               ) -> tuple[dict, list[dict], list[dict]]:
+    """The stage on `sources` with the repository's params, 400 builtin documents and the `data`/`cfg` overrides."""
+    params = read_params(ROOT / "params.yaml")
+    builtin = {**params["data"]["builtin"], "n_docs": 400}
+    data_section = build(DataConfig, {**params["data"], "sources": sources, "builtin": builtin, **(data or {})}, "data")
+    ingest_cfg = build(ingest.IngestConfig, {**params["ingest"], **cfg}, "ingest")
     paths = stage_paths("ingest", root=tmp_path)
-    metrics = ingest.run(load_section("ingest", ingest.Config), paths, Tracker("ingest", None))
+    metrics = ingest.run(ingest_cfg, paths, Tracker("ingest", None), data_section)
     docs = list(read_docs(paths.out))
     quarantine = [json.loads(line) for line in (paths.out / "quarantine.jsonl").read_text().splitlines()]
     assert metrics["docs_in"] == metrics["docs_out"] + metrics["quarantined"]
@@ -33,45 +31,50 @@ def run_ingest(tmp_path: Path, monkeypatch, sources: list[str], data: dict | Non
     return metrics, docs, quarantine
 
 
-def test_builtin_corpus_with_labels(tmp_path, monkeypatch):
-    metrics, docs, _ = run_ingest(tmp_path, monkeypatch, ["builtin:stories"])
+def test_builtin_corpus_with_labels(tmp_path):
+    metrics, docs, _ = run_ingest(tmp_path, ["builtin:stories"])
     assert metrics["docs_out"] == 400 and metrics["quarantined"] == 0
     labels = [json.loads(l) for l in (tmp_path / "data/ingest/labels.jsonl").read_text().splitlines()]
     assert [l["id"] for l in labels] == [d["id"] for d in docs]
     assert {"clean", "exact_dup", "near_dup", "junk"} <= {l["label"] for l in labels}
     assert all(d["source"] == "builtin:stories" for d in docs)
+    said = ingest.summary(metrics, stage_paths("ingest", root=tmp_path))
+    assert said == [f"400 records → 400 documents ({metrics['bytes_out'] / 1e6:.1f} MB), 0 quarantined"]
     (tmp_path / "again").mkdir()
-    _, docs2, _ = run_ingest(tmp_path / "again", monkeypatch, ["builtin:stories"])
+    _, docs2, _ = run_ingest(tmp_path / "again", ["builtin:stories"])
     assert docs2 == docs, "the builtin corpus must be deterministic"
 
 
-def test_real_tinystories_sample(tmp_path, monkeypatch):
+def test_real_tinystories_sample(tmp_path):
     folder = shared("tinystories")
-    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, [str(folder)])
+    metrics, docs, quarantine = run_ingest(tmp_path, [str(folder)])
     assert metrics["docs_out"] == 2316
     assert [q["reason"].split(" (")[0] for q in quarantine] == ["unterminated tail"]
     assert len(metrics["skipped_files"]) == 1 and metrics["skipped_files"][0].endswith("tinystories/SOURCE.md")
     assert docs[0]["text"].startswith("One day, a little girl named Lily found a needle in her room.")
     assert all("<|endoftext|>" not in d["text"] for d in docs)
     (tmp_path / "k").mkdir()
-    kept, _, _ = run_ingest(tmp_path / "k", monkeypatch, [str(folder)], txt_tail="keep")
+    kept, _, _ = run_ingest(tmp_path / "k", [str(folder)], txt_tail="keep")
     assert kept["docs_out"] == 2317 and kept["quarantined"] == 0
 
 
-def test_txt_with_bad_pieces(tmp_path, monkeypatch):
+def test_txt_with_bad_pieces(tmp_path):
     (tmp_path / "corpus").mkdir()
     sep = b"<|endoftext|>"
     (tmp_path / "corpus/a.txt").write_bytes(b"first story." + sep + b"  \n " + sep + b"bad \xff\xfe bytes" + sep
                                             + "caf\u00e9 \u2603".encode() + sep + b"cut off tai")
     (tmp_path / "corpus/b.txt").write_bytes(b"\x00\x01binary\x00" * 10)
     (tmp_path / "corpus/notes.md").write_text("not a document")
-    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, ["corpus"])
+    metrics, docs, quarantine = run_ingest(tmp_path, ["corpus"])
     assert [d["text"] for d in docs] == ["first story.", "caf\u00e9 \u2603"]
     assert metrics["quarantined_by_reason"] == {"binary file": 1, "empty document": 1, "invalid UTF-8": 1,
                                                 "unterminated tail": 1}
     assert metrics["docs_in"] == 6 and metrics["skipped_files"] == ["corpus/notes.md"]
     assert {q["location"].split("/")[-1] for q in quarantine} == {"a.txt#1", "a.txt#2", "a.txt#4", "b.txt"}
     assert docs[0]["id"] == "corpus/a.txt#0"
+    said = ingest.summary(metrics, stage_paths("ingest", root=tmp_path))
+    assert said[0].endswith("4 quarantined; 1 binary file; 1 empty document; 1 invalid UTF-8; 1 unterminated tail")
+    assert said[1:] == ["1 non-document file(s) skipped (metrics: skipped_files)"]
 
 
 def jsonl_lines() -> list[bytes]:
@@ -82,11 +85,11 @@ def jsonl_lines() -> list[bytes]:
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
-def test_jsonl_bad_lines_are_counted(tmp_path, monkeypatch, suffix):
+def test_jsonl_bad_lines_are_counted(tmp_path, suffix):
     payload = b"\n".join(jsonl_lines()) + b"\n"
     path = tmp_path / f"docs{suffix}"
     path.write_bytes(gzip.compress(payload) if suffix.endswith(".gz") else payload)
-    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, [path.name])
+    metrics, docs, quarantine = run_ingest(tmp_path, [path.name])
     assert [d["text"] for d in docs] == ["good one", "good two \u00fc"]
     assert metrics["quarantined_by_reason"] == {"empty document": 1, "invalid UTF-8": 1, "malformed JSON": 1,
                                                 "missing text field 'text'": 1, "not a JSON object": 1,
@@ -95,32 +98,32 @@ def test_jsonl_bad_lines_are_counted(tmp_path, monkeypatch, suffix):
     assert docs[1]["id"] == f"docs{suffix}:9"
 
 
-def test_truncated_gzip_keeps_what_was_readable(tmp_path, monkeypatch):
+def test_truncated_gzip_keeps_what_was_readable(tmp_path):
     rows = b"".join(json.dumps({"text": f"document number {i}"}).encode() + b"\n" for i in range(2000))
     blob = gzip.compress(rows)
     (tmp_path / "cut.jsonl.gz").write_bytes(blob[: len(blob) // 2])
-    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, ["cut.jsonl.gz"])
+    metrics, docs, quarantine = run_ingest(tmp_path, ["cut.jsonl.gz"])
     assert 0 < len(docs) < 2000
     assert [d["text"] for d in docs] == [f"document number {i}" for i in range(len(docs))]
     assert metrics["quarantined"] == 1 and "corrupt or truncated gzip" in quarantine[0]["reason"]
 
 
-def test_parquet_and_text_field(tmp_path, monkeypatch):
+def test_parquet_and_text_field(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     pq.write_table(pa.table({"content": ["alpha doc", None, "", "beta doc"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"other": ["x", "y", "z"]}), tmp_path / "b.parquet")
-    metrics, docs, quarantine = run_ingest(tmp_path, monkeypatch, ["*.parquet"], data={"text_field": "content"})
+    metrics, docs, quarantine = run_ingest(tmp_path, ["*.parquet"], data={"text_field": "content"})
     assert [d["text"] for d in docs] == ["alpha doc", "beta doc"]
     assert [d["id"] for d in docs] == ["a.parquet@0", "a.parquet@3"]
     assert metrics["quarantined"] == 2 + 3  # a null, an empty string, and b.parquet's 3 rows without the column
     assert any("missing text column 'content'" in q["reason"] and q["count"] == 3 for q in quarantine)
 
 
-def test_hf_source_loads_a_local_dataset_folder(tmp_path, monkeypatch):
+def test_hf_source_loads_a_local_dataset_folder(tmp_path):
     import datasets
     datasets.Dataset.from_dict({"text": ["from hf one", "", "from hf two"]}).save_to_disk(str(tmp_path / "saved"))
-    metrics, docs, _ = run_ingest(tmp_path, monkeypatch, ["hf:saved"])
+    metrics, docs, _ = run_ingest(tmp_path, ["hf:saved"])
     assert [d["text"] for d in docs] == ["from hf one", "from hf two"] and metrics["quarantined"] == 1
 
 
@@ -128,7 +131,7 @@ def test_hf_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ScratchError, match=r"data.sources: 'hf:roneneldan/TinyStories:validation': could not load"):
-        run_ingest(tmp_path, monkeypatch, ["hf:roneneldan/TinyStories:validation"])
+        run_ingest(tmp_path, ["hf:roneneldan/TinyStories:validation"])
 
 
 @pytest.mark.parametrize("sources, message", [
@@ -137,20 +140,20 @@ def test_hf_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
     (["notes.md"], "unsupported file type .md"),
     (["a.txt", "a.txt"], "is listed twice"),
 ])
-def test_bad_sources_fail_before_any_work(tmp_path, monkeypatch, sources, message):
+def test_bad_sources_fail_before_any_work(tmp_path, sources, message):
     (tmp_path / "notes.md").write_text("x")
     (tmp_path / "a.txt").write_text("x")
     with pytest.raises(ScratchError, match=message):
-        run_ingest(tmp_path, monkeypatch, sources)
+        run_ingest(tmp_path, sources)
     assert not (tmp_path / "data" / "ingest").exists(), "nothing may be written before the sources check out"
 
 
-def test_parallel_units_match_inline(tmp_path, monkeypatch):
+def test_parallel_units_match_inline(tmp_path):
     for i in range(4):
         (tmp_path / f"f{i}.jsonl").write_text("".join(json.dumps({"text": f"doc {i}-{j}"}) + "\n" for j in range(30)))
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    _, inline, _ = run_ingest(tmp_path / "one", monkeypatch, [str(tmp_path / "*.jsonl")],
+    _, inline, _ = run_ingest(tmp_path / "one", [str(tmp_path / "*.jsonl")],
                               data={"parallel": {"runner": "local", "workers": 1, "dask_address": ""}})
-    _, pooled, _ = run_ingest(tmp_path / "two", monkeypatch, [str(tmp_path / "*.jsonl")],
+    _, pooled, _ = run_ingest(tmp_path / "two", [str(tmp_path / "*.jsonl")],
                               data={"parallel": {"runner": "local", "workers": 2, "dask_address": ""}})
     assert [d["text"] for d in pooled] == [d["text"] for d in inline] and len(inline) == 120

@@ -80,3 +80,20 @@ def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, m
     assert mlflow.get_run(parent_id).info.run_name == "build_llm"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "metrics")]
     assert artifacts == ["metrics/ingest.json"]
+
+
+def test_an_edit_to_one_shared_module_makes_only_its_importers_stale(tmp_path_factory):
+    """dvc.yaml lists each stage's own shared modules (tests/test_dvc_deps.py): an edit to the MinHash module
+    reruns dedup, an edit to the trainer reruns none of the data stages."""
+    project = copy_project(tmp_path_factory.mktemp("depsproject"), SMALL)
+    first = run_in(project, "dvc", "repro", "dedup")
+    assert first.returncode == 0, first.stdout + first.stderr
+    with open(project / "tasks/common/trainer.py", "a") as f:
+        f.write("\n# an edit no data stage runs\n")
+    status = run_in(project, "dvc", "status", "ingest", "filter", "dedup")
+    assert "up to date" in status.stdout, status.stdout
+    with open(project / "tasks/common/minhash.py", "a") as f:
+        f.write("\n# an edit dedup runs\n")
+    status = run_in(project, "dvc", "status", "ingest", "filter", "dedup")
+    assert "dedup:" in status.stdout and "tasks/common/minhash.py" in status.stdout, status.stdout
+    assert "ingest:" not in status.stdout and "filter:" not in status.stdout, status.stdout

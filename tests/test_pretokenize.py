@@ -3,23 +3,31 @@ counts match the files, the split is the tokenizer's, and a changed corpus or to
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tasks import pretokenize as stage
-from tasks.common.config import ConfigError, ScratchError, build, load_section
+from tasks.common.config import ConfigError, ScratchError, build, read_params
 from tasks.common.dvcio import read_jsonl_gz, stage_paths
 from tasks.common.split import load_split
 from tasks.common.tracking import Tracker
-from tests.test_tokenizer import make_docs, run_tokenizer, write_corpus, write_params
+from tests.conftest import ROOT
+from tests.test_tokenizer import data_section, make_docs, run_tokenizer, write_corpus
 
 
 def run_pretokenize(root: Path, workers: int = 1, **cfg) -> dict:
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCRATCHLM_PARAMS", str(write_params(root, pretokenize=cfg, workers=workers)))
-        return stage.run(load_section("pretokenize"), stage_paths("pretokenize", root), Tracker("pretokenize", None))
+    section = {**read_params(ROOT / "params.yaml")["pretokenize"], **cfg}
+    return stage.run(build(stage.PretokenizeConfig, section, "pretokenize"), stage_paths("pretokenize", root),
+                     Tracker("pretokenize", None), data_section(workers))
+
+
+def copy_upstream(project: Path, root: Path, docs: list[dict], n_shards: int) -> None:
+    """`docs` as root/data/dedup and the project's trained tokenizer as root/data/tokenizer."""
+    write_corpus(root, docs, n_shards=n_shards)
+    shutil.copytree(project / "data/tokenizer", root / "data/tokenizer")
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +90,7 @@ def test_meta_counts_match_the_files(project):
 
 
 def test_batching_workers_and_sharding_do_not_change_the_output(project, tmp_path):
-    write_corpus(tmp_path, corpus(project), n_shards=1)
-    (tmp_path / "data/tokenizer").mkdir(parents=True)
-    for f in (project / "data/tokenizer").iterdir():
-        (tmp_path / "data/tokenizer" / f.name).write_bytes(f.read_bytes())
+    copy_upstream(project, tmp_path, corpus(project), n_shards=1)
     m = run_pretokenize(tmp_path, workers=1, batch_docs=1000)
     for name in ("train.bin", "val.bin", "meta.json"):
         assert (tmp_path / "data/pretokenize" / name).read_bytes() == \
@@ -98,10 +103,7 @@ def test_uint32_on_request_and_for_big_vocabularies(project, tmp_path):
     assert stage.token_dtype(65536) == "uint16" and stage.token_dtype(65537) == "uint32"
     with pytest.raises(ScratchError, match="pretokenize.dtype: uint16 cannot hold ids of a 100,000-token"):
         stage.token_dtype(100_000, "uint16")
-    write_corpus(tmp_path, corpus(project), n_shards=2)
-    (tmp_path / "data/tokenizer").mkdir(parents=True)
-    for f in (project / "data/tokenizer").iterdir():
-        (tmp_path / "data/tokenizer" / f.name).write_bytes(f.read_bytes())
+    copy_upstream(project, tmp_path, corpus(project), n_shards=2)
     run_pretokenize(tmp_path, dtype="uint32")
     assert json.loads((tmp_path / "data/pretokenize/meta.json").read_text())["dtype"] == "uint32"
     np.testing.assert_array_equal(read_tokens(tmp_path, "train"), read_tokens(project, "train"))
@@ -109,10 +111,7 @@ def test_uint32_on_request_and_for_big_vocabularies(project, tmp_path):
 
 def test_changed_corpus_or_tokenizer_fails_clearly(project, tmp_path):
     docs = corpus(project)
-    write_corpus(tmp_path, docs[:-5], n_shards=2)
-    (tmp_path / "data/tokenizer").mkdir(parents=True)
-    for f in (project / "data/tokenizer").iterdir():
-        (tmp_path / "data/tokenizer" / f.name).write_bytes(f.read_bytes())
+    copy_upstream(project, tmp_path, docs[:-5], n_shards=2)
     with pytest.raises(ScratchError, match="corpus differs from the one the tokenizer was trained on"):
         run_pretokenize(tmp_path)
     tok_file = tmp_path / "data/tokenizer/tokenizer.json"
@@ -126,6 +125,6 @@ def test_changed_corpus_or_tokenizer_fails_clearly(project, tmp_path):
 
 def test_bad_params_fail_naming_the_key():
     with pytest.raises(ConfigError, match="pretokenize.batch_docs: must be >= 1"):
-        build(stage.Config, {"batch_docs": 0}, "pretokenize")
+        build(stage.PretokenizeConfig, {"batch_docs": 0}, "pretokenize")
     with pytest.raises(ConfigError, match="pretokenize.dtype: must be one of"):
-        build(stage.Config, {"dtype": "int8"}, "pretokenize")
+        build(stage.PretokenizeConfig, {"dtype": "int8"}, "pretokenize")

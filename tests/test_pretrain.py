@@ -51,6 +51,7 @@ def build_token_data(root: Path, n_docs: int = 800, vocab: int = 512, seed: int 
     from tasks import pretokenize, tokenizer
     from tasks.common.config import load_section
     from tasks.common.dvcio import shard_name, stage_paths, write_jsonl_gz
+    from tasks.common.stage import sections_for
     from tasks.common.tracking import Tracker
     from tasks.sources import builtin
 
@@ -66,7 +67,7 @@ def build_token_data(root: Path, n_docs: int = 800, vocab: int = 512, seed: int 
         mp.setenv("SCRATCHLM_NO_MLFLOW", "1")
         for stage in (tokenizer, pretokenize):
             name = stage.__name__.rsplit(".", 1)[1]
-            stage.run(load_section(name), stage_paths(name, root), Tracker(name, None))
+            stage.run(load_section(name), stage_paths(name, root), Tracker(name, None), **sections_for(stage.run))
     return root
 
 

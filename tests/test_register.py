@@ -4,10 +4,19 @@ registered model generates exactly what our own generate() does."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
-from tests.evaluate_fixtures import registry_project, run_register
+from model.generate import generate
+from model.hf import load
+from tasks.common.alignment import load_tokenizer
+from tasks.common.chat import encode_chat
+from tasks.common.config import ScratchError
+from tasks.common.dvcio import stage_paths
+from tasks.common.tracking import Tracker, setup_mlflow
+from tasks.register import RegisterConfig, model_evaluation, run, summary
+from tests.evaluate_fixtures import evaluation, registry_project, run_register
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +25,6 @@ def registered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         registry_project(root, mp)
         import mlflow
-
-        from tasks.common.tracking import setup_mlflow
         setup_mlflow()
         parent = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("scratchlm").experiment_id,
                                                   run_name="build_llm")  # the flow's parent run
@@ -36,7 +43,11 @@ def test_version_alias_and_record(registered):
     assert version.run_id == record["run_id"] and record["pipeline_run_id"] == parent
     assert client.get_run(record["run_id"]).info.run_name == "register"
     saved = json.loads((root / "data/register/registered.json").read_text())
-    assert saved == record
+    assert saved == record and isinstance(record["smoke_test"], str) and record["eval_label"] == "dpo"
+    said = summary({"version": record["version"], "eval": {"val_bpb": 1.5}}, stage_paths("register", root=root))
+    assert said[0] == f"scratchlm version {record['version']} is @challenger: the dpo model, evaluated as 'dpo', " \
+                      "val_bpb 1.5000"
+    assert "mlflow models serve -m models:/scratchlm@challenger" in said[-1]
 
 
 def test_version_tags_trace_lineage_and_evaluation(registered):
@@ -58,7 +69,6 @@ def test_logged_model_has_folder_signature_and_example(registered):
     assert [i["name"] for i in info.signature.inputs.to_dict()] == ["prompt", "messages"]
     assert {p.name for p in info.signature.params.params} == {"max_new_tokens", "temperature", "top_p", "seed"}
     local = mlflow.artifacts.download_artifacts(record["version_uri"])
-    from pathlib import Path
     files = {p.name for p in Path(local).rglob("*")}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
     assert "chat_template" in json.loads(next(Path(local).rglob("tokenizer_config.json")).read_text())
@@ -68,11 +78,6 @@ def test_logged_model_has_folder_signature_and_example(registered):
 def test_pyfunc_generates_what_our_generate_does(registered):
     import mlflow
     import pandas as pd
-
-    from model.generate import generate
-    from model.hf import load
-    from tasks.common.alignment import load_tokenizer
-    from tasks.common.chat import encode_chat
     root, record, _ = registered
     pyfunc = mlflow.pyfunc.load_model("models:/scratchlm@challenger")
     params = {"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, "seed": 3}
@@ -89,19 +94,30 @@ def test_pyfunc_generates_what_our_generate_does(registered):
     assert [o["text"] for o in out] == [decode(want_chat), decode(want_text)]
 
 
-def test_register_refuses_without_mlflow_or_evaluation(tmp_path, monkeypatch):
-    from tasks.common.config import ScratchError
-    from tasks.common.dvcio import stage_paths
-    from tasks.common.tracking import Tracker
-    from tasks.register import Config, run
+def test_register_refuses_without_mlflow_or_evaluation(tmp_path):
     with pytest.raises(ScratchError, match="register needs MLflow"):
-        run(Config(), stage_paths("register", root=tmp_path), Tracker("register", None))
+        run(RegisterConfig(), stage_paths("register", root=tmp_path), Tracker("register", None))
     with pytest.raises(ScratchError, match=r"data/dpo/model: no exported model .*dvc repro dpo"):
-        run(Config(), stage_paths("register", root=tmp_path), Tracker("register", "some-run"))
+        run(RegisterConfig(), stage_paths("register", root=tmp_path), Tracker("register", "some-run"))
+
+
+def test_the_evaluation_is_found_by_the_stage_evaluate_recorded(tmp_path):
+    file = tmp_path / "metrics" / "evaluate.json"
+    file.parent.mkdir()
+    with pytest.raises(ScratchError, match=r"evaluate.json: missing; run `dvc repro evaluate`"):
+        model_evaluation(tmp_path, "dpo")
+    metrics = {**evaluation(), "model_stages": {"base": "pretrain", "sft": "sft", "aligned": "dpo"}}
+    metrics["aligned"] = metrics.pop("dpo")
+    file.write_text(json.dumps(metrics))
+    found = model_evaluation(tmp_path, "dpo")  # a label other than the stage's name, as evaluate.models allows
+    assert found["label"] == "aligned" and found["val_bpb"] == 1.5 and found["win_rate"]["dpo_vs_sft"] == 0.6
+    with pytest.raises(ScratchError, match=r"no evaluation of the 'reward' model \(evaluated: base \(pretrain\)"):
+        model_evaluation(tmp_path, "reward")
+    file.write_text(json.dumps({k: v for k, v in metrics.items() if k != "model_stages"}))
+    with pytest.raises(ScratchError, match="no `model_stages`"):
+        model_evaluation(tmp_path, "dpo")
 
 
 def test_alias_champion_is_reserved_for_promotion():
-    from tasks.common.config import ScratchError
-    from tasks.register import Config
     with pytest.raises(ScratchError, match="alias"):
-        Config(alias="champion")
+        RegisterConfig(alias="champion")

@@ -12,7 +12,7 @@ import contextlib
 import json
 import shutil
 import textwrap
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 import yaml

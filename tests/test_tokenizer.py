@@ -8,16 +8,16 @@ import random
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tasks import tokenizer as stage
 from tasks.common import chat
-from tasks.common.config import ConfigError, ScratchError, build, load_section
+from tasks.common.config import ConfigError, DataConfig, ScratchError, build, read_params
 from tasks.common.dvcio import read_jsonl_gz, shard_name, stage_paths, write_jsonl_gz
 from tasks.common.split import Split, is_validation, load_split
 from tasks.common.tracking import Tracker
+from tasks.sources import files
 from tests.conftest import ROOT, shared
 
 WORDS = ("the cat dog sun moon tree river happy little big ran jumped saw found played with under over and "
@@ -46,22 +46,19 @@ def write_corpus(root: Path, docs: list[dict], n_shards: int = 3) -> None:
         write_jsonl_gz(folder / shard_name(i), docs[i * per:(i + 1) * per])
 
 
-def write_params(root: Path, tokenizer: dict | None = None, pretokenize: dict | None = None,
-                 workers: int = 1) -> Path:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["tokenizer"].update({"vocab_size": SMALL_VOCAB, "val_fraction": 0.1, **(tokenizer or {})})
-    params["pretokenize"].update(pretokenize or {})
-    params["data"]["parallel"]["workers"] = workers
-    path = root / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+def data_section(workers: int = 1) -> DataConfig:
+    """The repository's `data` section with `workers` data-stage workers (what the stages get from stage_main)."""
+    params = read_params(ROOT / "params.yaml")
+    parallel = {**params["data"]["parallel"], "workers": workers}
+    return build(DataConfig, {**params["data"], "parallel": parallel}, "data")
 
 
 def run_tokenizer(root: Path, **cfg) -> dict:
-    """The tokenizer stage on root/data/dedup with the test params (plus `cfg`) at root/params.yaml."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCRATCHLM_PARAMS", str(write_params(root, cfg)))
-        return stage.run(load_section("tokenizer"), stage_paths("tokenizer", root), Tracker("tokenizer", None))
+    """The tokenizer stage on root/data/dedup with the repository's params, the tests' small vocabulary and 10 %
+    validation, plus `cfg`."""
+    section = {**read_params(ROOT / "params.yaml")["tokenizer"], "vocab_size": SMALL_VOCAB, "val_fraction": 0.1, **cfg}
+    return stage.run(build(stage.TokenizerConfig, section, "tokenizer"), stage_paths("tokenizer", root),
+                     Tracker("tokenizer", None), data_section())
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +215,8 @@ def test_split_is_a_pure_stable_function_of_id_fraction_and_salt():
     assert [i for i in ids[:200] if is_validation(i, 0.05, "scratchlm-split-v1")] == PINNED_VALIDATION
 
 
-PINNED_VALIDATION = ["doc-26", "doc-32", "doc-49", "doc-62", "doc-73", "doc-91", "doc-102", "doc-131", "doc-162", "doc-182",
-                     "doc-187"]
+PINNED_VALIDATION = ["doc-26", "doc-32", "doc-49", "doc-62", "doc-73", "doc-91", "doc-102", "doc-131", "doc-162",
+                     "doc-182", "doc-187"]
 
 
 def test_stage_split_matches_is_validation_and_reruns_identically(trained, tmp_path):
@@ -241,12 +238,12 @@ def test_stage_split_matches_is_validation_and_reruns_identically(trained, tmp_p
 
 def test_impossible_params_fail_naming_the_key():
     with pytest.raises(ConfigError, match=r"tokenizer.vocab_size: must be >= 262 \(256 byte tokens \+ 6 special"):
-        build(stage.Config, {"vocab_size": 261}, "tokenizer")
+        build(stage.TokenizerConfig, {"vocab_size": 261}, "tokenizer")
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ConfigError, match="tokenizer.val_fraction: must be strictly between 0 and 1"):
-            build(stage.Config, {"val_fraction": bad}, "tokenizer")
+            build(stage.TokenizerConfig, {"val_fraction": bad}, "tokenizer")
     with pytest.raises(ConfigError, match="tokenizer.max_train_bytes"):
-        build(stage.Config, {"max_train_bytes": -1}, "tokenizer")
+        build(stage.TokenizerConfig, {"max_train_bytes": -1}, "tokenizer")
 
 
 def test_empty_split_fails_clearly(tmp_path):
@@ -266,12 +263,14 @@ def test_max_train_bytes_caps_the_training_text(tmp_path):
     write_corpus(tmp_path, make_docs(200), n_shards=2)
     m = run_tokenizer(tmp_path, max_train_bytes=3000)
     assert 3000 <= m["trained_on_bytes"] < 3000 + 1000 and m["trained_on_docs"] < m["train_docs"]
+    said = " ".join(stage.summary(m, stage_paths("tokenizer", tmp_path)))
+    assert f"({m['trained_on_docs']} of {m['train_docs']} train documents" in said and "round-trips" in said
+    assert ("ran out of merges" in said) == (m["vocab_size"] < SMALL_VOCAB)
 
 
 # ------------------------------------------------------------------------------------------------ real data
 
 def test_real_tinystories_bytes_per_token(tmp_path):
-    from tasks.sources import files
     folder = shared("tinystories")
     records = files.read_txt(folder / "TinyStories-train_first2MiB.txt", "<|endoftext|>", keep_tail=False)
     docs = [{"id": files.relative_location(r.location, ROOT), "text": r.text, "source": "tinystories"}

@@ -141,7 +141,8 @@ def run_stage(root: Path, monkeypatch, section: dict | None = None, **train) -> 
     torch.set_num_threads(1)
     monkeypatch.setenv("SCRATCHLM_PARAMS", str(write_params(root, {**(section or {}), "train": train})))
     monkeypatch.setenv("SCRATCHLM_PROGRESS", "off")
-    return pretrain.run(load_section("pretrain"), stage_paths("pretrain", root), Tracker("pretrain", None))
+    return pretrain.run(load_section("pretrain"), stage_paths("pretrain", root), Tracker("pretrain", None),
+                        model=load_section("model"))
 
 
 @pytest.mark.slow

@@ -27,12 +27,14 @@ from torch import Tensor
 
 from tokenizers import Tokenizer
 
-from model import generate, load
+from model import ModelConfig, generate, load, load_config
 from model.losses import IGNORE_INDEX, sequence_logprobs
 from tasks.common import chat
 from tasks.common.config import ScratchError
 from tasks.common.console import progress
-from tasks.common.train_config import SamplingConfig
+from tasks.common.dvcio import StagePaths
+from tasks.common.train_config import AlignmentData, SamplingConfig
+from tasks.common.training import check_models
 
 
 
@@ -81,6 +83,34 @@ def load_model_folder(folder: Path, what: str):
     if not (Path(folder) / "config.json").is_file():
         raise ScratchError(f"{folder}: no saved model ({what}); run that stage first (dvc repro)")
     return load(folder).float()
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """What an alignment stage starts from: the tokenizer, the upstream model folder and its context."""
+
+    tok: ChatTokenizer
+    tokenizer_dir: Path
+    model_dir: Path
+    model_cfg: ModelConfig
+    max_len: int
+    """The row length the stage trains on (its max_len, or the model's context)."""
+
+
+def upstream_of(stage: str, cfg: AlignmentData, paths: StagePaths, model_stage: str) -> Upstream:
+    """Load and check an alignment stage's inputs: the tokenizer stage's tokenizer and `model_stage`'s model."""
+    tok = load_tokenizer(paths.of("tokenizer"))
+    model_dir = check_models(paths, model_stage)[model_stage]
+    model_cfg = load_config(model_dir)
+    return Upstream(tok, paths.of("tokenizer"), model_dir, model_cfg, cfg.max_len_for(stage, model_cfg.max_seq_len))
+
+
+def data_summary(m: dict, unit: str, held_out: str) -> list[str]:
+    """The closing-summary lines every alignment stage shares: examples, quarantine, loss and speed."""
+    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} {unit} ({m['val_examples']:,} {held_out}, "
+             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)"]
+    lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
+    return lines + [f"train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s"]
 
 
 # ------------------------------------------------------------------------------------------------ encoding

@@ -21,8 +21,9 @@ import atexit
 import contextlib
 import functools
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from tasks.common.config import RunnerConfig
 from tasks.common.console import progress

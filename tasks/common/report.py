@@ -26,6 +26,8 @@ from typing import Any
 
 import yaml
 
+from tasks.common import tracking
+from tasks.common.console import fmt
 from tasks.common.tracking import PARENT_ENV, Tracker, git_commit, tracking_uri
 
 REPORT_DIR = "reports"
@@ -42,6 +44,7 @@ def read_metrics(root: Path, stage: str) -> dict | None:
 
 
 def pipeline_stages(root: Path) -> list[str]:
+    """The stages in pipeline order, as <root>/dvc.yaml lists them (the one place that order lives); [] without one."""
     file = root / "dvc.yaml"
     return list((yaml.safe_load(file.read_text()) or {}).get("stages", {})) if file.is_file() else []
 
@@ -50,17 +53,16 @@ def stage_runs(stages: list[str], parent_run_id: str | None = None) -> tuple[dic
     """MLflow runs by stage name, and how they were found (the pipeline run's children, or the latest per stage)."""
     if os.environ.get("SCRATCHLM_NO_MLFLOW") == "1":
         return {}, "MLflow is off (SCRATCHLM_NO_MLFLOW=1)"
-    from tasks.common.tracking import EXPERIMENT, find_stage_runs, setup_mlflow
-    mlflow = setup_mlflow()
+    mlflow = tracking.setup_mlflow()
     parent = parent_run_id or os.environ.get(PARENT_ENV)
-    children = find_stage_runs(parent) if parent else {}
+    children = tracking.find_stage_runs(parent) if parent else {}
     runs = {}
     for stage in stages:
         if stage in children:
             runs[stage] = children[stage]
             continue
         # DVC skipped this stage in the pipeline run (up to date): its curves are in the run that last made it
-        found = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list", max_results=1,
+        found = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list", max_results=1,
                                    filter_string=f"tags.`scratchlm.stage` = '{stage}'",
                                    order_by=["attributes.start_time DESC"])
         if found:
@@ -167,14 +169,8 @@ def _save(fig, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------ sections
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4f}" if abs(v) < 100 else f"{v:,.1f}"
-        if isinstance(v, int):
-            return f"{v:,}"
-        return str(v)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
 
 
 def models_section(ev: dict | None, out: Path) -> list[str]:

@@ -5,7 +5,7 @@ A stage module ends with
     def main() -> None:
         stage_main("ingest", IngestConfig, run, summary)
 
-and `run(cfg, paths, tracker, **sections) -> dict` is a function of its arguments: any parameter after the first
+and `run(cfg, paths, tracker, **sections) -> dict` is a function of its arguments: any parameter besides those
 three is named after a params.yaml section (`data`, `model`) and receives it, loaded and validated, e.g.
 `def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig)`. `summary(metrics, paths)`
 (optional) gives the sentences of the stage's closing screen (tasks/common/console.py). A `ScratchError` (bad
@@ -61,10 +61,12 @@ class user_errors:
         return False
 
 
-def sections_for(run: RunFn) -> dict[str, Any]:
-    """The params sections `run` asks for by name (its parameters after cfg, paths, tracker)."""
-    names = list(inspect.signature(run).parameters)[3:]
-    return {name: load_section(name) for name in names}
+STAGE_ARGS = ("cfg", "paths", "tracker")
+
+
+def sections_for(fn: Callable) -> dict[str, Any]:
+    """The params sections a stage function asks for by name: its parameters other than cfg, paths, tracker."""
+    return {name: load_section(name) for name in inspect.signature(fn).parameters if name not in STAGE_ARGS}
 
 
 def execute(stage: str, config_cls: type, run: RunFn) -> dict | None:
