@@ -94,11 +94,12 @@ def run_stage(name: str, root: Path) -> dict:
 
     from tasks.common.config import load_section
     from tasks.common.dvcio import stage_paths
+    from tasks.common.stage import sections_for
     from tasks.common.tracking import Tracker
 
     os.environ["SCRATCHLM_PARAMS"] = str(root / "params.yaml")
     module = importlib.import_module(f"tasks.{name}")
-    return module.run(load_section(name), stage_paths(name, root), Tracker(name, None))
+    return module.run(load_section(name), stage_paths(name, root), Tracker(name, None), **sections_for(module.run))
 
 
 def corpus_texts(root: Path) -> list[str]:

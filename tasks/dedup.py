@@ -30,13 +30,13 @@ Scale   sketches are computed shard by shard on `data.parallel` (process pool or
         `index: datasketch` + `lsh_storage: redis` + `redis_url` keep the LSH tables in a Redis server, under a
         per-run key prefix deleted at the end (docs/SCALE.md; a test holds the clusters equal to in-memory).
 """
+
 from __future__ import annotations
 
 import contextlib
 import functools
 import hashlib
 import itertools
-import json
 import random
 import re
 import time
@@ -54,7 +54,7 @@ from datasketch import MinHashLSH
 
 from tasks.common.config import DataConfig, ScratchError, check
 from tasks.common.console import fmt
-from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl, write_jsonl_gz
+from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, read_labels, shards, write_jsonl, write_jsonl_gz
 from tasks.common.minhash import EMPTY, MinHasher, band_candidate_pairs, estimated_jaccard, lsh_params, normalise
 from tasks.common.parallel import parallel_map
 from tasks.common.stage import stage_main
@@ -95,11 +95,17 @@ class DedupConfig:
         check(0.0 < self.threshold <= 1.0, "threshold", "must be in (0, 1]")
         check((self.bands == 0) == (self.rows == 0), "bands", "set both bands and rows, or neither (0 and 0)")
         check(self.bands >= 0 and self.rows >= 0, "bands", "bands and rows must be >= 0")
-        check(self.bands * self.rows <= self.num_perm, "bands",
-              f"bands x rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}")
+        check(
+            self.bands * self.rows <= self.num_perm,
+            "bands",
+            f"bands x rows = {self.bands * self.rows} exceeds num_perm = {self.num_perm}",
+        )
         check(self.bands != 1, "bands", "MinHashLSH needs at least 2 bands")
-        check(self.lsh_storage == "memory" or self.index == "datasketch", "lsh_storage",
-              "redis storage needs index: datasketch (the numpy index is in memory only)")
+        check(
+            self.lsh_storage == "memory" or self.index == "datasketch",
+            "lsh_storage",
+            "redis storage needs index: datasketch (the numpy index is in memory only)",
+        )
         if self.lsh_storage == "redis":
             redis_address(self.redis_url)
 
@@ -109,12 +115,14 @@ Config = DedupConfig  # the section class params.yaml loads (tasks/common/config
 
 # ------------------------------------------------------------------------------------------------ sketches
 
+
 @dataclass
 class Sketches:
     """What dedup needs to know about a batch of documents."""
+
     ids: list[str]
-    exact: list[bytes]        # 16-byte BLAKE2b of each normalised text
-    signatures: np.ndarray    # (n_docs, num_perm) uint32 MinHash values
+    exact: list[bytes]  # 16-byte BLAKE2b of each normalised text
+    signatures: np.ndarray  # (n_docs, num_perm) uint32 MinHash values
 
 
 def exact_key(text: str) -> bytes:
@@ -143,8 +151,11 @@ def concat(parts: Sequence[Sketches], num_perm: int) -> Sketches:
         twice = next(i for i, c in Counter(ids).items() if c > 1)
         raise ScratchError(f"dedup: document id {twice!r} occurs more than once in the input; ids must be unique")
     sigs = [p.signatures for p in parts if len(p.ids)]
-    return Sketches(ids, [k for p in parts for k in p.exact],
-                    np.concatenate(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32))
+    return Sketches(
+        ids,
+        [k for p in parts for k in p.exact],
+        np.concatenate(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ clusters
@@ -159,10 +170,10 @@ def id_order(doc_id: str) -> tuple:
 
 @dataclass
 class Cluster:
-    kind: str                 # "exact" or "near"
-    kept: int                 # document position
-    duplicates: list[int]     # positions, in id order
-    similarity: list[float] = field(default_factory=list)   # near: estimated Jaccard of each with `kept`
+    kind: str  # "exact" or "near"
+    kept: int  # document position
+    duplicates: list[int]  # positions, in id order
+    similarity: list[float] = field(default_factory=list)  # near: estimated Jaccard of each with `kept`
 
 
 @dataclass
@@ -211,8 +222,9 @@ def exact_duplicates(keys: Sequence[bytes], order: Sequence[int]) -> list[Cluste
     return [c for c in first.values() if c.duplicates]
 
 
-def minhashlsh_candidate_pairs(signatures: np.ndarray, positions: np.ndarray, cfg: DedupConfig, bands: int,
-                               rows: int) -> np.ndarray:
+def minhashlsh_candidate_pairs(
+    signatures: np.ndarray, positions: np.ndarray, cfg: DedupConfig, bands: int, rows: int
+) -> np.ndarray:
     """Insert `positions` into a datasketch MinHashLSH; every pair sharing a bucket → (n_pairs, 2), i < j.
 
     Reading the buckets once gives exactly the pairs that `lsh.query` of every document would."""
@@ -237,8 +249,11 @@ def redis_address(url: str) -> dict:
         port, db = parts.port or 6379, parts.path.strip("/") or "0"
     except ValueError:
         port, db, parts = 0, "", None
-    check(parts is not None and parts.scheme == "redis" and bool(parts.hostname) and db.isdigit() and port > 0,
-          "redis_url", f"expected redis://host:port[/db], got {url!r}")
+    check(
+        parts is not None and parts.scheme == "redis" and bool(parts.hostname) and db.isdigit() and port > 0,
+        "redis_url",
+        f"expected redis://host:port[/db], got {url!r}",
+    )
     return {"host": parts.hostname, "port": port, "db": int(db)}
 
 
@@ -254,16 +269,20 @@ def lsh_storage(cfg: DedupConfig) -> Iterator[tuple[dict, object]]:
     try:
         client.ping()
     except redis.exceptions.RedisError as e:
-        raise ScratchError(f"dedup.redis_url: no Redis at {cfg.redis_url} ({e}); start redis-server there or set "
-                           "dedup.lsh_storage: memory") from None
+        raise ScratchError(
+            f"dedup.redis_url: no Redis at {cfg.redis_url} ({e}); start redis-server there or set "
+            "dedup.lsh_storage: memory"
+        ) from None
     prefix = f"scratchlm-dedup-{uuid.uuid4().hex[:12]}-".encode()
     try:
-        yield ({"storage_config": {"type": "redis", "basename": prefix, "redis": address}, "prepickle": False},
-               lambda i: str(i).encode())
+        yield (
+            {"storage_config": {"type": "redis", "basename": prefix, "redis": address}, "prepickle": False},
+            lambda i: str(i).encode(),
+        )
     finally:
         stale = list(client.scan_iter(match=prefix + b"*", count=10_000))
         for start in range(0, len(stale), 10_000):
-            client.delete(*stale[start:start + 10_000])
+            client.delete(*stale[start : start + 10_000])
 
 
 def components(pairs: np.ndarray, rank: np.ndarray, signatures: np.ndarray) -> list[Cluster]:
@@ -274,7 +293,7 @@ def components(pairs: np.ndarray, rank: np.ndarray, signatures: np.ndarray) -> l
         root = x
         while parent.get(root, root) != root:
             root = parent[root]
-        while parent.get(x, x) != root:   # path compression
+        while parent.get(x, x) != root:  # path compression
             parent[x], x = root, parent[x]
         return root
 
@@ -283,7 +302,7 @@ def components(pairs: np.ndarray, rank: np.ndarray, signatures: np.ndarray) -> l
         if ra != rb:
             first, second = (ra, rb) if rank[ra] < rank[rb] else (rb, ra)
             parent[second] = first
-    members: dict[int, list[int]] = {}   # root → the other members (`parent` holds exactly the non-roots)
+    members: dict[int, list[int]] = {}  # root → the other members (`parent` holds exactly the non-roots)
     for x in parent:
         members.setdefault(find(x), []).append(x)
     clusters = []
@@ -296,12 +315,18 @@ def components(pairs: np.ndarray, rank: np.ndarray, signatures: np.ndarray) -> l
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def run(cfg: DedupConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     inputs = shards(paths.of("filter"))
     out = fresh_dir(paths.out)
     started = time.perf_counter()
-    parts = parallel_map(functools.partial(sketch_shard, cfg=cfg), inputs, data.parallel, desc="dedup: sketch",
-                         postfix=lambda done: {"docs": sum(len(p.ids) for p in done)})
+    parts = parallel_map(
+        functools.partial(sketch_shard, cfg=cfg),
+        inputs,
+        data.parallel,
+        desc="dedup: sketch",
+        postfix=lambda done: {"docs": sum(len(p.ids) for p in done)},
+    )
     sk = concat(parts, cfg.num_perm)
     sketched = time.perf_counter()
     resolution = find_duplicates(sk, cfg)
@@ -338,33 +363,27 @@ def summarise(sk: Sketches, r: Resolution, kept: int, seconds: float) -> dict:
     kinds = Counter(r.removed().values())
     docs_in = len(sk.ids)
     if docs_in != kept + kinds["exact"] + kinds["near"]:
-        raise ScratchError(f"dedup: counts do not add up: {docs_in} in != {kept} kept + {kinds['exact']} exact "
-                           f"+ {kinds['near']} near duplicates (were the input shards changed during the run?)")
-    return {"docs_in": docs_in, "kept": kept, "exact_duplicates": kinds["exact"],
-            "near_duplicates": kinds["near"], "duplicate_rate": round((docs_in - kept) / max(1, docs_in), 6),
-            "exact_clusters": sum(c.kind == "exact" for c in r.clusters),
-            "near_clusters": sum(c.kind == "near" for c in r.clusters),
-            "lsh_bands": r.bands, "lsh_rows": r.rows, "candidate_pairs": r.candidate_pairs,
-            "verified_pairs": r.verified_pairs, "docs_per_s": round(docs_in / max(seconds, 1e-9), 1)}
+        raise ScratchError(
+            f"dedup: counts do not add up: {docs_in} in != {kept} kept + {kinds['exact']} exact "
+            f"+ {kinds['near']} near duplicates (were the input shards changed during the run?)"
+        )
+    return {
+        "docs_in": docs_in,
+        "kept": kept,
+        "exact_duplicates": kinds["exact"],
+        "near_duplicates": kinds["near"],
+        "duplicate_rate": round((docs_in - kept) / max(1, docs_in), 6),
+        "exact_clusters": sum(c.kind == "exact" for c in r.clusters),
+        "near_clusters": sum(c.kind == "near" for c in r.clusters),
+        "lsh_bands": r.bands,
+        "lsh_rows": r.rows,
+        "candidate_pairs": r.candidate_pairs,
+        "verified_pairs": r.verified_pairs,
+        "docs_per_s": round(docs_in / max(seconds, 1e-9), 1),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
-
-def read_labels(path: Path) -> list[dict]:
-    """Ground-truth rows {id, label, of} (empty when absent: real corpora have none)."""
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    rows.append({"id": row["id"], "label": row["label"], "of": row.get("of")})
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ScratchError(f"{path}:{number}: not a label row {{id, label, of}} ({e}); "
-                                       f"rerun ingest and filter") from None
-    return rows
 
 
 def score(labels: Iterable[dict], removed: dict[str, str]) -> dict:
@@ -379,12 +398,17 @@ def score(labels: Iterable[dict], removed: dict[str, str]) -> dict:
     found_near = truth["near_dup"] & removed.keys()
     precision = len(near & truth["near_dup"]) / len(near) if near else 1.0
     recall = len(found_near) / len(truth["near_dup"]) if truth["near_dup"] else 1.0
-    return {"near_dup": len(truth["near_dup"]), "exact_dup": len(truth["exact_dup"]),
-            "near_dup_precision": round(precision, 6), "near_dup_recall": round(recall, 6),
-            "near_dup_f1": round(2 * precision * recall / max(precision + recall, 1e-12), 6),
-            "exact_dup_recall": round(len(exact & truth["exact_dup"]) / max(1, len(truth["exact_dup"])), 6)
-            if truth["exact_dup"] else 1.0,
-            "clean_removed": len(truth["clean"] & removed.keys())}
+    return {
+        "near_dup": len(truth["near_dup"]),
+        "exact_dup": len(truth["exact_dup"]),
+        "near_dup_precision": round(precision, 6),
+        "near_dup_recall": round(recall, 6),
+        "near_dup_f1": round(2 * precision * recall / max(precision + recall, 1e-12), 6),
+        "exact_dup_recall": round(len(exact & truth["exact_dup"]) / max(1, len(truth["exact_dup"])), 6)
+        if truth["exact_dup"]
+        else 1.0,
+        "clean_removed": len(truth["clean"] & removed.keys()),
+    }
 
 
 def perturb(text: str, rng: random.Random, edit_rate: float) -> str:
@@ -413,8 +437,9 @@ def perturb(text: str, rng: random.Random, edit_rate: float) -> str:
     return " ".join(out)
 
 
-def inject_near_duplicates(docs: Sequence[tuple[str, str]], fraction: float, edit_rate: float, seed: int
-                           ) -> tuple[list[tuple[str, str]], list[dict]]:
+def inject_near_duplicates(
+    docs: Sequence[tuple[str, str]], fraction: float, edit_rate: float, seed: int
+) -> tuple[list[tuple[str, str]], list[dict]]:
     """`docs` ((id, text) pairs) plus perturbed copies of a seeded `fraction` of them, appended after all
     originals (ids `<id>~near`); returns (documents, label rows {id, label, of})."""
     rng = random.Random(seed)
@@ -427,22 +452,22 @@ def inject_near_duplicates(docs: Sequence[tuple[str, str]], fraction: float, edi
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
     """What was dropped and why, how LSH did, and the ground-truth scores when labelled."""
-    lines = [f"kept {fmt(m['kept'])} of {fmt(m['docs_in'])} documents: {fmt(m['exact_duplicates'])} exact and "
-             f"{fmt(m['near_duplicates'])} near duplicates dropped ({m['duplicate_rate']:.2%}), "
-             f"{m['docs_per_s']:,.0f} docs/s",
-             f"LSH {m['lsh_bands']} bands x {m['lsh_rows']} rows: {fmt(m['candidate_pairs'])} candidate pairs, "
-             f"{fmt(m['verified_pairs'])} verified"]
+    lines = [
+        f"kept {fmt(m['kept'])} of {fmt(m['docs_in'])} documents: {fmt(m['exact_duplicates'])} exact and "
+        f"{fmt(m['near_duplicates'])} near duplicates dropped ({m['duplicate_rate']:.2%}), "
+        f"{m['docs_per_s']:,.0f} docs/s",
+        f"LSH {m['lsh_bands']} bands x {m['lsh_rows']} rows: {fmt(m['candidate_pairs'])} candidate pairs, "
+        f"{fmt(m['verified_pairs'])} verified",
+    ]
     if "labelled" in m:
         g = m["labelled"]
-        lines.append(f"ground truth: near-dup precision {g['near_dup_precision']:.3f} recall {g['near_dup_recall']:.3f}"
-                     f", exact-dup recall {g['exact_dup_recall']:.3f}, clean documents removed {g['clean_removed']}")
+        lines.append(
+            f"ground truth: near-dup precision {g['near_dup_precision']:.3f} recall {g['near_dup_recall']:.3f}"
+            f", exact-dup recall {g['exact_dup_recall']:.3f}, clean documents removed {g['clean_removed']}"
+        )
     lines.append(f"clusters in {(paths.out / 'clusters.jsonl').relative_to(paths.root)}")
     return lines
 
 
-def main() -> None:
-    stage_main("dedup", DedupConfig, run, summary)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main("dedup", DedupConfig, run, summary)

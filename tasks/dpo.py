@@ -31,9 +31,9 @@ Checks  malformed pairs are quarantined and counted (rows_in = train + val + qua
 Scale   the reference is a second, frozen copy of the SFT weights on each rank (forward only, no optimizer
         state); DeepSpeed ranks, ZeRO 0-3 and bf16 through `dpo.train`.
 """
+
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,8 +48,7 @@ from tasks.common.distributed import init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import AlignmentData, SamplingConfig, TrainConfig
-from tasks.common.training import (check_models, checkpoint_folder, print_plan, sharded_means, training_main,
-                                   upstream_fingerprint)
+from tasks.common.training import check_models, print_plan, sharded_means, training_main
 from tasks.sources.examples import check_answers, held_out_prompts, load_preference_data
 
 
@@ -80,6 +79,7 @@ Config = DpoConfig  # the section class params.yaml loads (tasks/common/config.p
 
 # ------------------------------------------------------------------------------------------------ loss, eval
 
+
 class DPOLoss:
     """loss_fn of the trainer: DPO on summed reply log-probs, the reference closed over (frozen, no grad)."""
 
@@ -95,11 +95,16 @@ class DPOLoss:
             logits = (al.reply_logits(policy, batch), reference_logits)
         policy_lp = al.reply_logprobs(logits[0], batch)  # (2B,)
         reference_lp = al.reply_logprobs(logits[1], batch)
-        loss, r_chosen, r_rejected = dpo_loss(policy_lp[:k], policy_lp[k:], reference_lp[:k], reference_lp[k:],
-                                              self.beta, self.label_smoothing)
-        metrics = {"rewards_chosen": r_chosen.mean(), "rewards_rejected": r_rejected.mean(),
-                   "margin": (r_chosen - r_rejected).mean(), "accuracy": (r_chosen > r_rejected).float().mean(),
-                   "dpo_loss": loss.detach()}
+        loss, r_chosen, r_rejected = dpo_loss(
+            policy_lp[:k], policy_lp[k:], reference_lp[:k], reference_lp[k:], self.beta, self.label_smoothing
+        )
+        metrics = {
+            "rewards_chosen": r_chosen.mean(),
+            "rewards_rejected": r_rejected.mean(),
+            "margin": (r_chosen - r_rejected).mean(),
+            "accuracy": (r_chosen > r_rejected).float().mean(),
+            "dpo_loss": loss.detach(),
+        }
         if self.sft_weight:
             tokens = batch.response_mask[:k, 1:].sum(-1).clamp(min=1)  # (B,) chosen reply tokens
             nll = -(policy_lp[:k] / tokens).mean()
@@ -131,33 +136,48 @@ class PreferenceEval:
         kl = al.reply_kl(logits[0][chosen], logits[1][chosen], batch.rows(chosen)).mean()
         values = [m["dpo_loss"], m["rewards_chosen"], m["rewards_rejected"], m["margin"], m["accuracy"], kl]
         n = float(len(indices))
-        return torch.stack([torch.tensor(n, dtype=torch.float64)] +
-                           [torch.as_tensor(v).detach().double().cpu() * n for v in values])
+        return torch.stack(
+            [torch.tensor(n, dtype=torch.float64)] + [torch.as_tensor(v).detach().double().cpu() * n for v in values]
+        )
 
 
-def compare_with_reference(policy, reference, reward_model, tok: al.ChatTokenizer, sampling: SamplingConfig,
-                           samples_file: Path) -> dict:
+def compare_with_reference(
+    policy, reference, reward_model, tok: al.ChatTokenizer, sampling: SamplingConfig, samples_file: Path
+) -> dict:
     """SFT (reference) vs DPO answers to the same held-out prompts and seed: constraint satisfaction, the reward
     model's win rate of DPO over SFT, mean rewards, and the KL of the policy to the reference along its answers."""
     held_out = held_out_prompts(sampling.prompts, sampling.prompt_seed)
     metrics: dict = {"eval_prompts": len(held_out)}
     answers, rows = {}, {}
     for name, model in (("sft", reference), ("dpo", policy)):
-        answers[name] = al.sample_answers(model, tok, [h["prompt_messages"] for h in held_out], sampling,
-                                          f"dpo: {name} answers")
-        scores, rows[name] = check_answers(held_out, [tok.decode(a.ids) for a in answers[name]],
-                                           [a.finished for a in answers[name]])
-        metrics.update({f"{name}_satisfaction": scores["constraint_rate"], f"{name}_all_satisfied": scores["satisfied"],
-                        f"{name}_per_constraint": scores["per_constraint"]})
+        answers[name] = al.sample_answers(
+            model, tok, [h["prompt_messages"] for h in held_out], sampling, f"dpo: {name} answers"
+        )
+        scores, rows[name] = check_answers(
+            held_out, [tok.decode(a.ids) for a in answers[name]], [a.finished for a in answers[name]]
+        )
+        metrics.update(
+            {
+                f"{name}_satisfaction": scores["constraint_rate"],
+                f"{name}_all_satisfied": scores["satisfied"],
+                f"{name}_per_constraint": scores["per_constraint"],
+            }
+        )
     with torch.no_grad():
         rewards = {name: reward_scores(reward_model, answers[name], tok, sampling.batch_size) for name in answers}
         kl = kl_along(policy, reference, answers["dpo"], tok, sampling.batch_size)
     wins = [1.0 if d > s else 0.5 if d == s else 0.0 for d, s in zip(rewards["dpo"], rewards["sft"])]
     n = max(len(wins), 1)
-    metrics.update({"win_rate": sum(wins) / n, "sft_reward": sum(rewards["sft"]) / n,
-                    "dpo_reward": sum(rewards["dpo"]) / n, "kl_to_reference": sum(kl) / n,
-                    "dpo_answer_tokens": sum(len(a.ids) for a in answers["dpo"]) / n,
-                    "sft_answer_tokens": sum(len(a.ids) for a in answers["sft"]) / n})
+    metrics.update(
+        {
+            "win_rate": sum(wins) / n,
+            "sft_reward": sum(rewards["sft"]) / n,
+            "dpo_reward": sum(rewards["dpo"]) / n,
+            "kl_to_reference": sum(kl) / n,
+            "dpo_answer_tokens": sum(len(a.ids) for a in answers["dpo"]) / n,
+            "sft_answer_tokens": sum(len(a.ids) for a in answers["sft"]) / n,
+        }
+    )
     out = []
     for name in ("sft", "dpo"):
         out += [{"model": name, "reward": r, **row} for row, r in zip(rows[name], rewards[name])]
@@ -167,7 +187,7 @@ def compare_with_reference(policy, reference, reward_model, tok: al.ChatTokenize
 
 def _batches(answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int):
     for start in range(0, len(answers), batch_size):
-        chunk = answers[start:start + batch_size]
+        chunk = answers[start : start + batch_size]
         yield al.sequences_batch([a.prompt for a in chunk], [a.reply(tok.end_id) for a in chunk], tok.pad_id)
 
 
@@ -183,28 +203,30 @@ def kl_along(policy, reference, answers: list[al.Answer], tok: al.ChatTokenizer,
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def preflight(cfg: DpoConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
     up = al.upstream_of("dpo", cfg, paths, "sft")
     check_models(paths, "reward")
-    print_plan("dpo", cfg.train, paths, 2 * up.max_len, f"{cfg.train.batch_size} pairs (≤ {up.max_len} tokens a "
-               f"row), β={cfg.beta}, policy and reference from {up.model_dir}; sources {', '.join(cfg.sources)}")
+    what = f"{cfg.train.batch_size} pairs (≤ {up.max_len} tokens a row), β={cfg.beta}, policy and reference from"
+    print_plan("dpo", cfg.train, paths, 2 * up.max_len, f"{what} {up.model_dir}; sources {', '.join(cfg.sources)}")
 
 
 def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     """One rank's DPO; rank 0 also evaluates against the SFT policy, writes the model and returns the metrics."""
-    from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
+    from tasks.common.trainer import Recipe, Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
     up, reward_dir = al.upstream_of("dpo", cfg, paths, "sft"), check_models(paths, "reward")["reward"]
-    loaded = load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
-                                  cfg.val_fraction)
+    loaded = load_preference_data(cfg, paths.root)
     train, val, truncated = al.encode_pairs(loaded, up.tok, up.max_len)
     if world.is_main:
         write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
-    info = {"dpo": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "train")},
-            "train": cfg.train.fingerprint_dict(),
-            "upstream": upstream_fingerprint({"sft": up.model_dir, "tokenizer": up.tokenizer_dir})}
+    info = {
+        "dpo": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "train")},
+        "train": cfg.train.fingerprint_dict(),
+        "upstream": up.fingerprint(),
+    }
     reference = al.load_model_folder(up.model_dir, "the sft stage's output").to(world.device)
     reference = reference.eval().requires_grad_(False)
 
@@ -213,28 +235,24 @@ def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
         return load(up.model_dir).train()
 
     loss = DPOLoss(reference, cfg.beta, cfg.label_smoothing, cfg.sft_weight)
-    lengths = [al.pair_length(e) for e in train]
-    mean_len = round(2 * sum(lengths) / max(len(lengths), 1))
-    batches = al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
-                             lambda exs: al.collate_pairs(exs, up.tok.pad_id).as_dict(), "training pairs")
+    batches, mean_len = al.pair_batches(train, cfg.train, up.tok.pad_id)  # mean_len: tokens of a pair
     evaluation = PreferenceEval(loss, val, cfg.train.micro_batch_size, up.tok.pad_id) if val else None
     # the reference's forward adds a third to the policy's forward + backward
     flops = up.model_cfg.flops_per_token(mean_len // 2) * 4 / 3
-    trainer = Trainer(build_model, cfg.train, name="dpo", checkpoint_dir=checkpoint_folder("dpo", info, paths.root),
-                      fingerprint_info=info, tracker=tracker, batches=batches, loss_fn=loss, eval_fn=evaluation,
-                      tokens_per_example=mean_len, flops_per_token=flops)
-    summary = trainer.fit()
-    policy = trainer.final_model()
-    if not world.is_main:
+    recipe = Recipe(batches, loss, mean_len, flops, eval_fn=evaluation)
+    trainer = Trainer(build_model, cfg.train, recipe, name="dpo", info=info, root=paths.root, tracker=tracker)
+    summary, policy = trainer.train(paths.out / "history.jsonl")
+    if policy is None:  # ranks other than 0
         return None
 
     save(policy, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
-    shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    metrics = {**summary, **loaded.counts(), "truncated": truncated, "max_len": up.max_len, "beta": cfg.beta,
-               "fingerprint": trainer.ckpt.folder.name}
+    metrics = {**summary, **al.data_metrics(loaded, truncated, up.max_len), "beta": cfg.beta}
     if cfg.sampling.prompts:
-        metrics.update(compare_with_reference(policy, reference.cpu(), RewardModel.load(reward_dir), up.tok,
-                                              cfg.sampling, paths.out / "samples.jsonl"))
+        metrics.update(
+            compare_with_reference(
+                policy, reference.cpu(), RewardModel.load(reward_dir), up.tok, cfg.sampling, paths.out / "samples.jsonl"
+            )
+        )
         tracker.log_artifact(paths.out / "samples.jsonl", "dpo")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "dpo")
     return metrics
@@ -243,22 +261,24 @@ def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
 def summary(m: dict, paths: StagePaths) -> list[str]:
     lines = al.data_summary(m, "pairs", "held out") + [f"β = {m['beta']}"]
     if "val_accuracy" in m:
-        lines.append(f"held-out pairs: loss {m['val_loss']:.4f}  implicit rewards chosen {m['val_rewards_chosen']:+.3f} "
-                     f"rejected {m['val_rewards_rejected']:+.3f}  margin {m['val_margin']:.3f}  accuracy "
-                     f"{m['val_accuracy']:.1%}  KL/reply {m['val_kl']:.3f} nats")
+        lines.append(
+            f"held-out pairs: loss {m['val_loss']:.4f}  implicit rewards chosen {m['val_rewards_chosen']:+.3f} "
+            f"rejected {m['val_rewards_rejected']:+.3f}  margin {m['val_margin']:.3f}  accuracy "
+            f"{m['val_accuracy']:.1%}  KL/reply {m['val_kl']:.3f} nats"
+        )
     if "win_rate" in m:
-        lines.append(f"held-out constraint satisfaction ({m['eval_prompts']} prompts): SFT {m['sft_satisfaction']:.1%} "
-                     f"(all {m['sft_all_satisfied']:.1%}) → DPO {m['dpo_satisfaction']:.1%} "
-                     f"(all {m['dpo_all_satisfied']:.1%})")
-        lines.append(f"reward model: DPO beats SFT on {m['win_rate']:.1%} of prompts (mean reward "
-                     f"{m['sft_reward']:+.3f} → {m['dpo_reward']:+.3f}); KL(DPO || SFT) along DPO answers "
-                     f"{m['kl_to_reference']:.3f} nats")
+        lines.append(
+            f"held-out constraint satisfaction ({m['eval_prompts']} prompts): SFT {m['sft_satisfaction']:.1%} "
+            f"(all {m['sft_all_satisfied']:.1%}) → DPO {m['dpo_satisfaction']:.1%} "
+            f"(all {m['dpo_all_satisfied']:.1%})"
+        )
+        lines.append(
+            f"reward model: DPO beats SFT on {m['win_rate']:.1%} of prompts (mean reward "
+            f"{m['sft_reward']:+.3f} → {m['dpo_reward']:+.3f}); KL(DPO || SFT) along DPO answers "
+            f"{m['kl_to_reference']:.3f} nats"
+        )
     return lines + [f"model, samples.jsonl, quarantine.jsonl in {paths.out}"]
 
 
-def main() -> None:
-    training_main("dpo", DpoConfig, run, preflight, summary)
-
-
 if __name__ == "__main__":
-    main()
+    training_main("dpo", DpoConfig, run, preflight, summary)

@@ -34,6 +34,7 @@ Scale   every cap is a param: `val_max_tokens` (held-out tokens per model), `lim
         code runs on CUDA (lm-eval and our own passes), and `lm_eval_tasks` adds standard lm-eval tasks by name
         (MMLU, ARC, ...) when the network or an HF cache allows.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -63,22 +64,37 @@ from tasks.sources.examples import check_answers, held_out_prompts
 EVALS_DIR = ROOT / "evals"
 PLOTS_DIR = "metrics/evaluate_plots"
 LN2 = math.log(2)
+RESERVED_KEYS = {
+    "models",
+    "model_stages",
+    "win_rate",
+    "benchmark_items",
+    "skipped",
+    "device",
+    "seconds_by_model",
+    "val_text_bytes",
+    "report",
+    "seconds",
+}
+"""Top-level keys of metrics/evaluate.json besides the model labels (a label may not be one of them)."""
 
 
 @dataclass(frozen=True)
 class Benchmark:
     """A multiple-choice task of evals/: where its items come from and how its prompt reads (for length checks)."""
-    task: str                                # the lm-eval task name (evals/<task>.yaml)
-    folder: str | None                       # sub-folder of `data_dir` holding the slice; None = generated here
-    text: Callable[[dict], str]              # the prompt, as the YAML's doc_to_text renders it
-    choices: Callable[[dict], list[str]]     # the answer options, as the YAML's doc_to_choice gives them
+
+    task: str  # the lm-eval task name (evals/<task>.yaml)
+    folder: str | None  # sub-folder of `data_dir` holding the slice; None = generated here
+    text: Callable[[dict], str]  # the prompt, as the YAML's doc_to_text renders it
+    choices: Callable[[dict], list[str]]  # the answer options, as the YAML's doc_to_choice gives them
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     "cloze": Benchmark("scratchlm_cloze", None, lambda d: d["context"], lambda d: d["choices"]),
     "hellaswag": Benchmark("scratchlm_hellaswag", "hellaswag", lambda d: d["query"], lambda d: d["endings"]),
-    "piqa": Benchmark("scratchlm_piqa", "piqa", lambda d: f"Question: {d['goal']}\nAnswer:",
-                      lambda d: [d["sol1"], d["sol2"]]),
+    "piqa": Benchmark(
+        "scratchlm_piqa", "piqa", lambda d: f"Question: {d['goal']}\nAnswer:", lambda d: [d["sol1"], d["sol2"]]
+    ),
 }
 
 DEFAULT_SAMPLE_PROMPTS = [
@@ -130,17 +146,29 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         check(len(self.models) > 0, "models", "list at least one model (label: stage)")
+        taken = sorted(set(self.models) & RESERVED_KEYS)
+        check(
+            not taken,
+            "models",
+            f"label {taken[0] if taken else ''!r} is a key of metrics/evaluate.json itself; rename it",
+        )
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
-        check(not unknown, "benchmarks", f"unknown {unknown} (known: {', '.join(BENCHMARKS)}; standard lm-eval "
-              f"tasks go in lm_eval_tasks)")
+        check(
+            not unknown,
+            "benchmarks",
+            f"unknown {unknown} (known: {', '.join(BENCHMARKS)}; standard lm-eval tasks go in lm_eval_tasks)",
+        )
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(self.val_max_tokens >= 0, "val_max_tokens", "must be >= 0 (0 = the whole split)")
         check(self.limit >= 1, "limit", "must be >= 1")
         check(self.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be >= 1")
         for pair in self.win_rates:
             a, sep, b = pair.partition(":")
-            check(bool(sep) and a in self.models and b in self.models and a != b, "win_rates",
-                  f"{pair!r} must be `a:b` with two different labels of evaluate.models ({', '.join(self.models)})")
+            check(
+                bool(sep) and a in self.models and b in self.models and a != b,
+                "win_rates",
+                f"{pair!r} must be `a:b` with two different labels of evaluate.models ({', '.join(self.models)})",
+            )
 
 
 Config = EvaluateConfig  # the section class params.yaml loads (tasks/common/config.py)
@@ -148,9 +176,11 @@ Config = EvaluateConfig  # the section class params.yaml loads (tasks/common/con
 
 # ------------------------------------------------------------------------------------------------ models
 
+
 @dataclass
 class Evaluated:
     """One model under evaluation."""
+
     label: str
     stage: str
     folder: Path
@@ -175,6 +205,7 @@ def find_models(cfg: EvaluateConfig, paths: StagePaths, skipped: dict[str, str])
 
 def pick_device(wanted: str) -> str:
     import torch
+
     if wanted == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if wanted == "cuda" and not torch.cuda.is_available():
@@ -184,9 +215,11 @@ def pick_device(wanted: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ held-out loss
 
+
 @dataclass
 class HeldOut:
     """The first documents of the validation split: token ids (eot excluded) and UTF-8 bytes of their text."""
+
     docs: list[np.ndarray]
     text_bytes: int
     eot_id: int
@@ -230,34 +263,42 @@ def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[st
     import torch
 
     from model.losses import IGNORE_INDEX, token_logprobs
+
     T = model.cfg.max_seq_len
     windows = []
     for doc in data.docs:
         seq = [data.eot_id, *doc.tolist(), data.eot_id]
-        windows += [seq[s:s + T + 1] for s in range(0, len(seq) - 1, T)]
+        windows += [seq[s : s + T + 1] for s in range(0, len(seq) - 1, T)]
     windows.sort(key=len)
     nats, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(windows), batch_size):
-            rows = windows[start:start + batch_size]
+            rows = windows[start : start + batch_size]
             width = max(len(r) for r in rows) - 1
             x = torch.full((len(rows), width), data.eot_id, dtype=torch.long)  # (B,W) right-padded
             y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
             for i, r in enumerate(rows):
-                x[i, :len(r) - 1] = torch.tensor(r[:-1])
-                y[i, :len(r) - 1] = torch.tensor(r[1:])
+                x[i, : len(r) - 1] = torch.tensor(r[:-1])
+                y[i, : len(r) - 1] = torch.tensor(r[1:])
             logits, _ = model(x.to(device), all_logits=True)  # (B,W,V)
             nats -= float(token_logprobs(logits, y.to(device)).sum())
             count += int((y != IGNORE_INDEX).sum())
     loss = nats / count
-    return {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nats / LN2 / data.text_bytes,
-            "val_tokens": count, "val_docs": len(data.docs)}
+    return {
+        "val_loss": loss,
+        "val_ppl": math.exp(loss),
+        "val_bpb": nats / LN2 / data.text_bytes,
+        "val_tokens": count,
+        "val_docs": len(data.docs),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
 
-def prepare_benchmarks(cfg: EvaluateConfig, paths: StagePaths, tokenizer_file: Path, max_len: int,
-                       skipped: dict[str, str]) -> tuple[dict[str, Path], dict[str, dict]]:
+
+def prepare_benchmarks(
+    cfg: EvaluateConfig, paths: StagePaths, tokenizer_file: Path, max_len: int, skipped: dict[str, str]
+) -> tuple[dict[str, Path], dict[str, dict]]:
     """Write each benchmark's items to data/evaluate/benchmarks/<name>.jsonl: (files, item counts)."""
     tok = Tokenizer.from_file(str(tokenizer_file))
     out = paths.out / "benchmarks"
@@ -287,8 +328,10 @@ def benchmark_rows(name: str, bench: Benchmark, cfg: EvaluateConfig, root: Path)
     """(source description, rows) — rows None when the data is absent (the source then says why)."""
     if bench.folder is None:
         # more than `limit`, so items too long for the context can be left out without running short
-        return (f"builtin generate_cloze(seed={cfg.cloze_seed}, split=test)",
-                generate_cloze(cfg.limit * 2, cfg.cloze_seed, "test"))
+        return (
+            f"builtin generate_cloze(seed={cfg.cloze_seed}, split=test)",
+            generate_cloze(cfg.limit * 2, cfg.cloze_seed, "test"),
+        )
     folder = (root / cfg.data_dir / bench.folder).resolve()
     found = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if not found:
@@ -312,36 +355,59 @@ def fits(tok, text: str, choices: list[str], max_len: int) -> bool:
     return prompt + longest + 2 <= max_len  # + 2: a merge across the boundary can shift a token either way
 
 
-def run_lm_eval(folder: Path, files: dict[str, Path], extra_tasks: list[str], limit: int, batch_size: int,
-                device: str, seed: int) -> dict:
+def run_lm_eval(
+    folder: Path, files: dict[str, Path], extra_tasks: list[str], limit: int, batch_size: int, device: str, seed: int
+) -> dict:
     """lm-eval (`hf` model on the exported folder) on our offline tasks (+ standard ones by name).
 
     Returns {"scores": {name: {acc, acc_norm}}, "items": {name: [{doc_id, target, loglikelihoods, acc}]},
     "results": lm-eval's own results dict}."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
     names = {BENCHMARKS[n].task: n for n in files}
     tasks: list[Any] = [*extra_tasks]
     if files:
         # our YAMLs are loaded by name from evals/; the item files are passed as overrides of `data_files`
-        members = [{"task": BENCHMARKS[n].task, "dataset_kwargs": {"data_files": {"test": str(p)}}}
-                   for n, p in files.items()]
+        members = [
+            {"task": BENCHMARKS[n].task, "dataset_kwargs": {"data_files": {"test": str(p)}}} for n, p in files.items()
+        ]
         tasks.append({"group": "scratchlm_evaluate", "task": members})
     manager = TaskManager(include_path=str(EVALS_DIR), include_defaults=bool(extra_tasks))
-    out = simple_evaluate(model="hf", model_args={"pretrained": str(folder), "dtype": "float32"}, tasks=tasks,
-                          task_manager=manager, limit=limit, batch_size=batch_size, device=device,
-                          log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                          torch_random_seed=seed, fewshot_random_seed=seed)
+    out = simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(folder), "dtype": "float32"},
+        tasks=tasks,
+        task_manager=manager,
+        limit=limit,
+        batch_size=batch_size,
+        device=device,
+        log_samples=True,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     scores, items = {}, {}
     for task, result in out["results"].items():
         if "acc,none" not in result:
             continue  # the group entry
         name = names.get(task, task)
-        scores[name] = {k.split(",")[0]: float(v) for k, v in result.items()
-                        if k.endswith(",none") and "stderr" not in k and isinstance(v, (int, float))}
-        items[name] = [{"doc_id": s["doc_id"], "target": s["target"],
-                        "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]], "acc": float(s["acc"])}
-                       for s in out["samples"].get(task, [])]
+        scores[name] = {
+            k.split(",")[0]: float(v)
+            for k, v in result.items()
+            if k.endswith(",none") and "stderr" not in k and isinstance(v, (int, float))
+        }
+        items[name] = [
+            {
+                "doc_id": s["doc_id"],
+                "target": s["target"],
+                "loglikelihoods": [float(r[0]) for r in s["filtered_resps"]],
+                "acc": float(s["acc"]),
+            }
+            for s in out["samples"].get(task, [])
+        ]
     return {"scores": scores, "items": items, "results": out["results"]}
 
 
@@ -360,6 +426,7 @@ def with_offline_defaults() -> None:
         os.environ.setdefault(name, "1")
     try:  # datasets reads its offline flag at import: make sure a late import sees it too
         import datasets.config
+
         datasets.config.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"] == "1" or datasets.config.HF_HUB_OFFLINE
     except ImportError:
         pass
@@ -367,9 +434,11 @@ def with_offline_defaults() -> None:
 
 # ------------------------------------------------------------------------------------------------ generations
 
+
 def answer_prompts(model, tok, held: list[dict], cfg: SamplingConfig, label: str) -> tuple[dict, list[dict], list]:
     """Sampled answers to the held-out prompts: (constraint scores, rows of answers/<label>.jsonl, the answers)."""
     from tasks.common.alignment import sample_answers
+
     answers = sample_answers(model, tok, [h["prompt_messages"] for h in held], cfg, desc=f"evaluate: {label} answers")
     scores, rows = check_answers(held, [tok.decode(a.ids) for a in answers], [a.finished for a in answers])
     return scores, rows, answers
@@ -380,10 +449,11 @@ def rewards(reward_model, answers: list, tok, batch_size: int, device: str) -> l
     import torch
 
     from tasks.common.alignment import rewards_of, sequences_batch
+
     scores: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(answers), batch_size):
-            chunk = answers[start:start + batch_size]
+            chunk = answers[start : start + batch_size]
             batch = sequences_batch([a.prompt for a in chunk], [a.reply(tok.end_id) for a in chunk], tok.pad_id)
             scores += rewards_of(reward_model, batch.to(device)).float().tolist()
     return scores
@@ -398,11 +468,18 @@ def fixed_samples(model, tok, cfg: EvaluateConfig) -> list[dict]:
     """Generations for the fixed prompt set: chat replies to sample_prompts, continuations of sample_texts
     (each set decoded as one left-padded batch with the sampling seed)."""
     from model import generate
+
     s = cfg.sampling
     eot = tok.special[chat.EOT]
-    sets = [("chat", cfg.sample_prompts, tok.stop_ids,
-             lambda p: chat.encode_chat(tok.tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0]),
-            ("text", cfg.sample_texts, (eot,), lambda p: [eot, *tok.plain(p)])]
+    sets = [
+        (
+            "chat",
+            cfg.sample_prompts,
+            tok.stop_ids,
+            lambda p: chat.encode_chat(tok.tok, [{"role": "user", "content": p}], add_generation_prompt=True)[0],
+        ),
+        ("text", cfg.sample_texts, (eot,), lambda p: [eot, *tok.plain(p)]),
+    ]
     rows = []
     for kind, prompts, stops, encode in sets:
         if not prompts:
@@ -430,20 +507,31 @@ def samples_markdown(samples: dict[str, list[dict]]) -> str:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 @dataclass
 class ModelResult:
     """Everything measured on one model."""
+
     metrics: dict[str, Any]
-    answers: list            # tasks.common.alignment.Answer per held-out prompt (for the reward model)
+    answers: list  # tasks.common.alignment.Answer per held-out prompt (for the reward model)
     answer_rows: list[dict]  # the same answers as rows of answers/<label>.jsonl
-    samples: list[dict]      # the fixed-prompt generations
+    samples: list[dict]  # the fixed-prompt generations
     seconds: dict[str, float]
 
 
-def evaluate_model(m: Evaluated, cfg: EvaluateConfig, data: HeldOut, held: list[dict], tok, files: dict[str, Path],
-                   device: str, out: Path) -> ModelResult:
+def evaluate_model(
+    m: Evaluated,
+    cfg: EvaluateConfig,
+    data: HeldOut,
+    held: list[dict],
+    tok,
+    files: dict[str, Path],
+    device: str,
+    out: Path,
+) -> ModelResult:
     """Held-out loss, answers to the held-out prompts, fixed samples (our model), then lm-eval (its HF loader)."""
     from tasks.common.alignment import load_model_folder
+
     seconds: dict[str, float] = {}
     started = time.perf_counter()
 
@@ -460,8 +548,13 @@ def evaluate_model(m: Evaluated, cfg: EvaluateConfig, data: HeldOut, held: list[
         scores, rows, answers = answer_prompts(model, tok, held, cfg.sampling, m.label)
         # named as the dpo stage names them: satisfaction = share of constraints met, all_satisfied = share of
         # answers meeting every constraint of their prompt
-        metrics.update({"satisfaction": scores["constraint_rate"], "all_satisfied": scores["satisfied"],
-                        "per_constraint": scores["per_constraint"]})
+        metrics.update(
+            {
+                "satisfaction": scores["constraint_rate"],
+                "all_satisfied": scores["satisfied"],
+                "per_constraint": scores["per_constraint"],
+            }
+        )
         lap("answers")
     samples = fixed_samples(model, tok, cfg)
     lap("samples")
@@ -470,15 +563,19 @@ def evaluate_model(m: Evaluated, cfg: EvaluateConfig, data: HeldOut, held: list[
     metrics["bench"] = bench["scores"]
     write_json(out / "lm_eval" / f"{m.label}.json", {"results": bench["results"], "items": bench["items"]})
     lap("lm_eval")
-    print(f"evaluate: {m.label} ({m.stage}) in {sum(seconds.values()):.0f}s "
-          f"({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}): bpb {metrics['val_bpb']:.3f}"
-          + "".join(f", {n} {sc['acc']:.3f}" for n, sc in bench["scores"].items())
-          + (f", satisfaction {metrics['satisfaction']:.2f}" if held else ""), flush=True)
+    print(
+        f"evaluate: {m.label} ({m.stage}) in {sum(seconds.values()):.0f}s "
+        f"({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}): bpb {metrics['val_bpb']:.3f}"
+        + "".join(f", {n} {sc['acc']:.3f}" for n, sc in bench["scores"].items())
+        + (f", satisfaction {metrics['satisfaction']:.2f}" if held else ""),
+        flush=True,
+    )
     return ModelResult(metrics, answers, rows, samples, seconds)
 
 
 def run(cfg: EvaluateConfig, paths: StagePaths, tracker: Tracker) -> dict:
     from tasks.common.alignment import load_tokenizer
+
     quiet_libraries()
     device = pick_device(cfg.device)
     skipped: dict[str, str] = {}
@@ -504,8 +601,15 @@ def run(cfg: EvaluateConfig, paths: StagePaths, tracker: Tracker) -> dict:
     for label, rows in answer_rows.items():
         write_jsonl(out / "answers" / f"{label}.jsonl", rows)
     (out / "samples.md").write_text(samples_markdown(samples), encoding="utf-8")
-    metrics.update({"benchmark_items": items, "skipped": skipped, "device": device, "seconds_by_model": timings,
-                    "val_text_bytes": data.text_bytes})
+    metrics.update(
+        {
+            "benchmark_items": items,
+            "skipped": skipped,
+            "device": device,
+            "seconds_by_model": timings,
+            "val_text_bytes": data.text_bytes,
+        }
+    )
     write_plots(paths.root, metrics)
     tracker.log_artifact(out / "samples.md", "evaluate")
     tracker.log_artifact(out / "lm_eval", "evaluate/lm_eval")
@@ -529,13 +633,20 @@ def find_reward_model(cfg: EvaluateConfig, paths: StagePaths, skipped: dict[str,
     return None
 
 
-def compare_with_rewards(cfg: EvaluateConfig, reward_folder: Path | None, answers: dict[str, list],
-                         answer_rows: dict[str, list[dict]], tok, device: str,
-                         skipped: dict[str, str]) -> dict[str, float]:
+def compare_with_rewards(
+    cfg: EvaluateConfig,
+    reward_folder: Path | None,
+    answers: dict[str, list],
+    answer_rows: dict[str, list[dict]],
+    tok,
+    device: str,
+    skipped: dict[str, str],
+) -> dict[str, float]:
     """Win rates `a_vs_b` on the shared prompts; each answer row gets its reward."""
     if reward_folder is None:
         return {}
     from model.heads import RewardModel
+
     reward_model = RewardModel.load(reward_folder, device=device)
     scored = {label: rewards(reward_model, answers[label], tok, cfg.batch_size, device) for label in answers}
     for label, values in scored.items():
@@ -555,25 +666,41 @@ def write_plots(root: Path, metrics: dict) -> None:
     """DVC plot data: bpb per model, and accuracy per (model, benchmark)."""
     labels = metrics["models"]
     write_json(root / PLOTS_DIR / "bpb.json", [{"model": m, "val_bpb": metrics[m]["val_bpb"]} for m in labels])
-    write_json(root / PLOTS_DIR / "benchmarks.json",
-               [{"name": f"{b} · {m}", "model": m, "benchmark": b, "acc": s["acc"]}
-                for b in sorted({b for m in labels for b in metrics[m]["bench"]})
-                for m in labels if (s := metrics[m]["bench"].get(b))])
+    write_json(
+        root / PLOTS_DIR / "benchmarks.json",
+        [
+            {"name": f"{b} · {m}", "model": m, "benchmark": b, "acc": s["acc"]}
+            for b in sorted({b for m in labels for b in metrics[m]["bench"]})
+            for m in labels
+            if (s := metrics[m]["bench"].get(b))
+        ],
+    )
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
     """A table of the models side by side (loss, bpb, satisfaction, benchmark accuracy), win rates, what was skipped,
     and where the report card is."""
     labels = m["models"]
-    rows = [("val loss", "val_loss"), ("val bpb", "val_bpb"), ("satisfaction", "satisfaction"),
-            ("all satisfied", "all_satisfied")]
+    rows = [
+        ("val loss", "val_loss"),
+        ("val bpb", "val_bpb"),
+        ("satisfaction", "satisfaction"),
+        ("all satisfied", "all_satisfied"),
+    ]
     lines = [f"{'':<16}" + "".join(f"{label:>10}" for label in labels)]
-    lines += [f"{name:<16}" + "".join(f"{m[label][key]:>10.3f}" for label in labels)
-              for name, key in rows if all(key in m[label] for label in labels)]
+    lines += [
+        f"{name:<16}" + "".join(f"{m[label][key]:>10.3f}" for label in labels)
+        for name, key in rows
+        if all(key in m[label] for label in labels)
+    ]
     for bench in sorted({b for label in labels for b in m[label]["bench"]}):
-        lines.append(f"{bench + ' acc':<16}" + "".join(
-            f"{m[label]['bench'][bench]['acc']:>10.3f}" if bench in m[label]["bench"] else f"{'-':>10}"
-            for label in labels))
+        lines.append(
+            f"{bench + ' acc':<16}"
+            + "".join(
+                f"{m[label]['bench'][bench]['acc']:>10.3f}" if bench in m[label]["bench"] else f"{'-':>10}"
+                for label in labels
+            )
+        )
     lines += [f"win rate {pair}: {rate:.3f}" for pair, rate in m["win_rate"].items()]
     lines += [f"skipped {what}: {why}" for what, why in m["skipped"].items()]
     if "report" in m:
@@ -581,9 +708,5 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines
 
 
-def main() -> None:
-    stage_main("evaluate", EvaluateConfig, run, summary)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main("evaluate", EvaluateConfig, run, summary)

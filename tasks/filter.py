@@ -32,11 +32,11 @@ Checks  docs_in = kept + rejected, always (metrics carry both; a test holds it).
 Scale   shards are filtered independently in parallel on `data.parallel` (a local process pool or a Dask
         cluster); memory is one shard at a time per worker.
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import re
 import string
 import time
@@ -48,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.common.config import DataConfig, ScratchError, check
+from tasks.common.config import DataConfig, check
 from tasks.common.console import fmt
-from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, shards, write_jsonl, write_jsonl_gz
+from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, read_labels, shards, write_jsonl, write_jsonl_gz
 from tasks.common.parallel import parallel_map
 from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
@@ -60,6 +60,7 @@ ELLIPSES = ("...", "…")
 
 
 # ------------------------------------------------------------------------------------------------ config
+
 
 @dataclass(frozen=True)
 class WordCount:
@@ -153,9 +154,18 @@ class AlphaRatio:
 class Boilerplate:
     enabled: bool = True
     """Apply this rule."""
-    phrases: list[str] = field(default_factory=lambda: [
-        "lorem ipsum", "terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
-        "use cookies", "enable javascript"])
+    phrases: list[str] = field(
+        default_factory=lambda: [
+            "lorem ipsum",
+            "terms of use",
+            "privacy policy",
+            "cookie policy",
+            "uses cookies",
+            "use of cookies",
+            "use cookies",
+            "enable javascript",
+        ]
+    )
     """Blocklisted phrases, matched case-insensitively inside lines (C4 drops whole pages holding any of these)."""
     max_line_fraction: float = 0.0
     """Largest fraction of non-empty lines that may contain a blocklisted phrase (0: none may)."""
@@ -184,8 +194,9 @@ class FilterConfig:
     top_ngrams: NgramRule = field(default_factory=lambda: NgramRule(n=[2, 3, 4], max_char_fraction=[0.25, 0.22, 0.2]))
     """Characters covered by the single most frequent word n-gram, per n (Gopher: n=2,3,4 → 0.20, 0.18, 0.16;
     looser here because children's stories repeat their hero's name and refrains)."""
-    duplicate_ngrams: NgramRule = field(default_factory=lambda: NgramRule(
-        n=[5, 6, 7, 8, 9, 10], max_char_fraction=[0.3, 0.27, 0.24, 0.21, 0.18, 0.15]))
+    duplicate_ngrams: NgramRule = field(
+        default_factory=lambda: NgramRule(n=[5, 6, 7, 8, 9, 10], max_char_fraction=[0.3, 0.27, 0.24, 0.21, 0.18, 0.15])
+    )
     """Characters covered by repeats of an earlier word n-gram, per n (Gopher: n=5..10 → 0.15 .. 0.10; looser
     here for the same reason)."""
     alpha_ratio: AlphaRatio = field(default_factory=AlphaRatio)
@@ -216,11 +227,12 @@ _NOT_LETTER = re.compile(r"[\W\d_]+")
 @dataclass
 class TextStats:
     """What the rules look at, computed once per document."""
+
     text: str
-    words: list[str]              # whitespace tokens
-    norm_words: list[str]         # lower-cased, punctuation around them stripped, empty ones dropped
-    lines: list[str]              # non-empty lines, stripped
-    paragraphs: list[str]         # non-empty paragraphs, stripped
+    words: list[str]  # whitespace tokens
+    norm_words: list[str]  # lower-cased, punctuation around them stripped, empty ones dropped
+    lines: list[str]  # non-empty lines, stripped
+    paragraphs: list[str]  # non-empty paragraphs, stripped
     _ranks: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @classmethod
@@ -241,11 +253,11 @@ class TextStats:
             self._ranks.append(np.array([vocab.setdefault(w, len(vocab)) for w in self.norm_words], dtype=np.int64))
         while len(self._ranks) < n:
             prev, unigram = self._ranks[-1], self._ranks[0]
-            k = len(self._ranks) + 1                                   # the n-gram size being built
+            k = len(self._ranks) + 1  # the n-gram size being built
             if len(unigram) < k:
                 self._ranks.append(np.zeros(0, dtype=np.int64))
                 continue
-            pair = prev[:len(unigram) - k + 1] * (len(unigram) + 1) + unigram[k - 1:]
+            pair = prev[: len(unigram) - k + 1] * (len(unigram) + 1) + unigram[k - 1 :]
             self._ranks.append(np.unique(pair, return_inverse=True)[1].astype(np.int64))
         return self._ranks[n - 1]
 
@@ -277,7 +289,7 @@ def top_ngram_char_fraction(s: TextStats, n: int) -> float:
     counts = np.bincount(ids)
     if counts.max() < 2:
         return 0.0
-    window_chars = np.convolve(s.word_chars(), np.ones(n, dtype=np.int64), mode="valid")   # chars per window
+    window_chars = np.convolve(s.word_chars(), np.ones(n, dtype=np.int64), mode="valid")  # chars per window
     top = counts[ids] == counts.max()
     return float(counts.max() * window_chars[top].max() / s.word_chars().sum())
 
@@ -293,7 +305,7 @@ def duplicate_ngram_char_fraction(s: TextStats, n: int) -> float:
     repeat_starts = np.flatnonzero(first[ids] != np.arange(len(ids)))
     if len(repeat_starts) == 0:
         return 0.0
-    edges = np.zeros(len(s.norm_words) + 1, dtype=np.int64)     # +1 where a repeat starts, -1 after it ends
+    edges = np.zeros(len(s.norm_words) + 1, dtype=np.int64)  # +1 where a repeat starts, -1 after it ends
     np.add.at(edges, repeat_starts, 1)
     np.add.at(edges, repeat_starts + n, -1)
     covered = np.cumsum(edges[:-1]) > 0
@@ -375,7 +387,7 @@ def rule_duplicate_ngrams(s: TextStats, r: NgramRule) -> str | None:
 
 
 def rule_alpha_ratio(s: TextStats, r: AlphaRatio) -> str | None:
-    visible = sum(map(len, s.words))                     # non-whitespace characters
+    visible = sum(map(len, s.words))  # non-whitespace characters
     ratio = len(_NOT_LETTER.sub("", s.text)) / max(1, visible)
     return f"alphabetic share {ratio:.2f} < {r.min_ratio}" if ratio < r.min_ratio else None
 
@@ -421,13 +433,14 @@ def failed_rules(text: str, cfg: FilterConfig) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ per shard
 
+
 @dataclass
 class ShardResult:
     shard: str
     docs_in: int = 0
     kept: int = 0
-    rejected_by_rule: Counter = field(default_factory=Counter)   # first failed rule
-    failed_by_rule: Counter = field(default_factory=Counter)     # every failed rule
+    rejected_by_rule: Counter = field(default_factory=Counter)  # first failed rule
+    failed_by_rule: Counter = field(default_factory=Counter)  # every failed rule
     samples: dict[str, list[dict]] = field(default_factory=dict)  # rule → first rejects in this shard
     rejected_ids: list[str] = field(default_factory=list)
 
@@ -450,8 +463,15 @@ def filter_shard(path: Path, out_dir: Path, cfg: FilterConfig) -> ShardResult:
             result.rejected_ids.append(doc["id"])
             bucket = result.samples.setdefault(first, [])
             if len(bucket) < cfg.reject_samples:
-                bucket.append({"id": doc["id"], "rule": first, "detail": failed[first], "failed": list(failed),
-                               "excerpt": doc["text"][:cfg.reject_excerpt_chars]})
+                bucket.append(
+                    {
+                        "id": doc["id"],
+                        "rule": first,
+                        "detail": failed[first],
+                        "failed": list(failed),
+                        "excerpt": doc["text"][: cfg.reject_excerpt_chars],
+                    }
+                )
 
     write_jsonl_gz(out_dir / path.name, kept_docs())
     return result
@@ -459,13 +479,18 @@ def filter_shard(path: Path, out_dir: Path, cfg: FilterConfig) -> ShardResult:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def run(cfg: FilterConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     inputs = shards(paths.of("ingest"))
     out = fresh_dir(paths.out)
     started = time.perf_counter()
-    results = parallel_map(functools.partial(filter_shard, out_dir=out, cfg=cfg), inputs, data.parallel,
-                           desc="filter", postfix=lambda done: {"docs": sum(r.docs_in for r in done),
-                                                                "kept": sum(r.kept for r in done)})
+    results = parallel_map(
+        functools.partial(filter_shard, out_dir=out, cfg=cfg),
+        inputs,
+        data.parallel,
+        desc="filter",
+        postfix=lambda done: {"docs": sum(r.docs_in for r in done), "kept": sum(r.kept for r in done)},
+    )
     seconds = time.perf_counter() - started
     write_jsonl(out / "rejects.jsonl", first_rejects(results, cfg.reject_samples))
     labels = read_labels(paths.of("ingest") / "labels.jsonl")
@@ -482,24 +507,6 @@ def first_rejects(results: list[ShardResult], per_rule: int) -> Iterator[dict]:
         yield from itertools.islice((row for r in results for row in r.samples.get(rule, [])), per_rule)
 
 
-def read_labels(path: Path) -> list[dict]:
-    """Ground-truth rows {id, label, of} (empty when the file is missing or empty: real corpora have none)."""
-    if not path.is_file():
-        return []
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                rows.append({"id": row["id"], "label": row["label"], "of": row.get("of")})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ScratchError(f"{path}:{number}: not a label row {{id, label, of}} ({e}); "
-                                   f"rerun ingest to rewrite it") from None
-    return rows
-
-
 def summarise(results: list[ShardResult], seconds: float) -> dict:
     rejected_by_rule: Counter = Counter()
     failed_by_rule: Counter = Counter()
@@ -508,10 +515,15 @@ def summarise(results: list[ShardResult], seconds: float) -> dict:
         failed_by_rule.update(r.failed_by_rule)
     docs_in = sum(r.docs_in for r in results)
     kept = sum(r.kept for r in results)
-    return {"docs_in": docs_in, "kept": kept, "rejected": docs_in - kept,
-            "kept_fraction": round(kept / max(1, docs_in), 6), "docs_per_s": round(docs_in / max(seconds, 1e-9), 1),
-            "rejected_by_rule": {k: rejected_by_rule[k] for k in RULES if rejected_by_rule[k]},
-            "failed_by_rule": {k: failed_by_rule[k] for k in RULES if failed_by_rule[k]}}
+    return {
+        "docs_in": docs_in,
+        "kept": kept,
+        "rejected": docs_in - kept,
+        "kept_fraction": round(kept / max(1, docs_in), 6),
+        "docs_per_s": round(docs_in / max(seconds, 1e-9), 1),
+        "rejected_by_rule": {k: rejected_by_rule[k] for k in RULES if rejected_by_rule[k]},
+        "failed_by_rule": {k: failed_by_rule[k] for k in RULES if failed_by_rule[k]},
+    }
 
 
 def ground_truth_scores(labels: list[dict], rejected_ids: set[str]) -> dict:
@@ -525,31 +537,37 @@ def ground_truth_scores(labels: list[dict], rejected_ids: set[str]) -> dict:
         hit_total = by_kind.setdefault(str(row["of"]), [0, 0])
         hit_total[0] += row["id"] in rejected_ids
         hit_total[1] += 1
-    return {"labelled": {
-        "junk": len(junk), "clean": len(clean),
-        "junk_recall": round(sum(r["id"] in rejected_ids for r in junk) / max(1, len(junk)), 6),
-        "clean_false_reject_rate": round(sum(r["id"] in rejected_ids for r in clean) / max(1, len(clean)), 6),
-        "junk_recall_by_kind": {k: round(h / t, 6) for k, (h, t) in sorted(by_kind.items())}}}
+    return {
+        "labelled": {
+            "junk": len(junk),
+            "clean": len(clean),
+            "junk_recall": round(sum(r["id"] in rejected_ids for r in junk) / max(1, len(junk)), 6),
+            "clean_false_reject_rate": round(sum(r["id"] in rejected_ids for r in clean) / max(1, len(clean)), 6),
+            "junk_recall_by_kind": {k: round(h / t, 6) for k, (h, t) in sorted(by_kind.items())},
+        }
+    }
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
-    """Kept share, rejects by rule (first failed / any failed), the ground-truth scores when labelled."""
-    lines = [f"kept {fmt(m['kept'])} of {fmt(m['docs_in'])} documents ({m['kept_fraction']:.1%}), "
-             f"{m['docs_per_s']:,.0f} docs/s"]
+    """Kept share, rejects by the first rule they failed, the ground-truth scores when labelled."""
+    lines = [
+        f"kept {fmt(m['kept'])} of {fmt(m['docs_in'])} documents ({m['kept_fraction']:.1%}), "
+        f"{m['docs_per_s']:,.0f} docs/s"
+    ]
     if m["rejected"]:
-        lines.append("rejected by rule (first / any): " + ", ".join(
-            f"{rule} {fmt(m['rejected_by_rule'].get(rule, 0))}/{fmt(n)}" for rule, n in m["failed_by_rule"].items()))
+        lines.append(
+            "rejected by the first rule failed: "
+            + ", ".join(f"{rule} {fmt(n)}" for rule, n in m["rejected_by_rule"].items())
+        )
     if "labelled" in m:
         g = m["labelled"]
-        lines.append(f"ground truth: junk recall {g['junk_recall']:.3f} of {fmt(g['junk'])}, clean false-reject "
-                     f"rate {g['clean_false_reject_rate']:.4f} of {fmt(g['clean'])}")
+        lines.append(
+            f"ground truth: junk recall {g['junk_recall']:.3f} of {fmt(g['junk'])}, clean false-reject "
+            f"rate {g['clean_false_reject_rate']:.4f} of {fmt(g['clean'])}"
+        )
     lines.append(f"samples of rejects in {(paths.out / 'rejects.jsonl').relative_to(paths.root)}")
     return lines
 
 
-def main() -> None:
-    stage_main("filter", FilterConfig, run, summary)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main("filter", FilterConfig, run, summary)

@@ -18,6 +18,7 @@ Checks  a missing path or a malformed source entry fails before any work. Bad re
 Scale   sources are split into units (one per file) and read in parallel on `data.parallel` (a local
         process pool, or Prefect task mapping on a Dask cluster).
 """
+
 from __future__ import annotations
 
 import functools
@@ -58,10 +59,11 @@ Config = IngestConfig  # the section class params.yaml loads (tasks/common/confi
 @dataclass(frozen=True)
 class Unit:
     """One independent piece of input: the builtin corpus, one file, or one HF split."""
+
     index: int
-    source: str           # the data.sources entry it came from
+    source: str  # the data.sources entry it came from
     kind: Literal["builtin", "file", "hf"]
-    path: str = ""        # the file, for kind == "file"
+    path: str = ""  # the file, for kind == "file"
 
 
 @dataclass
@@ -77,6 +79,7 @@ class UnitResult:
 
 
 # ------------------------------------------------------------------------------------------------ planning
+
 
 def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[str]]:
     """Resolve every source entry into units (and skipped non-document files) before any work."""
@@ -105,8 +108,10 @@ def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[st
 
 # ------------------------------------------------------------------------------------------------ reading
 
-def records(unit: Unit, data: DataConfig, cfg: IngestConfig, root: Path
-            ) -> Iterator[tuple[str, files.Record, dict | None]]:
+
+def records(
+    unit: Unit, data: DataConfig, cfg: IngestConfig, root: Path
+) -> Iterator[tuple[str, files.Record, dict | None]]:
     """(id, record, ground-truth label or None) triples of one unit."""
     if unit.kind == "builtin":
         b = data.builtin
@@ -134,8 +139,14 @@ def ingest_unit(unit: Unit, data: DataConfig, cfg: IngestConfig, out_dir: Path, 
         else:
             result.quarantined += rec.count
             result.reasons[_reason_key(rec.reason)] += rec.count
-            result.quarantine.append({"location": rec.location, "reason": rec.reason, "count": rec.count,
-                                      "excerpt": rec.excerpt[:cfg.quarantine_excerpt_chars]})
+            result.quarantine.append(
+                {
+                    "location": rec.location,
+                    "reason": rec.reason,
+                    "count": rec.count,
+                    "excerpt": rec.excerpt[: cfg.quarantine_excerpt_chars],
+                }
+            )
     writer.close()
     return result
 
@@ -170,6 +181,7 @@ class _UnitShards:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     units, skipped = plan_units(data, paths.root)
     out = fresh_dir(paths.out)
@@ -178,18 +190,27 @@ def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig
     write_jsonl(out / "labels.jsonl", (row for r in results for row in r.labels))
     metrics = {**summarise(results), "skipped_files": skipped}
     if metrics["docs_out"] == 0:
-        raise ScratchError(f"data.sources: no valid documents in {data.sources} "
-                           f"({metrics['quarantined']} quarantined, see {out / 'quarantine.jsonl'})")
+        raise ScratchError(
+            f"data.sources: no valid documents in {data.sources} "
+            f"({metrics['quarantined']} quarantined, see {out / 'quarantine.jsonl'})"
+        )
     tracker.log_artifact(out / "quarantine.jsonl", "ingest")
     return metrics
 
 
 def run_units(units: list[Unit], data: DataConfig, cfg: IngestConfig, out: Path, root: Path) -> list[UnitResult]:
     """Read units on the configured runner (`data.parallel`); results come back in unit order."""
-    return parallel_map(functools.partial(ingest_unit, data=data, cfg=cfg, out_dir=out, root=root), units,
-                        data.parallel, desc="ingest", unit="unit",
-                        postfix=lambda done: {"docs": sum(r.docs_out for r in done),
-                                              "MB": round(sum(r.bytes_out for r in done) / 1e6, 1)})
+    return parallel_map(
+        functools.partial(ingest_unit, data=data, cfg=cfg, out_dir=out, root=root),
+        units,
+        data.parallel,
+        desc="ingest",
+        unit="unit",
+        postfix=lambda done: {
+            "docs": sum(r.docs_out for r in done),
+            "MB": round(sum(r.bytes_out for r in done) / 1e6, 1),
+        },
+    )
 
 
 def summarise(results: list[UnitResult]) -> dict:
@@ -204,28 +225,34 @@ def summarise(results: list[UnitResult]) -> dict:
         s["quarantined"] += r.quarantined
     docs_out = sum(r.docs_out for r in results)
     quarantined = sum(r.quarantined for r in results)
-    return {"docs_in": docs_out + quarantined, "docs_out": docs_out, "quarantined": quarantined,
-            "bytes_out": sum(r.bytes_out for r in results), "units": len(results),
-            "quarantined_by_reason": dict(sorted(reasons.items())), "builtin_labels": dict(sorted(labels.items())),
-            "per_source": per_source}
+    return {
+        "docs_in": docs_out + quarantined,
+        "docs_out": docs_out,
+        "quarantined": quarantined,
+        "bytes_out": sum(r.bytes_out for r in results),
+        "units": len(results),
+        "quarantined_by_reason": dict(sorted(reasons.items())),
+        "builtin_labels": dict(sorted(labels.items())),
+        "per_source": per_source,
+    }
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
     """The funnel in one line, then what was quarantined (by reason), per source when there are several."""
-    lines = [f"{fmt(m['docs_in'])} records → {fmt(m['docs_out'])} documents ({m['bytes_out'] / 1e6:.1f} MB), "
-             f"{fmt(m['quarantined'])} quarantined"
-             + "".join(f"; {fmt(n)} {reason}" for reason, n in m["quarantined_by_reason"].items())]
+    lines = [
+        f"{fmt(m['docs_in'])} records → {fmt(m['docs_out'])} documents ({m['bytes_out'] / 1e6:.1f} MB), "
+        f"{fmt(m['quarantined'])} quarantined"
+        + "".join(f"; {fmt(n)} {reason}" for reason, n in m["quarantined_by_reason"].items())
+    ]
     if len(m["per_source"]) > 1:
-        lines += [f"{fmt(s['docs_out'])} documents, {fmt(s['quarantined'])} quarantined from {source}"
-                  for source, s in m["per_source"].items()]
+        lines += [
+            f"{fmt(s['docs_out'])} documents, {fmt(s['quarantined'])} quarantined from {source}"
+            for source, s in m["per_source"].items()
+        ]
     if m["skipped_files"]:
         lines.append(f"{len(m['skipped_files'])} non-document file(s) skipped (metrics: skipped_files)")
     return lines
 
 
-def main() -> None:
-    stage_main("ingest", IngestConfig, run, summary)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main("ingest", IngestConfig, run, summary)

@@ -23,6 +23,7 @@ Scale   shards are encoded in parallel on `data.parallel` (each worker: `encode_
         documents at a time, appended to its own part files), then the parts are concatenated in shard order.
         Memory per worker is one batch, whatever the corpus size; disk holds the parts and the result briefly.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -47,10 +48,12 @@ from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 SPLITS = ("train", "val")
-COUNTING = ("tokens = every id in <split>.bin: text_tokens (the documents' own tokens) + one eot_id after each "
-            "document (eot_tokens = documents). text_bytes = UTF-8 bytes of the documents' texts exactly as read "
-            "from data/dedup; the eot separators add tokens but no bytes. Bits per byte of a loss averaged over all "
-            "of a split's tokens = loss_nats * tokens / (text_bytes * ln 2).")
+COUNTING = (
+    "tokens = every id in <split>.bin: text_tokens (the documents' own tokens) + one eot_id after each "
+    "document (eot_tokens = documents). text_bytes = UTF-8 bytes of the documents' texts exactly as read "
+    "from data/dedup; the eot separators add tokens but no bytes. Bits per byte of a loss averaged over all "
+    "of a split's tokens = loss_nats * tokens / (text_bytes * ln 2)."
+)
 
 
 @dataclass(frozen=True)
@@ -71,8 +74,9 @@ def token_dtype(vocab_size: int, wanted: str = "auto") -> str:
     """The numpy dtype name for ids below `vocab_size` (always little-endian on disk)."""
     fits16 = vocab_size <= 2**16
     if wanted == "uint16" and not fits16:
-        raise ScratchError(f"pretokenize.dtype: uint16 cannot hold ids of a {vocab_size:,}-token vocabulary; "
-                           f"use auto or uint32")
+        raise ScratchError(
+            f"pretokenize.dtype: uint16 cannot hold ids of a {vocab_size:,}-token vocabulary; use auto or uint32"
+        )
     if wanted != "auto":
         return wanted
     return "uint16" if fits16 else "uint32"
@@ -80,23 +84,24 @@ def token_dtype(vocab_size: int, wanted: str = "auto") -> str:
 
 # ------------------------------------------------------------------------------------------------ per shard
 
+
 @dataclass(frozen=True)
 class ShardJob:
     index: int
     path: Path
-    parts: Path            # folder for this job's part files
+    parts: Path  # folder for this job's part files
     tokenizer_file: Path
     split: Split
     dtype: str
     eot_id: int
     batch_docs: int
-    threads: int = 0       # tokenizers threads in this worker process (0 = its default: every core)
+    threads: int = 0  # tokenizers threads in this worker process (0 = its default: every core)
 
 
 @dataclass
 class SplitCount:
     documents: int = 0
-    tokens: int = 0        # including one eot per document
+    tokens: int = 0  # including one eot per document
     text_bytes: int = 0
 
     def add(self, other: SplitCount) -> None:
@@ -122,11 +127,13 @@ def encode_shard(job: ShardJob) -> ShardResult:
     tok = load_plain(job.tokenizer_file)
     result = ShardResult(job.index)
     pending: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    with open(part_file(job.parts, job.index, "train.bin"), "wb") as train_bin, \
-            open(part_file(job.parts, job.index, "val.bin"), "wb") as val_bin, \
-            open(part_file(job.parts, job.index, "val_docs.jsonl.gz"), "wb") as raw, \
-            gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
-            io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as val_docs:
+    with (
+        open(part_file(job.parts, job.index, "train.bin"), "wb") as train_bin,
+        open(part_file(job.parts, job.index, "val.bin"), "wb") as val_bin,
+        open(part_file(job.parts, job.index, "val_docs.jsonl.gz"), "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as val_docs,
+    ):
         files = {"train": train_bin, "val": val_bin}
 
         def flush(split: str) -> None:
@@ -166,13 +173,14 @@ def encode_docs(tok, texts: list[str], eot_id: int, dtype: str) -> np.ndarray:
     pos = 0
     for e in encodings:
         n = len(e.ids)
-        out[pos:pos + n] = e.ids
+        out[pos : pos + n] = e.ids
         out[pos + n] = eot_id
         pos += n + 1
     return out
 
 
 # ------------------------------------------------------------------------------------------------ stage
+
 
 def run(cfg: PretokenizeConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     tok_dir = paths.of("tokenizer")
@@ -185,11 +193,18 @@ def run(cfg: PretokenizeConfig, paths: StagePaths, tracker: Tracker, data: DataC
     parts.mkdir()
 
     threads = threads_per_worker(data, len(docs))
-    jobs = [ShardJob(i, p, parts, tok_dir / "tokenizer.json", split, dtype, tmeta["eot_id"], cfg.batch_docs, threads)
-            for i, p in enumerate(docs)]
+    jobs = [
+        ShardJob(i, p, parts, tok_dir / "tokenizer.json", split, dtype, tmeta["eot_id"], cfg.batch_docs, threads)
+        for i, p in enumerate(docs)
+    ]
     started = time.perf_counter()
-    results = parallel_map(encode_shard, jobs, data.parallel, desc="pretokenize",
-                           postfix=lambda done: {"tokens": fmt(sum(c.tokens for r in done for c in r.counts.values()))})
+    results = parallel_map(
+        encode_shard,
+        jobs,
+        data.parallel,
+        desc="pretokenize",
+        postfix=lambda done: {"tokens": fmt(sum(c.tokens for r in done for c in r.counts.values()))},
+    )
     counts = {s: SplitCount() for s in SPLITS}
     for r in results:
         for s in SPLITS:
@@ -203,10 +218,14 @@ def run(cfg: PretokenizeConfig, paths: StagePaths, tracker: Tracker, data: DataC
     meta = build_meta(counts, tmeta, split, dtype)
     write_json(out / "meta.json", meta)
     text_bytes = sum(c.text_bytes for c in counts.values())
-    metrics = {**{f"{s}_{k}": v for s in SPLITS for k, v in vars(counts[s]).items()},
-               "dtype": dtype, "vocab_size": tmeta["vocab_size"], "seconds_encoding": round(seconds, 2),
-               "mb_per_second": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
-               **{f"{s}_bytes_per_token": meta["splits"][s]["bytes_per_text_token"] for s in SPLITS}}
+    metrics = {
+        **{f"{s}_{k}": v for s in SPLITS for k, v in vars(counts[s]).items()},
+        "dtype": dtype,
+        "vocab_size": tmeta["vocab_size"],
+        "seconds_encoding": round(seconds, 2),
+        "mb_per_second": round(text_bytes / 1e6 / max(seconds, 1e-9), 3),
+        **{f"{s}_bytes_per_token": meta["splits"][s]["bytes_per_text_token"] for s in SPLITS},
+    }
     tracker.log_artifact(out / "meta.json", "pretokenize")
     return metrics
 
@@ -228,20 +247,28 @@ def checked_tokenizer_meta(tok_dir: Path) -> dict:
         raise ScratchError(f"{tok_file}: missing (rerun the tokenizer stage: dvc repro tokenizer)")
     sha = file_sha256(tok_file)
     if sha != tmeta["tokenizer_sha256"]:
-        raise ScratchError(f"{tok_file}: sha256 {sha[:12]}… differs from {tok_dir / 'meta.json'} "
-                           f"({tmeta['tokenizer_sha256'][:12]}…); the tokenizer was changed after training, "
-                           f"rerun the tokenizer stage")
+        raise ScratchError(
+            f"{tok_file}: sha256 {sha[:12]}… differs from {tok_dir / 'meta.json'} "
+            f"({tmeta['tokenizer_sha256'][:12]}…); the tokenizer was changed after training, "
+            f"rerun the tokenizer stage"
+        )
     return {**tmeta, "tokenizer_sha256": sha}
 
 
 def check_counts(counts: dict[str, SplitCount], tmeta: dict, tok_dir: Path, dedup: Path) -> None:
     """The split here must be the one the tokenizer saw: same documents and bytes on each side."""
     seen = tmeta["counts"]
-    here = {"train_docs": counts["train"].documents, "train_bytes": counts["train"].text_bytes,
-            "val_docs": counts["val"].documents, "val_bytes": counts["val"].text_bytes}
+    here = {
+        "train_docs": counts["train"].documents,
+        "train_bytes": counts["train"].text_bytes,
+        "val_docs": counts["val"].documents,
+        "val_bytes": counts["val"].text_bytes,
+    }
     if here != seen:
-        raise ScratchError(f"{dedup}: the corpus differs from the one the tokenizer was trained on "
-                           f"({tok_dir / 'meta.json'} counts {seen}, found {here}); rerun the tokenizer stage")
+        raise ScratchError(
+            f"{dedup}: the corpus differs from the one the tokenizer was trained on "
+            f"({tok_dir / 'meta.json'} counts {seen}, found {here}); rerun the tokenizer stage"
+        )
     for s in SPLITS:
         if counts[s].documents == 0:
             raise ScratchError(f"{dedup}: the {s} split is empty; change tokenizer.val_fraction or add documents")
@@ -268,20 +295,32 @@ def build_meta(counts: dict[str, SplitCount], tmeta: dict, split: Split, dtype: 
     splits = {}
     for s in SPLITS:
         c = counts[s]
-        splits[s] = {"file": f"{s}.bin", "documents": c.documents, "tokens": c.tokens,
-                     "text_tokens": c.tokens - c.documents, "eot_tokens": c.documents, "text_bytes": c.text_bytes,
-                     "bytes_per_text_token": round(c.text_bytes / max(c.tokens - c.documents, 1), 4)}
-    return {"format": f"flat little-endian {dtype} token ids: each document's tokens followed by one eot_id",
-            "dtype": dtype, "byteorder": "little", "vocab_size": tmeta["vocab_size"], "eot_id": tmeta["eot_id"],
-            "pad_id": tmeta["pad_id"], "special_tokens": tmeta["special_tokens"], "splits": splits,
-            "counting": COUNTING, "val_docs": "val_docs.jsonl.gz",
-            "tokenizer_sha256": tmeta["tokenizer_sha256"], "tokenizer": "data/tokenizer",
-            "split": split.as_dict(), "source": "data/dedup"}
-
-
-def main() -> None:
-    stage_main("pretokenize", PretokenizeConfig, run)
+        splits[s] = {
+            "file": f"{s}.bin",
+            "documents": c.documents,
+            "tokens": c.tokens,
+            "text_tokens": c.tokens - c.documents,
+            "eot_tokens": c.documents,
+            "text_bytes": c.text_bytes,
+            "bytes_per_text_token": round(c.text_bytes / max(c.tokens - c.documents, 1), 4),
+        }
+    return {
+        "format": f"flat little-endian {dtype} token ids: each document's tokens followed by one eot_id",
+        "dtype": dtype,
+        "byteorder": "little",
+        "vocab_size": tmeta["vocab_size"],
+        "eot_id": tmeta["eot_id"],
+        "pad_id": tmeta["pad_id"],
+        "special_tokens": tmeta["special_tokens"],
+        "splits": splits,
+        "counting": COUNTING,
+        "val_docs": "val_docs.jsonl.gz",
+        "tokenizer_sha256": tmeta["tokenizer_sha256"],
+        "tokenizer": "data/tokenizer",
+        "split": split.as_dict(),
+        "source": "data/dedup",
+    }
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("pretokenize", PretokenizeConfig, run)

@@ -34,10 +34,10 @@ Scale   ranks on this host (`train.ranks`; CPU ranks share the cores), several h
         micro batch m takes its slice, so ranks never overlap and 2 ranks follow the curve of 1 rank with 2x
         accumulation.
 """
+
 from __future__ import annotations
 
 import math
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,18 +54,26 @@ from tasks.common.distributed import init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import BatchIndex, TrainConfig
-from tasks.common.training import checkpoint_folder, print_plan, sharded_means, training_main
+from tasks.common.training import print_plan, sharded_means, training_main
 
 # pretrain's budget and cadence on top of the shared `train` section: ~6.5 min on 2 cores (docs/BENCHMARKS.md)
-PRETRAIN_TRAIN = TrainConfig(ranks=2, micro_batch_size=8, max_steps=0, max_tokens=4_500_000, lr=3e-3,
-                             warmup_steps=30, weight_decay=0.1, eval_every=100, checkpoint_every=100,
-                             keep_checkpoints=2)
+PRETRAIN_TRAIN = TrainConfig(
+    ranks=2,
+    micro_batch_size=8,
+    max_steps=0,
+    max_tokens=4_500_000,
+    lr=3e-3,
+    warmup_steps=30,
+    weight_decay=0.1,
+    eval_every=100,
+    checkpoint_every=100,
+    keep_checkpoints=2,
+)
 
 
 @dataclass(frozen=True)
 class StorySamples:
-    openings: list[str] = field(default_factory=lambda: ["Once upon a time", "One day, a little girl named",
-                                                         "The dog"])
+    openings: list[str] = field(default_factory=lambda: ["Once upon a time", "One day, a little girl named", "The dog"])
     """Story openings sampled at every evaluation (each starts a new document, after an end-of-text token)."""
     max_new_tokens: int = 96
     """Tokens generated per prompt (capped by the model's context)."""
@@ -102,9 +110,11 @@ Config = PretrainConfig  # the section class params.yaml loads (tasks/common/con
 
 # ------------------------------------------------------------------------------------------------ data
 
+
 @dataclass(frozen=True)
 class TokenData:
     """The pretokenize outputs: both splits as read-only memmaps, plus what meta.json says about them."""
+
     meta: dict
     train: np.ndarray
     val: np.ndarray
@@ -142,8 +152,9 @@ def load_tokens(folder: Path) -> TokenData:
             raise ScratchError(f"{path}: not found (listed in {meta_file})")
         tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
         if len(tokens) != info["tokens"]:
-            raise ScratchError(f"{path}: {len(tokens):,} tokens, but {meta_file} says {info['tokens']:,}; rerun "
-                               f"pretokenize")
+            raise ScratchError(
+                f"{path}: {len(tokens):,} tokens, but {meta_file} says {info['tokens']:,}; rerun pretokenize"
+            )
         splits[split] = tokens
     return TokenData(meta, splits["train"], splits["val"])
 
@@ -159,9 +170,11 @@ class TrainWindows:
         self.tokens, self.seq_len, self.per_step, self.seed = tokens, seq_len, per_step, seed
         self.n_chunks = (len(tokens) - seq_len) // (seq_len + 1)  # chunks that fit for every phase
         if self.n_chunks < per_step:
-            raise ScratchError(f"{where}: {len(tokens):,} tokens hold {max(self.n_chunks, 0)} disjoint windows of "
-                               f"seq_len+1 = {seq_len + 1} tokens, fewer than a step's batch_size ({per_step}); "
-                               f"lower pretrain.seq_len or train.batch_size, or add data")
+            raise ScratchError(
+                f"{where}: {len(tokens):,} tokens hold {max(self.n_chunks, 0)} disjoint windows of "
+                f"seq_len+1 = {seq_len + 1} tokens, fewer than a step's batch_size ({per_step}); "
+                f"lower pretrain.seq_len or train.batch_size, or add data"
+            )
         self._cached: tuple[int, np.ndarray] | None = None
 
     def starts(self, step: int) -> np.ndarray:
@@ -174,7 +187,7 @@ class TrainWindows:
         return self._cached[1]
 
     def __call__(self, index: BatchIndex):
-        starts = self.starts(index.step)[index.examples.start:index.examples.stop]
+        starts = self.starts(index.step)[index.examples.start : index.examples.stop]
         rows = gather(self.tokens, starts, self.seq_len + 1)  # (B, T+1)
         x = torch.from_numpy(rows[:, :-1])  # (B,T) inputs
         y = torch.from_numpy(rows[:, 1:])  # (B,T) next tokens
@@ -183,21 +196,24 @@ class TrainWindows:
 
 def gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """(len(starts), length) int64 rows tokens[s : s + length]."""
-    return np.stack([np.asarray(tokens[s:s + length], dtype=np.int64) for s in starts])
+    return np.stack([np.asarray(tokens[s : s + length], dtype=np.int64) for s in starts])
 
 
 def val_window_starts(tokens: np.ndarray, seq_len: int, wanted: int, seed: int) -> np.ndarray:
     """The fixed validation set: up to `wanted` disjoint windows of val.bin, sorted (all of them when fewer fit)."""
     n_chunks = (len(tokens) - 1) // (seq_len + 1)
     if n_chunks < 1:
-        raise ScratchError(f"val.bin: {len(tokens)} tokens, fewer than one window of seq_len+1 = {seq_len + 1}; "
-                           f"lower pretrain.seq_len or raise tokenizer.val_fraction")
+        raise ScratchError(
+            f"val.bin: {len(tokens)} tokens, fewer than one window of seq_len+1 = {seq_len + 1}; "
+            f"lower pretrain.seq_len or raise tokenizer.val_fraction"
+        )
     rng = np.random.default_rng([seed, 0x76616C])  # a stream of its own, apart from the training steps
     chunks = np.sort(rng.choice(n_chunks, size=min(wanted, n_chunks), replace=False))
     return chunks.astype(np.int64) * (seq_len + 1)
 
 
 # ------------------------------------------------------------------------------------------------ loss, eval, samples
+
 
 def next_token_loss(engine, batch):
     x, y = batch  # (B,T), (B,T)
@@ -208,8 +224,9 @@ def next_token_loss(engine, batch):
 class Validation:
     """val/loss (nats per token) and val/bpb on the fixed windows, split over the ranks (tasks.common.training)."""
 
-    def __init__(self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, micro_batch_size: int,
-                 tokens_per_byte: float) -> None:
+    def __init__(
+        self, tokens: np.ndarray, starts: np.ndarray, seq_len: int, micro_batch_size: int, tokens_per_byte: float
+    ) -> None:
         self.tokens, self.starts, self.seq_len = tokens, starts, seq_len
         self.micro, self.tokens_per_byte = micro_batch_size, tokens_per_byte
 
@@ -237,9 +254,15 @@ class Samples:
     def __call__(self, model, step: int) -> str:
         prompts = [[self.eot_id] + self.tokenizer.encode(p, add_special_tokens=False).ids for p in self.cfg.openings]
         room = model.cfg.max_seq_len - max(len(p) for p in prompts)
-        new = generate(model, prompts, max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
-                       temperature=self.cfg.temperature, top_k=self.cfg.top_k or None,
-                       stop_tokens=(self.eot_id,), seed=self.seed)
+        new = generate(
+            model,
+            prompts,
+            max_new_tokens=max(1, min(self.cfg.max_new_tokens, room)),
+            temperature=self.cfg.temperature,
+            top_k=self.cfg.top_k or None,
+            stop_tokens=(self.eot_id,),
+            seed=self.seed,
+        )
         parts = [f"step {step}"]
         for prompt, ids in zip(self.cfg.openings, new):
             parts.append(f"--- {prompt}{self.tokenizer.decode(ids, skip_special_tokens=False)}")
@@ -248,6 +271,7 @@ class Samples:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def model_config(cfg: PretrainConfig, model: ModelSection, data: TokenData) -> ModelConfig:
     """The validated network config: the preset, its overrides, and the trained tokenizer's vocab_size."""
     try:
@@ -255,8 +279,10 @@ def model_config(cfg: PretrainConfig, model: ModelSection, data: TokenData) -> M
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{params_file().name}: model: {e}") from None
     if cfg.seq_len > model_cfg.max_seq_len:
-        raise ScratchError(f"pretrain.seq_len: {cfg.seq_len} is longer than the model's max_seq_len "
-                           f"({model_cfg.max_seq_len}); lower it or set model.overrides.max_seq_len")
+        raise ScratchError(
+            f"pretrain.seq_len: {cfg.seq_len} is longer than the model's max_seq_len "
+            f"({model_cfg.max_seq_len}); lower it or set model.overrides.max_seq_len"
+        )
     return model_cfg
 
 
@@ -268,23 +294,30 @@ def preflight(cfg: PretrainConfig, paths: StagePaths, model: ModelSection) -> No
     if not (paths.of("tokenizer") / "tokenizer.json").is_file():
         raise ScratchError(f"{paths.of('tokenizer') / 'tokenizer.json'}: not found; run the tokenizer stage first")
     tokens = cfg.train.total_steps(cfg.seq_len) * cfg.train.batch_size * cfg.seq_len
-    print_plan("pretrain", cfg.train, paths, cfg.seq_len,
-               f"{cfg.train.batch_size * cfg.seq_len:,} tokens = {tokens:,} tokens "
-               f"({tokens / len(data.train):.2f} epochs of train.bin), seq_len {cfg.seq_len}; "
-               f"{model_cfg.n_params():,}-parameter Llama ({model.preset})")
+    print_plan(
+        "pretrain",
+        cfg.train,
+        paths,
+        cfg.seq_len,
+        f"{cfg.train.batch_size * cfg.seq_len:,} tokens = {tokens:,} tokens "
+        f"({tokens / len(data.train):.2f} epochs of train.bin), seq_len {cfg.seq_len}; "
+        f"{model_cfg.n_params():,}-parameter Llama ({model.preset})",
+    )
 
 
 def run(cfg: PretrainConfig, paths: StagePaths, tracker: Tracker, model: ModelSection) -> dict | None:
     """One rank's training; rank 0 also writes the model, history, samples and returns the metrics."""
-    from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
+    from tasks.common.trainer import Recipe, Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
     data = load_tokens(paths.of("pretokenize"))
     model_cfg = model_config(cfg, model, data)
     tokenizer_dir = paths.of("tokenizer")
-    info = {"pretrain": {"seq_len": cfg.seq_len, "train": cfg.train.fingerprint_dict()},
-            "model": model_cfg.to_dict(), "data": data.meta}
-    folder = checkpoint_folder("pretrain", info, paths.root)
+    info = {
+        "pretrain": {"seq_len": cfg.seq_len, "train": cfg.train.fingerprint_dict()},
+        "model": model_cfg.to_dict(),
+        "data": data.meta,
+    }
     if world.is_main:
         fresh_dir(paths.out)
         tracker.log_params({"model": model_cfg.to_dict(), "model.n_params": model_cfg.n_params()})
@@ -297,42 +330,50 @@ def run(cfg: PretrainConfig, paths: StagePaths, tracker: Tracker, model: ModelSe
     batches = TrainWindows(data.train, cfg.seq_len, cfg.train.batch_size, cfg.train.seed)
     validation = Validation(data.val, val_starts, cfg.seq_len, cfg.train.micro_batch_size, data.tokens_per_byte("val"))
     samples = Samples(cfg.samples, tokenizer_dir / "tokenizer.json", data.eot_id, cfg.train.seed)
-    trainer = Trainer(build_model, cfg.train, name="pretrain", checkpoint_dir=folder, fingerprint_info=info,
-                      tracker=tracker, batches=batches, loss_fn=next_token_loss, eval_fn=validation,
-                      sample_fn=samples, tokens_per_example=cfg.seq_len,
-                      flops_per_token=model_cfg.flops_per_token(cfg.seq_len))
-    summary = trainer.fit()
-    trained = trainer.final_model()
-    if not world.is_main:
+    recipe = Recipe(
+        batches,
+        next_token_loss,
+        cfg.seq_len,
+        model_cfg.flops_per_token(cfg.seq_len),
+        eval_fn=validation,
+        sample_fn=samples,
+    )
+    trainer = Trainer(build_model, cfg.train, recipe, name="pretrain", info=info, root=paths.root, tracker=tracker)
+    summary, trained = trainer.train(paths.out / "history.jsonl")
+    if trained is None:  # ranks other than 0
         return None
 
     save(trained, paths.out / "model", tokenizer_dir=tokenizer_dir)
-    shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
     samples = trainer.sample_fn(trained, summary["steps"])
     (paths.out / "samples.txt").write_text(samples)
     tracker.log_text(samples, "samples/final.txt")
     tracker.log_artifact(paths.out / "history.jsonl", "pretrain")
-    return {**summary, "n_params": model_cfg.n_params(), "preset": model.preset, "seq_len": cfg.seq_len,
-            "val_windows": len(val_starts), "fingerprint": folder.name, "train_tokens_available": len(data.train),
-            "epochs": summary["tokens"] / len(data.train)}
+    return {
+        **summary,
+        "n_params": model_cfg.n_params(),
+        "preset": model.preset,
+        "seq_len": cfg.seq_len,
+        "val_windows": len(val_starts),
+        "train_tokens_available": len(data.train),
+        "epochs": summary["tokens"] / len(data.train),
+    }
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
     resumed = f", resumed from step {m['resumed_from_step']}" if m["resumed_from_step"] else ""
     samples = (paths.out / "samples.txt").read_text().strip().splitlines()[1:7]
-    return [f"{m['steps']:,} steps, {m['tokens']:,} tokens ({m['epochs']:.2f} epochs){resumed}; "
-            f"{m['n_params']:,} parameters, {m['world_size']} rank(s), ZeRO {m['zero_stage']}, {m['precision']}",
-            f"train loss {m['train_loss']:.4f}   val loss {m.get('val_loss', math.nan):.4f}   "
-            f"val bpb {m.get('val_bpb', math.nan):.4f}",
-            f"{m['tokens_per_s']:,.0f} tokens/s   MFU {100 * m['mfu']:.2f}%   ({m['train_seconds']:.0f}s training)",
-            f"weights      {paths.out / 'model'}  (HF LlamaForCausalLM, safetensors)",
-            f"checkpoints  {m['checkpoint']}",
-            "samples:", *[f"  {line}" for line in samples]]
-
-
-def main() -> None:
-    training_main("pretrain", PretrainConfig, run, preflight, summary)
+    return [
+        f"{m['steps']:,} steps, {m['tokens']:,} tokens ({m['epochs']:.2f} epochs){resumed}; "
+        f"{m['n_params']:,} parameters, {m['world_size']} rank(s), ZeRO {m['zero_stage']}, {m['precision']}",
+        f"train loss {m['train_loss']:.4f}   val loss {m.get('val_loss', math.nan):.4f}   "
+        f"val bpb {m.get('val_bpb', math.nan):.4f}",
+        f"{m['tokens_per_s']:,.0f} tokens/s   MFU {100 * m['mfu']:.2f}%   ({m['train_seconds']:.0f}s training)",
+        f"weights      {paths.out / 'model'}  (HF LlamaForCausalLM, safetensors)",
+        f"checkpoints  {m['checkpoint']}",
+        "samples:",
+        *[f"  {line}" for line in samples],
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    training_main("pretrain", PretrainConfig, run, preflight, summary)

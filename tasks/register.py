@@ -25,6 +25,7 @@ Checks  the model folder and its evaluation must exist; MLflow must be on (SCRAT
 Scale   the model is logged once per run; on an MLflow server (MLFLOW_TRACKING_URI) with S3/MinIO artifacts the
         same code uploads there. Serving scales with MLflow's own options (workers, Docker images, KServe).
 """
+
 from __future__ import annotations
 
 import os
@@ -53,8 +54,11 @@ class RegisterConfig:
 
     def __post_init__(self) -> None:
         check(bool(self.model_name.strip()), "model_name", "must not be empty")
-        check(self.alias not in ("", "champion", "latest"), "alias",
-              "must name the candidate (e.g. challenger); @champion is moved only by the promote flow")
+        check(
+            self.alias not in ("", "champion", "latest"),
+            "alias",
+            "must name the candidate (e.g. challenger); @champion is moved only by the promote flow",
+        )
 
 
 Config = RegisterConfig  # the section class params.yaml loads (tasks/common/config.py)
@@ -62,11 +66,14 @@ Config = RegisterConfig  # the section class params.yaml loads (tasks/common/con
 
 # ------------------------------------------------------------------------------------------------ inputs
 
+
 def model_folder(paths: StagePaths, stage: str) -> Path:
     folder = paths.of(stage) / "model"
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
-        raise ScratchError(f"{folder}: no exported model (config.json + tokenizer.json); run `dvc repro {stage}` "
-                           f"or set register.model_stage")
+        raise ScratchError(
+            f"{folder}: no exported model (config.json + tokenizer.json); run `dvc repro {stage}` "
+            f"or set register.model_stage"
+        )
     return folder
 
 
@@ -82,9 +89,11 @@ def model_evaluation(root: Path, stage: str) -> dict:
         raise ScratchError(f"{file}: no `model_stages` (label → stage of each evaluated model); rerun evaluate")
     found = [label for label, s in stages.items() if s == stage and isinstance(metrics.get(label), dict)]
     if not found:
-        raise ScratchError(f"{file}: no evaluation of the {stage!r} model (evaluated: "
-                           f"{', '.join(f'{k} ({v})' for k, v in stages.items()) or 'none'}); add it to "
-                           f"evaluate.models and rerun evaluate, or set register.model_stage")
+        raise ScratchError(
+            f"{file}: no evaluation of the {stage!r} model (evaluated: "
+            f"{', '.join(f'{k} ({v})' for k, v in stages.items()) or 'none'}); add it to "
+            f"evaluate.models and rerun evaluate, or set register.model_stage"
+        )
     label = found[0]
     return {"label": label, **metrics[label], "win_rate": metrics.get("win_rate", {})}
 
@@ -106,6 +115,7 @@ def lineage_tags(model_stage: str, root: Path = ROOT) -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------ MLflow
 
+
 def pip_requirements() -> list[str]:
     """The packages the pyfunc imports, pinned to what runs here (so `--env-manager virtualenv` rebuilds it)."""
     return [f"{p}=={package_version(p)}" for p in ("mlflow", "torch", "tokenizers", "safetensors", "pandas", "numpy")]
@@ -113,26 +123,38 @@ def pip_requirements() -> list[str]:
 
 def signature():
     from tasks.common.pyfunc import signature as pyfunc_signature
+
     return pyfunc_signature()
 
 
 def input_example() -> tuple:
     import pandas as pd  # here, not at the top: pandas (~1 s) would weigh on every `scratchlm params --check`
+
     # every row names both inputs (an empty one is absent): a column missing from some rows would be NaN there
-    frame = pd.DataFrame([{"prompt": "", "messages": [{"role": "user", "content": INPUT_EXAMPLE_PROMPT}]},
-                          {"prompt": "Once upon a time", "messages": []}])
+    frame = pd.DataFrame(
+        [
+            {"prompt": "", "messages": [{"role": "user", "content": INPUT_EXAMPLE_PROMPT}]},
+            {"prompt": "Once upon a time", "messages": []},
+        ]
+    )
     return frame, {"max_new_tokens": 16, "temperature": 0.8, "top_p": 0.95, "seed": 0}
 
 
 def log_and_register(folder: Path, cfg: RegisterConfig, run_id: str, tags: dict[str, str]):
     """Log the pyfunc into run `run_id`, register it, tag the version; returns (ModelVersion, model_uri)."""
     import mlflow
+
     client = mlflow.MlflowClient()
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):  # log_model logs to the active run
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(PYFUNC_FILE), artifacts={"model": str(folder)},
-            code_paths=[str(p) for p in CODE_PATHS], signature=signature(), input_example=input_example(),
-            pip_requirements=pip_requirements())
+            name="model",
+            python_model=str(PYFUNC_FILE),
+            artifacts={"model": str(folder)},
+            code_paths=[str(p) for p in CODE_PATHS],
+            signature=signature(),
+            input_example=input_example(),
+            pip_requirements=pip_requirements(),
+        )
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     for key, value in tags.items():  # register_model's tags land on the version; set again for older servers
         client.set_model_version_tag(cfg.model_name, version.version, key, value)
@@ -142,6 +164,7 @@ def log_and_register(folder: Path, cfg: RegisterConfig, run_id: str, tags: dict[
 def smoke_test(model_uri: str) -> str:
     """Load the logged model back as MLflow will serve it and generate from its input example."""
     import mlflow
+
     frame, params = input_example()
     out = mlflow.pyfunc.load_model(model_uri).predict(frame.iloc[:1], params=params)
     text = out[0]["text"] if isinstance(out, list) else str(out)
@@ -152,6 +175,7 @@ def smoke_test(model_uri: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
     if not tracker.active:
         raise ScratchError("register needs MLflow (unset SCRATCHLM_NO_MLFLOW); the model registry lives there")
@@ -159,20 +183,38 @@ def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
     evaluation = model_evaluation(paths.root, cfg.model_stage)
     out = fresh_dir(paths.out)
     pipeline_run = os.environ.get(PARENT_ENV) or tracker.run_id  # run alone (dvc repro), the stage is the pipeline
-    tags = {**lineage_tags(cfg.model_stage, paths.root), "pipeline_run_id": pipeline_run, "run_id": tracker.run_id,
-            "eval_label": evaluation["label"], **eval_tags(evaluation)}
+    tags = {
+        **lineage_tags(cfg.model_stage, paths.root),
+        "pipeline_run_id": pipeline_run,
+        "run_id": tracker.run_id,
+        "eval_label": evaluation["label"],
+        **eval_tags(evaluation),
+    }
     import mlflow
+
     client = mlflow.MlflowClient()
     version, logged_uri = log_and_register(folder, cfg, tracker.run_id, tags)
     sample = smoke_test(f"models:/{cfg.model_name}/{version.version}")
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
-    client.update_registered_model(cfg.model_name, description="scratchlm: a Llama-style LM built from scratch by "
-                                   "the scratchlm pipeline (chat or plain-text generation pyfunc).")
-    record = {"name": cfg.model_name, "version": int(version.version), "alias": cfg.alias, "run_id": tracker.run_id,
-              "pipeline_run_id": tags["pipeline_run_id"], "model_uri": f"models:/{cfg.model_name}@{cfg.alias}",
-              "version_uri": f"models:/{cfg.model_name}/{version.version}", "logged_model_uri": logged_uri,
-              "model_stage": cfg.model_stage, "eval_label": evaluation["label"], "git_commit": tags["git_commit"],
-              "smoke_test": sample}
+    client.update_registered_model(
+        cfg.model_name,
+        description="scratchlm: a Llama-style LM built from scratch by "
+        "the scratchlm pipeline (chat or plain-text generation pyfunc).",
+    )
+    record = {
+        "name": cfg.model_name,
+        "version": int(version.version),
+        "alias": cfg.alias,
+        "run_id": tracker.run_id,
+        "pipeline_run_id": tags["pipeline_run_id"],
+        "model_uri": f"models:/{cfg.model_name}@{cfg.alias}",
+        "version_uri": f"models:/{cfg.model_name}/{version.version}",
+        "logged_model_uri": logged_uri,
+        "model_stage": cfg.model_stage,
+        "eval_label": evaluation["label"],
+        "git_commit": tags["git_commit"],
+        "smoke_test": sample,
+    }
     write_json(out / "registered.json", record)
     tracker.log_artifact(out / "registered.json", "register")
     if (paths.root / "dvc.lock").is_file():
@@ -184,17 +226,15 @@ def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
 def summary(m: dict, paths: StagePaths) -> list[str]:
     """Which version got the alias, what it answered, and the next commands (promote, serve)."""
     r = read_json(paths.out / "registered.json")
-    return [f"{r['name']} version {r['version']} is @{r['alias']}: the {r['model_stage']} model, evaluated as "
-            f"{r['eval_label']!r}" + "".join(f", {k} {m['eval'][k]:.4f}" for k in ("val_bpb", "satisfaction")
-                                            if k in m["eval"]),
-            f"smoke test answered {r['smoke_test'][:60]!r}",
-            f"next: scratchlm promote (moves @champion when the gates in params.yaml pass); serve: "
-            f"mlflow models serve -m {r['model_uri']} --env-manager local -p 5001"]
-
-
-def main() -> None:
-    stage_main("register", RegisterConfig, run, summary)
+    return [
+        f"{r['name']} version {r['version']} is @{r['alias']}: the {r['model_stage']} model, evaluated as "
+        f"{r['eval_label']!r}"
+        + "".join(f", {k} {m['eval'][k]:.4f}" for k in ("val_bpb", "satisfaction") if k in m["eval"]),
+        f"smoke test answered {r['smoke_test'][:60]!r}",
+        f"next: scratchlm promote (moves @champion when the gates in params.yaml pass); serve: "
+        f"mlflow models serve -m {r['model_uri']} --env-manager local -p 5001",
+    ]
 
 
 if __name__ == "__main__":
-    main()
+    stage_main("register", RegisterConfig, run, summary)

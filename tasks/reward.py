@@ -26,9 +26,9 @@ Checks  rows in no known format, non-string or empty replies, identical chosen/r
 Scale   each pair is two right-padded rows of one batch (chosen rows, then rejected rows), batches of similar
         length; DeepSpeed ranks, ZeRO 0-3 and bf16 through `reward.train`.
 """
+
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -44,8 +44,7 @@ from tasks.common.distributed import init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import AlignmentData, TrainConfig
-from tasks.common.training import (check_models, checkpoint_folder, print_plan, sharded_means, training_main,
-                                   upstream_fingerprint)
+from tasks.common.training import print_plan, sharded_means, training_main
 from tasks.sources.examples import broken_constraint, load_preference_data
 
 
@@ -62,17 +61,20 @@ Config = RewardConfig  # the section class params.yaml loads (tasks/common/confi
 
 # ------------------------------------------------------------------------------------------------ loss, eval
 
+
 def pair_rewards(model, batch: al.PairBatch):
     """(r_chosen, r_rejected), (B,) each."""
     r = al.rewards_of(model, batch)  # (2B,)
-    return r[:batch.pairs], r[batch.pairs:]
+    return r[: batch.pairs], r[batch.pairs :]
 
 
 def bradley_terry(engine, batch: dict):
     chosen, rejected = pair_rewards(engine, al.PairBatch(**batch))
     with_margin = (chosen - rejected).detach()
-    return bradley_terry_loss(chosen, rejected), {"accuracy": (with_margin > 0).float().mean(),
-                                                  "margin": with_margin.mean()}
+    return bradley_terry_loss(chosen, rejected), {
+        "accuracy": (with_margin > 0).float().mean(),
+        "margin": with_margin.mean(),
+    }
 
 
 class PairAccuracy:
@@ -91,91 +93,99 @@ class PairAccuracy:
         batch = al.collate_pairs([self.pairs[i] for i in indices], self.pad_id).to(al.device_of(engine.module))
         chosen, rejected = pair_rewards(engine, batch)
         diff = (chosen - rejected).double()
-        return torch.stack([torch.tensor(float(len(diff)), dtype=torch.float64, device=diff.device),
-                            (diff > 0).double().sum(), diff.sum(), -F.logsigmoid(diff).sum()])
+        return torch.stack(
+            [
+                torch.tensor(float(len(diff)), dtype=torch.float64, device=diff.device),
+                (diff > 0).double().sum(),
+                diff.sum(),
+                -F.logsigmoid(diff).sum(),
+            ]
+        )
 
 
-def held_out_report(model, pairs: list[al.PairExample], broken: list[str | None], pad_id: int,
-                    batch_size: int) -> dict:
+def held_out_report(model, pairs: list[al.PairExample], broken: list[str | None], pad_id: int, batch_size: int) -> dict:
     """Accuracy and margin of the final reward model on the held-out pairs, overall and by broken constraint."""
     diffs: list[float] = []
     with torch.no_grad():
         for start in range(0, len(pairs), batch_size):
-            chosen, rejected = pair_rewards(model, al.collate_pairs(pairs[start:start + batch_size], pad_id))
+            chosen, rejected = pair_rewards(model, al.collate_pairs(pairs[start : start + batch_size], pad_id))
             diffs += (chosen - rejected).tolist()
     by_kind: dict[str, list[float]] = defaultdict(list)
     for kind, d in zip(broken, diffs):
         if kind:
             by_kind[kind].append(d)
     n = max(len(diffs), 1)
-    return {"accuracy": sum(d > 0 for d in diffs) / n, "margin": sum(diffs) / n, "val_pairs": len(diffs),
-            "accuracy_by_broken": {k: sum(d > 0 for d in v) / len(v) for k, v in sorted(by_kind.items())}}
+    return {
+        "accuracy": sum(d > 0 for d in diffs) / n,
+        "margin": sum(diffs) / n,
+        "val_pairs": len(diffs),
+        "accuracy_by_broken": {k: sum(d > 0 for d in v) / len(v) for k, v in sorted(by_kind.items())},
+    }
 
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def preflight(cfg: RewardConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
     up = al.upstream_of("reward", cfg, paths, "sft")
-    print_plan("reward", cfg.train, paths, 2 * up.max_len, f"{cfg.train.batch_size} pairs (≤ {up.max_len} tokens a "
-               f"row) from {up.model_dir}; sources {', '.join(cfg.sources)}")
+    what = f"{cfg.train.batch_size} pairs (≤ {up.max_len} tokens a row) from {up.model_dir}"
+    print_plan("reward", cfg.train, paths, 2 * up.max_len, f"{what}; sources {', '.join(cfg.sources)}")
 
 
 def run(cfg: RewardConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     """One rank's reward-model training; rank 0 also writes the model and quarantine and returns the metrics."""
-    from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
+    from tasks.common.trainer import Recipe, Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
     up = al.upstream_of("reward", cfg, paths, "sft")
-    loaded = load_preference_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
-                                  cfg.val_fraction)
+    loaded = load_preference_data(cfg, paths.root)
     train, val, truncated = al.encode_pairs(loaded, up.tok, up.max_len)
     if world.is_main:
         write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
-    info = {"reward": {k: v for k, v in as_dict(cfg).items() if k != "train"}, "train": cfg.train.fingerprint_dict(),
-            "upstream": upstream_fingerprint({"sft": up.model_dir, "tokenizer": up.tokenizer_dir})}
+    info = {
+        "reward": {k: v for k, v in as_dict(cfg).items() if k != "train"},
+        "train": cfg.train.fingerprint_dict(),
+        "upstream": up.fingerprint(),
+    }
 
     def build_model():
         torch.manual_seed(cfg.train.seed)  # the head's initial weights
         return RewardModel.from_backbone(load(up.model_dir)).train()
 
-    lengths = [al.pair_length(e) for e in train]
-    mean_len = round(2 * sum(lengths) / max(len(lengths), 1))  # tokens a pair puts through the model
-    batches = al.StepBatches(train, lengths, cfg.train.batch_size, cfg.train.seed,
-                             lambda exs: al.collate_pairs(exs, up.tok.pad_id).as_dict(), "training pairs")
+    batches, mean_len = al.pair_batches(train, cfg.train, up.tok.pad_id)  # mean_len: tokens of a pair
     evaluation = PairAccuracy(val, cfg.train.micro_batch_size, up.tok.pad_id) if val else None
-    trainer = Trainer(build_model, cfg.train, name="reward", checkpoint_dir=checkpoint_folder("reward", info, paths.root),
-                      fingerprint_info=info, tracker=tracker, batches=batches, loss_fn=bradley_terry,
-                      eval_fn=evaluation, tokens_per_example=mean_len,
-                      flops_per_token=up.model_cfg.flops_per_token(mean_len // 2))
-    summary = trainer.fit()
-    model = trainer.final_model()
-    if not world.is_main:
+    recipe = Recipe(batches, bradley_terry, mean_len, up.model_cfg.flops_per_token(mean_len // 2), eval_fn=evaluation)
+    trainer = Trainer(build_model, cfg.train, recipe, name="reward", info=info, root=paths.root, tracker=tracker)
+    summary, model = trainer.train(paths.out / "history.jsonl")
+    if model is None:  # ranks other than 0
         return None
 
     model.save(paths.out / "model", tokenizer_dir=up.tokenizer_dir)
-    shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    held_out = held_out_report(model, val, [broken_constraint(p) for p in loaded.val], up.tok.pad_id,
-                               cfg.train.micro_batch_size) if val else {}
+    held_out = (
+        held_out_report(
+            model, val, [broken_constraint(p) for p in loaded.val], up.tok.pad_id, cfg.train.micro_batch_size
+        )
+        if val
+        else {}
+    )
     tracker.log_artifact(paths.out / "quarantine.jsonl", "reward")
-    return {**summary, **loaded.counts(), **held_out, "truncated": truncated, "max_len": up.max_len,
-            "fingerprint": trainer.ckpt.folder.name}
+    return {**summary, **al.data_metrics(loaded, truncated, up.max_len), **held_out}
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
     lines = al.data_summary(m, "pairs", "held out")
     if "accuracy" in m:
-        lines.append(f"held-out pair accuracy {m['accuracy']:.1%}   mean margin r(chosen) - r(rejected) "
-                     f"{m['margin']:.3f}")
+        lines.append(
+            f"held-out pair accuracy {m['accuracy']:.1%}   mean margin r(chosen) - r(rejected) {m['margin']:.3f}"
+        )
         if m["accuracy_by_broken"]:
-            lines.append("accuracy by broken constraint: " +
-                         "  ".join(f"{k} {v:.0%}" for k, v in m["accuracy_by_broken"].items()))
+            lines.append(
+                "accuracy by broken constraint: "
+                + "  ".join(f"{k} {v:.0%}" for k, v in m["accuracy_by_broken"].items())
+            )
     return lines + [f"model (RewardModel.load) and quarantine.jsonl in {paths.out}"]
 
 
-def main() -> None:
-    training_main("reward", RewardConfig, run, preflight, summary)
-
-
 if __name__ == "__main__":
-    main()
+    training_main("reward", RewardConfig, run, preflight, summary)

@@ -30,9 +30,9 @@ Checks  rows in no known format, empty or mistyped messages, conversations not e
 Scale   one conversation per row, right-padded, rows of similar length batched together (no cross-document
         attention, little padding); DeepSpeed ranks, ZeRO 0-3 and bf16 through `sft.train`.
 """
+
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,8 +45,7 @@ from tasks.common.distributed import init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import AlignmentData, SamplingConfig
-from tasks.common.training import (check_models, checkpoint_folder, print_plan, sharded_means, training_main,
-                                   upstream_fingerprint)
+from tasks.common.training import print_plan, sharded_means, training_main
 from tasks.sources.examples import Loaded, check_answers, held_out_prompts, load_instruction_data
 
 
@@ -67,6 +66,7 @@ Config = SftConfig  # the section class params.yaml loads (tasks/common/config.p
 
 # ------------------------------------------------------------------------------------------------ data
 
+
 @dataclass
 class Encoded:
     train: list[al.SFTExample]
@@ -78,12 +78,15 @@ class Encoded:
 def encode_all(loaded: Loaded, tok: al.ChatTokenizer, max_len: int) -> Encoded:
     """Token ids and masks of every example; one whose answer starts past max_len is quarantined (counted)."""
     why_not = f"no answer token within max_len={max_len} tokens"
-    train, val = (loaded.keep_encoded(split, lambda e: al.encode_sft(tok, e["messages"], max_len), why_not)
-                  for split in ("train", "val"))
+    train, val = (
+        loaded.keep_encoded(split, lambda e: al.encode_sft(tok, e["messages"], max_len), why_not)
+        for split in ("train", "val")
+    )
     return Encoded(train, val, loaded, sum(e.truncated for e in train + val))
 
 
 # ------------------------------------------------------------------------------------------------ loss, eval
+
 
 def response_loss(engine, batch):
     x, y = batch  # (B,T-1) inputs, (B,T-1) next tokens with -100 off the answers
@@ -117,8 +120,9 @@ class HeldOutSamples:
         self.held_out = held_out_prompts(n, sampling.prompt_seed)
 
     def __call__(self, model, step: int) -> str:
-        answers = al.sample_answers(model, self.tok, [h["prompt_messages"] for h in self.held_out], self.sampling,
-                                    desc="samples")
+        answers = al.sample_answers(
+            model, self.tok, [h["prompt_messages"] for h in self.held_out], self.sampling, desc="samples"
+        )
         parts = [f"step {step}"]
         for h, a in zip(self.held_out, answers):
             parts.append(f"--- {h['prompt_messages'][-1]['content']}\n{self.tok.decode(a.ids)}")
@@ -127,28 +131,30 @@ class HeldOutSamples:
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def preflight(cfg: SftConfig, paths: StagePaths) -> None:
     """Launcher-side checks before any rank starts: upstream folders, context, batch arithmetic."""
     up = al.upstream_of("sft", cfg, paths, "pretrain")
-    print_plan("sft", cfg.train, paths, up.max_len, f"{cfg.train.batch_size} conversations (≤ {up.max_len} tokens) "
-               f"from {up.model_dir}; sources {', '.join(cfg.sources)}")
+    what = f"{cfg.train.batch_size} conversations (≤ {up.max_len} tokens) from {up.model_dir}"
+    print_plan("sft", cfg.train, paths, up.max_len, f"{what}; sources {', '.join(cfg.sources)}")
 
 
 def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     """One rank's fine-tuning; rank 0 also writes the model, samples, quarantine and returns the metrics."""
-    from tasks.common.trainer import Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
+    from tasks.common.trainer import Recipe, Trainer  # DeepSpeed: loaded by the ranks, not by `scratchlm params`
 
     world = init_distributed()
     up = al.upstream_of("sft", cfg, paths, "pretrain")
     tok = up.tok
-    loaded = load_instruction_data(cfg.sources, paths.root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
-                                   cfg.val_fraction)
+    loaded = load_instruction_data(cfg, paths.root)
     data = encode_all(loaded, tok, up.max_len)
     if world.is_main:
         write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
-    info = {"sft": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "eval_base", "train")},
-            "train": cfg.train.fingerprint_dict(),
-            "upstream": upstream_fingerprint({"pretrain": up.model_dir, "tokenizer": up.tokenizer_dir})}
+    info = {
+        "sft": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "eval_base", "train")},
+        "train": cfg.train.fingerprint_dict(),
+        "upstream": up.fingerprint(),
+    }
 
     def build_model():
         torch.manual_seed(cfg.train.seed)
@@ -156,24 +162,27 @@ def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
 
     lengths = [len(e.ids) for e in data.train]
     mean_len = round(sum(lengths) / max(len(lengths), 1))
-    batches = al.StepBatches(data.train, lengths, cfg.train.batch_size, cfg.train.seed,
-                             lambda exs: al.collate_sft(exs, tok.pad_id), "training conversations")
+    batches = al.StepBatches(
+        data.train,
+        lengths,
+        cfg.train.batch_size,
+        cfg.train.seed,
+        lambda exs: al.collate_sft(exs, tok.pad_id),
+        "training conversations",
+    )
     evaluation = ResponseLoss(data.val, cfg.train.micro_batch_size, tok.pad_id) if data.val else None
     # samples at intermediate evaluations only: the end report samples every held-out prompt anyway
     samples = HeldOutSamples(tok, cfg.sampling) if cfg.sampling.prompts and cfg.train.eval_every else None
-    trainer = Trainer(build_model, cfg.train, name="sft", checkpoint_dir=checkpoint_folder("sft", info, paths.root),
-                      fingerprint_info=info, tracker=tracker, batches=batches, loss_fn=response_loss,
-                      eval_fn=evaluation, sample_fn=samples, tokens_per_example=mean_len,
-                      flops_per_token=up.model_cfg.flops_per_token(mean_len))
-    summary = trainer.fit()
-    model = trainer.final_model()
-    if not world.is_main:
+    recipe = Recipe(
+        batches, response_loss, mean_len, up.model_cfg.flops_per_token(mean_len), eval_fn=evaluation, sample_fn=samples
+    )
+    trainer = Trainer(build_model, cfg.train, recipe, name="sft", info=info, root=paths.root, tracker=tracker)
+    summary, model = trainer.train(paths.out / "history.jsonl")
+    if model is None:  # ranks other than 0
         return None
 
     save(model, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
-    shutil.copy2(trainer.history_path, paths.out / "history.jsonl")
-    metrics = {**summary, **loaded.counts(), "truncated": data.truncated, "max_len": up.max_len,
-               "mean_train_tokens": mean_len, "fingerprint": trainer.ckpt.folder.name}
+    metrics = {**summary, **al.data_metrics(loaded, data.truncated, up.max_len), "mean_train_tokens": mean_len}
     if cfg.sampling.prompts:
         base = load(up.model_dir) if cfg.eval_base else None
         metrics.update(satisfaction_report(model, base, tok, cfg.sampling, paths.out / "samples.jsonl"))
@@ -190,11 +199,16 @@ def satisfaction_report(model, base, tok: al.ChatTokenizer, sampling: SamplingCo
         if m is None:
             continue
         answers = al.sample_answers(m, tok, [h["prompt_messages"] for h in held_out], sampling, f"sft: {name} answers")
-        scores, answer_rows = check_answers(held_out, [tok.decode(a.ids) for a in answers],
-                                            [a.finished for a in answers])
-        metrics.update({f"{name}_satisfaction": scores["constraint_rate"],
-                        f"{name}_all_satisfied": scores["satisfied"],
-                        f"{name}_per_constraint": scores["per_constraint"]})
+        scores, answer_rows = check_answers(
+            held_out, [tok.decode(a.ids) for a in answers], [a.finished for a in answers]
+        )
+        metrics.update(
+            {
+                f"{name}_satisfaction": scores["constraint_rate"],
+                f"{name}_all_satisfied": scores["satisfied"],
+                f"{name}_per_constraint": scores["per_constraint"],
+            }
+        )
         rows += [{"model": name, **row} for row in answer_rows]
     write_jsonl(samples_file, rows)
     return metrics
@@ -204,17 +218,18 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     lines = al.data_summary(m, "conversations", "validation")
     lines.append(f"val loss on responses {m.get('val_loss', float('nan')):.4f}")
     if "sft_satisfaction" in m:
-        base = (f"base {m['base_satisfaction']:.1%} (all {m['base_all_satisfied']:.1%}) → "
-                if "base_satisfaction" in m else "")
-        lines.append(f"held-out constraint satisfaction ({m['eval_prompts']} prompts): {base}"
-                     f"SFT {m['sft_satisfaction']:.1%} (all {m['sft_all_satisfied']:.1%})")
+        base = (
+            f"base {m['base_satisfaction']:.1%} (all {m['base_all_satisfied']:.1%}) → "
+            if "base_satisfaction" in m
+            else ""
+        )
+        lines.append(
+            f"held-out constraint satisfaction ({m['eval_prompts']} prompts): {base}"
+            f"SFT {m['sft_satisfaction']:.1%} (all {m['sft_all_satisfied']:.1%})"
+        )
         lines.append("per constraint (SFT): " + "  ".join(f"{k} {v:.0%}" for k, v in m["sft_per_constraint"].items()))
     return lines + [f"model, samples.jsonl, quarantine.jsonl in {paths.out}"]
 
 
-def main() -> None:
-    training_main("sft", SftConfig, run, preflight, summary)
-
-
 if __name__ == "__main__":
-    main()
+    training_main("sft", SftConfig, run, preflight, summary)

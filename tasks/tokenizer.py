@@ -22,6 +22,7 @@ Scale   the split is a hash of each document id (tasks/common/split.py), so it n
         in batches through `tokenizers` (multi-threaded Rust), holding word counts, not text; cap its input with
         `max_train_bytes` for corpora far larger than the vocabulary needs.
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,7 +46,7 @@ from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 
 BYTE_TOKENS = 256
-TRAIN_BATCH_DOCS = 1000   # documents per batch handed to the BPE trainer (tokenizers' recommended way to stream)
+TRAIN_BATCH_DOCS = 1000  # documents per batch handed to the BPE trainer (tokenizers' recommended way to stream)
 
 
 @dataclass(frozen=True)
@@ -65,13 +66,19 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         smallest = BYTE_TOKENS + len(chat.SPECIAL_TOKENS)
-        check(self.vocab_size >= smallest, "vocab_size",
-              f"must be >= {smallest} (256 byte tokens + {len(chat.SPECIAL_TOKENS)} special tokens), "
-              f"got {self.vocab_size}")
+        check(
+            self.vocab_size >= smallest,
+            "vocab_size",
+            f"must be >= {smallest} (256 byte tokens + {len(chat.SPECIAL_TOKENS)} special tokens), "
+            f"got {self.vocab_size}",
+        )
         check(self.vocab_size <= 2**32, "vocab_size", "must fit uint32 token ids (<= 4294967296)")
         check(self.min_frequency >= 1, "min_frequency", "must be >= 1")
-        check(0.0 < self.val_fraction < 1.0, "val_fraction",
-              f"must be strictly between 0 and 1 (both splits must exist), got {self.val_fraction}")
+        check(
+            0.0 < self.val_fraction < 1.0,
+            "val_fraction",
+            f"must be strictly between 0 and 1 (both splits must exist), got {self.val_fraction}",
+        )
         check(self.max_train_bytes >= 0, "max_train_bytes", "must be >= 0 (0 = the whole train split)")
 
     @property
@@ -84,6 +91,7 @@ Config = TokenizerConfig  # the section class params.yaml loads (tasks/common/co
 
 # ------------------------------------------------------------------------------------------------ the model
 
+
 def new_tokenizer():
     """An untrained byte-level BPE: no normalizer and no prefix space, so decode(encode(text)) == text."""
     tok = Tokenizer(models.BPE())
@@ -95,10 +103,13 @@ def new_tokenizer():
 def train_bpe(texts: Iterator[list[str]], cfg: TokenizerConfig, n_docs: int):
     """Train on batches of texts; special tokens come first (ids 0..5 in chat.SPECIAL_TOKENS order)."""
     tok = new_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency,
-                                  special_tokens=list(chat.SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=sys.stderr.isatty() and os.environ.get("SCRATCHLM_PROGRESS") != "off")
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=list(chat.SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=sys.stderr.isatty() and os.environ.get("SCRATCHLM_PROGRESS") != "off",
+    )
     tok.train_from_iterator(texts, trainer, length=n_docs)
     return tok
 
@@ -112,14 +123,15 @@ def load_plain(path: Path):
 
 # ------------------------------------------------------------------------------------------------ passes
 
+
 @dataclass
 class ShardCount:
     train_docs: int = 0
     train_bytes: int = 0
     val_docs: int = 0
     val_bytes: int = 0
-    val_tokens: int = 0           # filled by the validation pass
-    roundtrip_failures: int = 0   # validation documents where decode(encode(text)) != text
+    val_tokens: int = 0  # filled by the validation pass
+    roundtrip_failures: int = 0  # validation documents where decode(encode(text)) != text
     first_failure: str = ""
 
 
@@ -186,6 +198,7 @@ def validate_shard(path: Path, split: Split, tokenizer_file: Path, batch_docs: i
 
 # ------------------------------------------------------------------------------------------------ the HF folder
 
+
 def save_folder(tok, out: Path) -> None:
     """tokenizer.json + tokenizer_config.json (with the chat template) + special_tokens_map.json."""
     tok.save(str(out / "tokenizer.json"))
@@ -197,7 +210,7 @@ def save_folder(tok, out: Path) -> None:
         "bos_token": None,
         "unk_token": None,
         "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,   # any cleanup would break decode(encode(text)) == text
+        "clean_up_tokenization_spaces": False,  # any cleanup would break decode(encode(text)) == text
         "chat_template": chat.CHAT_TEMPLATE,
     }
     write_json(out / "tokenizer_config.json", config)
@@ -207,20 +220,28 @@ def save_folder(tok, out: Path) -> None:
 def check_hf_folder(out: Path) -> None:
     """Load the folder as transformers users will and hold its chat template to render_chat."""
     from transformers import AutoTokenizer
+
     logging.getLogger("transformers").setLevel(logging.ERROR)
     hf = AutoTokenizer.from_pretrained(str(out))
-    sample = [{"role": "system", "content": "You are kind."}, {"role": "user", "content": "Hi!"},
-              {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "A story?"}]
+    sample = [
+        {"role": "system", "content": "You are kind."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "A story?"},
+    ]
     for gen in (False, True):
         got = hf.apply_chat_template(sample, tokenize=False, add_generation_prompt=gen)
         if got != chat.render_chat(sample, gen):
-            raise ScratchError(f"{out}: transformers renders the chat template as {got!r}, "
-                               f"render_chat gives {chat.render_chat(sample, gen)!r}")
+            raise ScratchError(
+                f"{out}: transformers renders the chat template as {got!r}, "
+                f"render_chat gives {chat.render_chat(sample, gen)!r}"
+            )
     if hf.eos_token_id != 0 or hf.pad_token_id != 1:
         raise ScratchError(f"{out}: transformers sees eos/pad ids {hf.eos_token_id}/{hf.pad_token_id}, expected 0/1")
 
 
 # ------------------------------------------------------------------------------------------------ stage
+
 
 def run(cfg: TokenizerConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     docs = shards(paths.of("dedup"))
@@ -237,23 +258,35 @@ def run(cfg: TokenizerConfig, paths: StagePaths, tracker: Tracker, data: DataCon
     work = functools.partial(validate_shard, split=cfg.split, tokenizer_file=out / "tokenizer.json")
     val = total(parallel_map(work, docs, data.parallel, desc="tokenizer: validation"))
     if val.roundtrip_failures:
-        raise ScratchError(f"tokenizer: {val.roundtrip_failures} validation documents do not decode back to their "
-                           f"text (first: id {val.first_failure!r}); the tokenizer is not lossless")
+        raise ScratchError(
+            f"tokenizer: {val.roundtrip_failures} validation documents do not decode back to their "
+            f"text (first: id {val.first_failure!r}); the tokenizer is not lossless"
+        )
     check_hf_folder(out)
 
     metrics = {
-        "vocab_size": tok.get_vocab_size(), "vocab_size_requested": cfg.vocab_size,
-        "train_docs": counts.train_docs, "train_bytes": counts.train_bytes,
-        "val_docs": counts.val_docs, "val_bytes": counts.val_bytes, "val_tokens": val.val_tokens,
+        "vocab_size": tok.get_vocab_size(),
+        "vocab_size_requested": cfg.vocab_size,
+        "train_docs": counts.train_docs,
+        "train_bytes": counts.train_bytes,
+        "val_docs": counts.val_docs,
+        "val_bytes": counts.val_bytes,
+        "val_tokens": val.val_tokens,
         "val_bytes_per_token": round(val.val_bytes / val.val_tokens, 4),
-        "trained_on_docs": sent.train_docs, "trained_on_bytes": sent.train_bytes,
+        "trained_on_docs": sent.train_docs,
+        "trained_on_bytes": sent.train_bytes,
         "train_seconds": round(train_seconds, 2),
     }
-    meta = {"split": cfg.split.as_dict(), "vocab_size": metrics["vocab_size"],
-            "special_tokens": chat.special_ids(tok), "eot_id": tok.token_to_id(chat.EOT),
-            "pad_id": tok.token_to_id(chat.PAD), "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
-            "source": "data/dedup", "counts": {k: metrics[k] for k in
-                                               ("train_docs", "train_bytes", "val_docs", "val_bytes")}}
+    meta = {
+        "split": cfg.split.as_dict(),
+        "vocab_size": metrics["vocab_size"],
+        "special_tokens": chat.special_ids(tok),
+        "eot_id": tok.token_to_id(chat.EOT),
+        "pad_id": tok.token_to_id(chat.PAD),
+        "tokenizer_sha256": file_sha256(out / "tokenizer.json"),
+        "source": "data/dedup",
+        "counts": {k: metrics[k] for k in ("train_docs", "train_bytes", "val_docs", "val_bytes")},
+    }
     write_json(out / "meta.json", meta)
     tracker.log_artifact(out, "tokenizer")
     return metrics
@@ -272,28 +305,30 @@ def check_splits(c: ShardCount, cfg: TokenizerConfig, folder: Path) -> None:
     n = c.train_docs + c.val_docs
     for name, docs in (("train", c.train_docs), ("validation", c.val_docs)):
         if docs == 0:
-            raise ScratchError(f"tokenizer.val_fraction: the {name} split of {folder} is empty ({n} documents at "
-                               f"val_fraction={cfg.val_fraction}); change tokenizer.val_fraction or add documents")
+            raise ScratchError(
+                f"tokenizer.val_fraction: the {name} split of {folder} is empty ({n} documents at "
+                f"val_fraction={cfg.val_fraction}); change tokenizer.val_fraction or add documents"
+            )
     if c.train_bytes == 0:
         raise ScratchError(f"{folder}: the train split has {c.train_docs} documents but no text to train on")
 
 
 def summary(m: dict, paths: StagePaths) -> list[str]:
     """What was trained on what, how well it compresses, and a vocabulary that fell short of the request."""
-    lines = [f"byte-level BPE of {fmt(m['vocab_size'])} tokens trained in {m['train_seconds']:.1f}s on "
-             f"{m['trained_on_bytes'] / 1e6:.1f} MB ({fmt(m['trained_on_docs'])} of {fmt(m['train_docs'])} train "
-             f"documents; {fmt(m['val_docs'])} held out for validation)",
-             f"validation: {m['val_bytes_per_token']:.3f} bytes/token, every document round-trips; "
-             f"AutoTokenizer.from_pretrained({str(paths.out.relative_to(paths.root))!r}) loads it"]
+    lines = [
+        f"byte-level BPE of {fmt(m['vocab_size'])} tokens trained in {m['train_seconds']:.1f}s on "
+        f"{m['trained_on_bytes'] / 1e6:.1f} MB ({fmt(m['trained_on_docs'])} of {fmt(m['train_docs'])} train "
+        f"documents; {fmt(m['val_docs'])} held out for validation)",
+        f"validation: {m['val_bytes_per_token']:.3f} bytes/token, every document round-trips; "
+        f"AutoTokenizer.from_pretrained({str(paths.out.relative_to(paths.root))!r}) loads it",
+    ]
     if m["vocab_size"] < m["vocab_size_requested"]:
-        lines.append(f"the corpus ran out of merges below the {fmt(m['vocab_size_requested'])} tokens asked for; "
-                     f"pretokenize and the model use {fmt(m['vocab_size'])}")
+        lines.append(
+            f"the corpus ran out of merges below the {fmt(m['vocab_size_requested'])} tokens asked for; "
+            f"pretokenize and the model use {fmt(m['vocab_size'])}"
+        )
     return lines
 
 
-def main() -> None:
-    stage_main("tokenizer", TokenizerConfig, run, summary)
-
-
 if __name__ == "__main__":
-    main()
+    stage_main("tokenizer", TokenizerConfig, run, summary)

@@ -7,6 +7,7 @@ stories, built once per pytest session under its base temp folder and shared by 
 The tokenizer is the tokenizer stage's own BPE trainer and folder writer; the pretraining is a plain AdamW loop on
 random windows of the tokenized stories (the pretrain stage itself is tested in tests/test_pretrain.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -32,21 +33,31 @@ def make_tokenizer(folder: Path, vocab: int = VOCAB, docs: int = STORY_DOCS, see
     """A byte-level BPE with the chat special tokens, trained on builtin stories and instruction answers."""
     from tasks import tokenizer as tokenizer_stage
     from tasks.sources import builtin
+
     texts = [d.text for d in builtin.generate_corpus(docs, seed, 0.0, 0.0, 0.0)]
     texts += [m["content"] for ex in builtin.generate_instructions(300, seed, "train") for m in ex["messages"]]
     cfg = tokenizer_stage.Config(vocab_size=vocab)
-    tok = tokenizer_stage.train_bpe(iter([texts[i:i + 500] for i in range(0, len(texts), 500)]), cfg, len(texts))
+    tok = tokenizer_stage.train_bpe(iter([texts[i : i + 500] for i in range(0, len(texts), 500)]), cfg, len(texts))
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer_stage.save_folder(tok, folder)
     return folder
 
 
-def pretrain_tiny(tokenizer_dir: Path, out: Path, steps: int = PRETRAIN_STEPS, docs: int = STORY_DOCS,
-                  seed: int = 11, batch: int = 16, seq_len: int = 256, lr: float = 3e-3) -> Path:
+def pretrain_tiny(
+    tokenizer_dir: Path,
+    out: Path,
+    steps: int = PRETRAIN_STEPS,
+    docs: int = STORY_DOCS,
+    seed: int = 11,
+    batch: int = 16,
+    seq_len: int = 256,
+    lr: float = 3e-3,
+) -> Path:
     """A tiny Llama trained on builtin stories (each followed by <|endoftext|>), saved as an HF folder."""
     from model import Llama, ModelConfig, save
     from tasks.common import alignment as al
     from tasks.sources import builtin
+
     tok = al.load_tokenizer(tokenizer_dir)
     eot = tok.special["<|endoftext|>"]
     ids: list[int] = []
@@ -62,7 +73,7 @@ def pretrain_tiny(tokenizer_dir: Path, out: Path, steps: int = PRETRAIN_STEPS, d
         for group in opt.param_groups:
             group["lr"] = lr * constant_then_decay(step, steps, warmup=20, decay_from=0.9)
         starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=g)
-        rows = torch.stack([tokens[s:s + seq_len + 1] for s in starts])
+        rows = torch.stack([tokens[s : s + seq_len + 1] for s in starts])
         _, loss = model(rows[:, :-1], rows[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -103,12 +114,14 @@ def stage_root(tmp_path: Path, world: Path, *upstream: str) -> Path:
 
 # ------------------------------------------------------------------------------------------------ stage runs
 
+
 def run_stage(stage: str, cfg, root: Path) -> dict:
     """`tasks.<stage>.run` in-process (a world of one rank, no MLflow) with outputs under root."""
     import importlib
 
     from tasks.common.dvcio import stage_paths, write_json
     from tasks.common.tracking import Tracker
+
     module = importlib.import_module(f"tasks.{stage}")
     paths = stage_paths(stage, root)
     started = time.perf_counter()
@@ -121,6 +134,7 @@ def run_stage(stage: str, cfg, root: Path) -> dict:
 def cached_stage(tmp_path_factory, stage: str, cfg) -> tuple[Path, dict]:
     """Run `stage` once per session in the shared world (after its upstream); (world root, its metrics)."""
     from tasks.common.dvcio import read_json
+
     root = alignment_world(tmp_path_factory)
     metrics_file = root / "metrics" / f"{stage}.json"
     if not metrics_file.is_file():
@@ -130,6 +144,14 @@ def cached_stage(tmp_path_factory, stage: str, cfg) -> tuple[Path, dict]:
 
 # ------------------------------------------------------------------------------------------------ test budgets
 
+
+def smoke_train(**changes):
+    """A few steps of 4 examples in micro batches of 2: does the stage run on this data at all."""
+    from tasks.common.train_config import TrainConfig
+
+    return TrainConfig(**{"batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1, **changes})
+
+
 EVAL = dict(prompts=32, prompt_seed=4242, seed=0, max_new_tokens=160, temperature=0.7, top_p=0.95, batch_size=32)
 
 
@@ -137,8 +159,8 @@ def sft_config(**changes):
     """A short SFT: enough to learn the chat format, short enough to leave DPO room to improve."""
     from tasks.common.train_config import SamplingConfig, TrainConfig
     from tasks.sft import Config
-    train = TrainConfig(max_steps=12, batch_size=16, micro_batch_size=16, lr=2e-3, warmup_steps=2, weight_decay=0.0,
-                        log_every=4, eval_every=0, checkpoint_every=0)
+
+    train = TrainConfig(max_steps=12, lr=2e-3, warmup_steps=2, log_every=4)
     base = dict(builtin_train=400, builtin_val=32, sampling=SamplingConfig(**EVAL), train=train)
     return Config(**{**base, **changes})
 
@@ -146,15 +168,15 @@ def sft_config(**changes):
 def reward_config(**changes):
     from tasks.common.train_config import TrainConfig
     from tasks.reward import Config
-    train = TrainConfig(max_steps=150, batch_size=16, micro_batch_size=16, lr=1e-3, warmup_steps=4,
-                        weight_decay=0.0, log_every=10, eval_every=0, checkpoint_every=0)
+
+    train = TrainConfig(max_steps=150, lr=1e-3, warmup_steps=4, log_every=10)
     return Config(**{**dict(builtin_train=2400, builtin_val=200, train=train), **changes})
 
 
 def dpo_config(**changes):
     from tasks.common.train_config import SamplingConfig, TrainConfig
     from tasks.dpo import Config
-    train = TrainConfig(max_steps=120, batch_size=16, micro_batch_size=16, lr=5e-4, warmup_steps=4, weight_decay=0.0,
-                        log_every=10, eval_every=0, checkpoint_every=0)
+
+    train = TrainConfig(max_steps=120, lr=5e-4, warmup_steps=4, log_every=10)
     base = dict(builtin_train=1920, builtin_val=32, beta=0.1, sampling=SamplingConfig(**EVAL), train=train)
     return Config(**{**base, **changes})

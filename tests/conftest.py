@@ -1,4 +1,5 @@
 """Shared fixtures: the real corpora beside the checkout, and throwaway copies of the project for DVC/flow tests."""
+
 from __future__ import annotations
 
 import os
@@ -43,6 +44,10 @@ def mlflow_uri(tmp_path, monkeypatch) -> str:
 
 def run_in(project: Path, *args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run a command in a project copy with this venv's executables first on PATH."""
-    full_env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                "PYTHONPATH": str(project), **(env or {})}
+    full_env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(project),
+        **(env or {}),
+    }
     return subprocess.run(list(args), cwd=project, env=full_env, capture_output=True, text=True, timeout=timeout)

@@ -2,6 +2,7 @@
 tokenizer stage's own code (byte-level BPE, the chat special tokens and template) and tiny Llamas exported as HF
 folders (model.hf.save), randomly initialised or trained for a few steps. They keep those tests fast and
 independent of a full pipeline run."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def tiny_model(folder: Path, tokenizer_dir: Path, seed: int = 0, max_seq_len: in
     return folder
 
 
-def train_tiny(folder: Path, tokenizer_dir: Path, texts: list[str], steps: int = 60, seed: int = 0,
-               max_seq_len: int = 512) -> Path:
+def train_tiny(
+    folder: Path, tokenizer_dir: Path, texts: list[str], steps: int = 60, seed: int = 0, max_seq_len: int = 512
+) -> Path:
     """A tiny Llama trained for a few AdamW steps on `texts` (documents joined by <|endoftext|>)."""
     tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
     eot = tok.token_to_id("<|endoftext|>")
@@ -71,8 +73,8 @@ def train_tiny(folder: Path, tokenizer_dir: Path, texts: list[str], steps: int =
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(0, len(data) - 65, (16,), generator=g)
-        x = torch.stack([data[s:s + 64] for s in starts])  # (16,64)
-        y = torch.stack([data[s + 1:s + 65] for s in starts])
+        x = torch.stack([data[s : s + 64] for s in starts])  # (16,64)
+        y = torch.stack([data[s + 1 : s + 65] for s in starts])
         _, loss = model(x, y)
         opt.zero_grad()
         loss.backward()
@@ -96,12 +98,24 @@ def write_pretokenize(root: Path, tokenizer_dir: Path, texts: list[str]) -> Path
     eot = tok.token_to_id("<|endoftext|>")
     tokens = encode_docs(tok, texts, eot, "uint16")
     tokens.tofile(out / "val.bin")
-    write_jsonl_gz(out / "val_docs.jsonl.gz",
-                   [{"id": f"v{i}", "text": t, "source": "test"} for i, t in enumerate(texts)])
-    meta = {"dtype": "uint16", "byteorder": "little", "eot_id": eot, "pad_id": tok.token_to_id("<|pad|>"),
-            "vocab_size": tok.get_vocab_size(), "val_docs": "val_docs.jsonl.gz",
-            "splits": {"val": {"documents": len(texts), "tokens": int(len(tokens)),
-                               "text_bytes": sum(len(t.encode("utf-8")) for t in texts)}}}
+    write_jsonl_gz(
+        out / "val_docs.jsonl.gz", [{"id": f"v{i}", "text": t, "source": "test"} for i, t in enumerate(texts)]
+    )
+    meta = {
+        "dtype": "uint16",
+        "byteorder": "little",
+        "eot_id": eot,
+        "pad_id": tok.token_to_id("<|pad|>"),
+        "vocab_size": tok.get_vocab_size(),
+        "val_docs": "val_docs.jsonl.gz",
+        "splits": {
+            "val": {
+                "documents": len(texts),
+                "tokens": int(len(tokens)),
+                "text_bytes": sum(len(t.encode("utf-8")) for t in texts),
+            }
+        },
+    }
     (out / "meta.json").write_text(json.dumps(meta))
     return out
 
@@ -121,14 +135,29 @@ def pipeline_outputs(root: Path, stages: tuple[str, ...] = ("pretrain", "sft", "
 
 def evaluation(dpo_bpb: float = 1.5, satisfaction: float = 0.25, cloze: float = 0.5) -> dict:
     """A metrics/evaluate.json as the evaluate stage writes it (the register stage reads the DPO model's part)."""
+
     def model(bpb: float, sat: float, acc: float) -> dict:
-        return {"val_loss": bpb * 2.4, "val_ppl": 10.0, "val_bpb": bpb, "val_tokens": 1000, "val_docs": 10,
-                "satisfaction": sat, "all_satisfied": sat / 2, "per_constraint": {"name": 0.9},
-                "bench": {"cloze": {"acc": acc, "acc_norm": acc - 0.05}, "piqa": {"acc": 0.55, "acc_norm": 0.5}}}
-    return {"models": ["base", "sft", "dpo"], "model_stages": {"base": "pretrain", "sft": "sft", "dpo": "dpo"},
-            "base": model(dpo_bpb + 0.1, 0.0, cloze - 0.1),
-            "sft": model(dpo_bpb + 0.05, satisfaction / 2, cloze), "dpo": model(dpo_bpb, satisfaction, cloze),
-            "win_rate": {"sft_vs_base": 0.7, "dpo_vs_sft": 0.6}, "skipped": {}}
+        return {
+            "val_loss": bpb * 2.4,
+            "val_ppl": 10.0,
+            "val_bpb": bpb,
+            "val_tokens": 1000,
+            "val_docs": 10,
+            "satisfaction": sat,
+            "all_satisfied": sat / 2,
+            "per_constraint": {"name": 0.9},
+            "bench": {"cloze": {"acc": acc, "acc_norm": acc - 0.05}, "piqa": {"acc": 0.55, "acc_norm": 0.5}},
+        }
+
+    return {
+        "models": ["base", "sft", "dpo"],
+        "model_stages": {"base": "pretrain", "sft": "sft", "dpo": "dpo"},
+        "base": model(dpo_bpb + 0.1, 0.0, cloze - 0.1),
+        "sft": model(dpo_bpb + 0.05, satisfaction / 2, cloze),
+        "dpo": model(dpo_bpb, satisfaction, cloze),
+        "win_rate": {"sft_vs_base": 0.7, "dpo_vs_sft": 0.6},
+        "skipped": {},
+    }
 
 
 PARAMS = """\
@@ -151,7 +180,8 @@ def registry_project(root: Path, monkeypatch, metrics: dict | None = None) -> Pa
     (root / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  dpo:\n    cmd: python -m tasks.dpo\n    outs:\n    - path: data/dpo\n"
         "      md5: 1111.dir\n  evaluate:\n    cmd: python -m tasks.evaluate\n    deps:\n    - path: data/dpo\n"
-        "      md5: 1111.dir\n    outs:\n    - path: data/evaluate\n      md5: 2222.dir\n")
+        "      md5: 1111.dir\n    outs:\n    - path: data/evaluate\n      md5: 2222.dir\n"
+    )
     (root / "params.yaml").write_text(PARAMS)
     monkeypatch.setenv("SCRATCHLM_PARAMS", str(root / "params.yaml"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlruns.db'}")

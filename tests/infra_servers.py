@@ -4,6 +4,7 @@ Every server binds 127.0.0.1 on a free port, is waited for with a bounded wait, 
 process group, SIGTERM then SIGKILL) when the `running(...)` block ends; a server that fails to come up raises with
 the tail of its log, so a broken start-up reads as the server's own error message.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,9 +16,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -33,8 +34,14 @@ def tool_env(**extra: str) -> dict[str, str]:
     """The environment for the project's command line tools: this venv first on PATH, no stray Prefect/MLflow
     server from the caller's shell, no progress bars."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API_", "MLFLOW_TRACKING_"))}
-    env.update({"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "SCRATCHLM_PROGRESS": "off",
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",
+            "SCRATCHLM_PROGRESS": "off",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -46,6 +53,7 @@ def http_ok(url: str) -> Callable[[], bool]:
                 return r.status == 200
         except OSError:
             return False
+
     return check
 
 
@@ -54,6 +62,7 @@ def port_open(port: int) -> Callable[[], bool]:
         with socket.socket() as s:
             s.settimeout(1)
             return s.connect_ex(("127.0.0.1", port)) == 0
+
     return check
 
 
@@ -94,13 +103,21 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start(name: str, cmd: list[str], log_dir: Path, cwd: Path | None = None, env: dict | None = None,
-          url: str = "") -> Server:
+def start(
+    name: str, cmd: list[str], log_dir: Path, cwd: Path | None = None, env: dict | None = None, url: str = ""
+) -> Server:
     """Start `cmd` in its own process group, output to `<log_dir>/<name>.log`."""
     log = log_dir / f"{name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env or tool_env(), stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=cwd,
+            env=env or tool_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return Server(name, proc, log, url)
 
 
@@ -116,13 +133,18 @@ def running(*servers: Server) -> Iterator[tuple[Server, ...]]:
 
 # ------------------------------------------------------------------------------------------------ the servers
 
+
 def prefect_server(home: Path, log_dir: Path) -> Server:
     """`prefect server start` on 127.0.0.1 with its own PREFECT_HOME (database); wait with `.wait_until(...)`."""
     port = free_port()
     env = tool_env(PREFECT_HOME=str(home), PREFECT_SERVER_LOGGING_LEVEL="WARNING")
-    server = start("prefect-server", [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                      "--port", str(port), "--no-ui"], log_dir, env=env,
-                   url=f"http://127.0.0.1:{port}/api")
+    server = start(
+        "prefect-server",
+        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+        log_dir,
+        env=env,
+        url=f"http://127.0.0.1:{port}/api",
+    )
     return server
 
 
@@ -130,9 +152,20 @@ def mlflow_server(store: Path, log_dir: Path) -> Server:
     """`mlflow server` on 127.0.0.1 with a SQLite backend store (tracking and registry) and proxied artifacts."""
     port = free_port()
     store.mkdir(parents=True, exist_ok=True)
-    cmd = [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-           "--artifacts-destination", str(store / "artifacts")]
+    cmd = [
+        str(VENV_BIN / "mlflow"),
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(store / "artifacts"),
+    ]
     return start("mlflow-server", cmd, log_dir, cwd=store, url=f"http://127.0.0.1:{port}")
 
 
@@ -142,6 +175,17 @@ def redis_server(log_dir: Path) -> Server:
     if binary is None:
         raise FileNotFoundError("redis-server")
     port = free_port()
-    cmd = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-           "--dir", str(log_dir)]
+    cmd = [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(log_dir),
+    ]
     return start("redis-server", cmd, log_dir, url=f"redis://127.0.0.1:{port}")

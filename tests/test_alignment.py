@@ -1,5 +1,6 @@
 """tasks/common/alignment.py: rendering, answer-only masks, padding without leaks, pair batches, batching, loading
 with counted quarantine, and constraint scoring -- the pieces sft, reward and dpo stand on."""
+
 from __future__ import annotations
 
 import json
@@ -11,17 +12,18 @@ import torch
 from model import Llama, ModelConfig
 from model.losses import cross_entropy, sequence_logprobs
 from tasks.common import alignment as al
-from tasks.sources import examples
-from tasks.common.train_config import SamplingConfig
 from tasks.common import chat
-from tasks.sources import builtin
+from tasks.common.train_config import AlignmentData, SamplingConfig
+from tasks.sources import builtin, examples
 from tests.alignment_fixtures import make_tokenizer
 
-CONVERSATION = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Name a colour."},
-                {"role": "assistant", "content": "Blue is a colour."},
-                {"role": "user", "content": "Another one?"},
-                {"role": "assistant", "content": "Red."}]
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue is a colour."},
+    {"role": "user", "content": "Another one?"},
+    {"role": "assistant", "content": "Red."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +38,7 @@ def model(tok) -> Llama:
 
 
 # ------------------------------------------------------------------------------------------------ masks
+
 
 def test_sft_mask_covers_exactly_the_assistant_answers_and_their_end_tokens(tok):
     example = al.encode_sft(tok, CONVERSATION, max_len=1000)
@@ -71,7 +74,7 @@ def test_prompt_tokens_carry_no_loss(tok, model):
 def test_truncation_keeps_the_beginning_and_drops_examples_without_answer(tok):
     ids, _ = chat.encode_chat(tok.tok, CONVERSATION)
     cut = al.encode_sft(tok, CONVERSATION, max_len=len(ids) - 3)
-    assert cut.truncated and cut.ids == ids[:len(ids) - 3]
+    assert cut.truncated and cut.ids == ids[: len(ids) - 3]
     prompt_len = len(chat.encode_chat(tok.tok, CONVERSATION[:2], add_generation_prompt=True)[0])
     assert al.encode_sft(tok, CONVERSATION[:3], max_len=prompt_len) is None
 
@@ -81,22 +84,30 @@ def test_padded_rows_score_exactly_as_alone(tok, model):
     long = al.encode_sft(tok, CONVERSATION, 1000)
     short = al.encode_sft(tok, CONVERSATION[1:3], 1000)
     x, y = al.collate_sft([long, short], tok.pad_id)
-    assert x.shape[0] == 2 and (x[1, len(short.ids):] == tok.pad_id).all()
+    assert x.shape[0] == 2 and (x[1, len(short.ids) :] == tok.pad_id).all()
     logits, _ = model(x, y)
     for row, ex in enumerate((long, short)):
         xi, yi = al.collate_sft([ex], tok.pad_id)
         alone, _ = model(xi, yi)
         n = len(ex.ids) - 1
         torch.testing.assert_close(logits[row, :n], alone[0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(cross_entropy(logits[row:row + 1], y[row:row + 1]), cross_entropy(alone, yi))
+        torch.testing.assert_close(cross_entropy(logits[row : row + 1], y[row : row + 1]), cross_entropy(alone, yi))
 
 
 # ------------------------------------------------------------------------------------------------ pairs
 
+
 def builtin_pairs(n: int = 4, split: str = "train") -> list[dict]:
-    return [{"id": p["id"], "prompt_messages": [{"role": "user", "content": p["prompt"]}], "chosen": p["chosen"],
-             "rejected": p["rejected"], "constraints": p["constraints"]}
-            for p in builtin.generate_preferences(n, 3, split)]
+    return [
+        {
+            "id": p["id"],
+            "prompt_messages": [{"role": "user", "content": p["prompt"]}],
+            "chosen": p["chosen"],
+            "rejected": p["rejected"],
+            "constraints": p["constraints"],
+        }
+        for p in builtin.generate_preferences(n, 3, split)
+    ]
 
 
 def test_pair_rows_are_prompt_then_reply_with_the_reply_masked_in(tok):
@@ -134,7 +145,7 @@ def test_long_pairs_keep_the_prompt_end_and_fit(tok):
     cut = al.encode_pair(tok, pair, limit)
     assert cut.truncated
     assert len(cut.prompt) + max(len(cut.chosen), len(cut.rejected)) <= limit
-    assert cut.prompt == full.prompt[-len(cut.prompt):]
+    assert cut.prompt == full.prompt[-len(cut.prompt) :]
     assert len(cut.prompt) == limit // 2  # a long prompt leaves at least half the room to the replies
     same_start = {**pair, "chosen": pair["chosen"] + " And more.", "rejected": pair["chosen"] + " Something else."}
     assert al.encode_pair(tok, same_start, limit) is None  # cut to the room, the two replies are identical
@@ -152,6 +163,7 @@ def test_token_kl_is_zero_against_itself_and_positive_otherwise(tok, model):
 
 # ------------------------------------------------------------------------------------------------ batching
 
+
 def test_length_grouped_batches_partition_and_group_by_length():
     rng = random.Random(0)
     lengths = [rng.randint(10, 300) for _ in range(1000)]
@@ -160,7 +172,7 @@ def test_length_grouped_batches_partition_and_group_by_length():
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) / len(batches)
     shuffled = list(range(1000))
     random.Random(2).shuffle(shuffled)
-    naive = [shuffled[i:i + 16] for i in range(0, 1000, 16)]
+    naive = [shuffled[i : i + 16] for i in range(0, 1000, 16)]
     naive_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in naive) / len(naive)
     assert spread < naive_spread / 4
 
@@ -186,17 +198,22 @@ def test_step_batches_are_a_function_of_the_step_and_split_without_overlap():
 
 # ------------------------------------------------------------------------------------------------ loading
 
+
 def test_loading_splits_and_counts_every_row(tmp_path):
-    rows = [{"instruction": "Say hi.", "input": "", "output": "Hi."},
-            {"question": "2+2?", "answer": "4"},
-            {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hey."}]},
-            {"instruction": "No output"},
-            {"messages": [{"role": "user", "content": "Only a question"}]},
-            {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}]
+    rows = [
+        {"instruction": "Say hi.", "input": "", "output": "Hi."},
+        {"question": "2+2?", "answer": "4"},
+        {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hey."}]},
+        {"instruction": "No output"},
+        {"messages": [{"role": "user", "content": "Only a question"}]},
+        {"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    ]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    loaded = examples.load_instruction_data(["builtin:instructions", str(path)], tmp_path, builtin_train=5,
-                                      builtin_val=2, seed=1, val_fraction=0.0)
+    cfg = AlignmentData(
+        ["builtin:instructions", str(path)], builtin_train=5, builtin_val=2, data_seed=1, val_fraction=0
+    )
+    loaded = examples.load_instruction_data(cfg, tmp_path)
     c = loaded.counts()
     assert (c["train_examples"], c["val_examples"], c["quarantined"]) == (8, 2, 4)
     assert c["rows_in"] == 5 + 2 + 7
@@ -205,12 +222,12 @@ def test_loading_splits_and_counts_every_row(tmp_path):
     assert {q["location"].split(":")[1] for q in loaded.quarantine} == {"4", "5", "6", "7"}
     assert all(e["id"].startswith("builtin-instr-val") for e in loaded.val)
 
-    everything_val = examples.load_instruction_data([str(path)], tmp_path, 0, 0, 1, val_fraction=0.999)
+    everything_val = examples.load_instruction_data(AlignmentData([str(path)], 0, 0, 1, val_fraction=0.999), tmp_path)
     assert len(everything_val.val) == 3 and not everything_val.train
 
 
 def test_keep_only_moves_rejected_examples_to_quarantine_and_keeps_counts_exact():
-    loaded = examples.load_preference_data(["builtin:preferences"], al.Path("."), 6, 2, 5, 0.0)
+    loaded = examples.load_preference_data(AlignmentData(["builtin:preferences"], 6, 2, 5, 0.0), al.Path("."))
     kept = loaded.keep_only("train", lambda p: "too long" if p["id"].endswith(("1", "3")) else None)
     c = loaded.counts()
     assert len(kept) == 4 and c["quarantined"] == 2 and c["rows_in"] == 8
@@ -219,6 +236,7 @@ def test_keep_only_moves_rejected_examples_to_quarantine_and_keeps_counts_exact(
 
 
 # ------------------------------------------------------------------------------------------------ scoring
+
 
 def test_score_answers_counts_constraints_and_whole_answers():
     pairs = list(builtin.generate_preferences(20, 9, "test"))

@@ -1,5 +1,6 @@
 """The builtin corpus: determinism, planted labels, duplicate geometry, quality-rule separation, instructions,
 preferences and cloze. Fast (a few seconds): one shared 20k-document corpus, small samples elsewhere."""
+
 from __future__ import annotations
 
 import collections
@@ -37,13 +38,22 @@ def by_id(corpus) -> dict[str, builtin.BuiltinDoc]:
 # stories pass every rule and each junk kind fails the rule it was built for.
 
 STOP_WORDS = {"the", "be", "to", "of", "and", "that", "have", "with"}
-C4_PHRASES = ("lorem ipsum", "javascript", "terms of use", "privacy policy", "cookie policy", "uses cookies",
-              "use of cookies", "use cookies", "{")
+C4_PHRASES = (
+    "lorem ipsum",
+    "javascript",
+    "terms of use",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+    "{",
+)
 WEB_WORDS = ("cookie", "login", "log in", "subscribe", "click here", "copyright")
 
 
 def _ngram_char_fraction_top(words: list[str], n: int) -> float:
-    grams = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    grams = collections.Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     if not grams:
         return 0.0
     gram, count = grams.most_common(1)[0]
@@ -51,11 +61,11 @@ def _ngram_char_fraction_top(words: list[str], n: int) -> float:
 
 
 def _ngram_char_fraction_dup(words: list[str], n: int) -> float:
-    grams = collections.Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    grams = collections.Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     covered = [False] * len(words)
     for i in range(len(words) - n + 1):
-        if grams[tuple(words[i:i + n])] > 1:
-            covered[i:i + n] = [True] * n
+        if grams[tuple(words[i : i + n])] > 1:
+            covered[i : i + n] = [True] * n
     return sum(len(w) for w, c in zip(words, covered) if c) / max(1, sum(len(w) for w in words))
 
 
@@ -103,12 +113,20 @@ def quality_failures(text: str) -> set[str]:
     return failed
 
 
-JUNK_RULE = {"boilerplate": "c4_policy", "symbol_soup": "symbol_ratio", "repeated_lines": "dup_line_frac",
-             "bullets": "bullet_lines", "ellipsis": "ellipsis_lines", "too_short": "word_count",
-             "non_alpha": "alpha_ratio", "lorem_ipsum": "c4_policy"}
+JUNK_RULE = {
+    "boilerplate": "c4_policy",
+    "symbol_soup": "symbol_ratio",
+    "repeated_lines": "dup_line_frac",
+    "bullets": "bullet_lines",
+    "ellipsis": "ellipsis_lines",
+    "too_short": "word_count",
+    "non_alpha": "alpha_ratio",
+    "lorem_ipsum": "c4_policy",
+}
 
 
 # ------------------------------------------------------------------------------------------------ corpus
+
 
 def test_deterministic_and_seed_dependent():
     a = list(builtin.generate_corpus(300, 7, 0.05, 0.05, 0.1))
@@ -130,8 +148,12 @@ def test_clean_story_depends_only_on_seed_and_index():
 def test_ids_labels_and_rates(corpus):
     assert [d.id for d in corpus] == [f"builtin-{i:06d}" for i in range(N_DOCS)]
     counts = collections.Counter(d.label for d in corpus)
-    assert counts == {"exact_dup": round(EXACT * N_DOCS), "near_dup": round(NEAR * N_DOCS),
-                      "junk": round(JUNK * N_DOCS), "clean": N_DOCS - round((EXACT + NEAR + JUNK) * N_DOCS)}
+    assert counts == {
+        "exact_dup": round(EXACT * N_DOCS),
+        "near_dup": round(NEAR * N_DOCS),
+        "junk": round(JUNK * N_DOCS),
+        "clean": N_DOCS - round((EXACT + NEAR + JUNK) * N_DOCS),
+    }
     assert corpus[0].label == "clean"
     assert set(d.of for d in corpus if d.label == "junk") == set(builtin.JUNK_KINDS)
     assert all(d.of is None for d in corpus if d.label == "clean")
@@ -146,8 +168,11 @@ def test_copies_follow_clean_originals(corpus, by_id):
 
 
 def test_near_duplicates_stay_close(corpus, by_id):
-    scores = [builtin.jaccard(builtin.word_shingles(d.text), builtin.word_shingles(by_id[d.of].text))
-              for d in corpus if d.label == "near_dup"]
+    scores = [
+        builtin.jaccard(builtin.word_shingles(d.text), builtin.word_shingles(by_id[d.of].text))
+        for d in corpus
+        if d.label == "near_dup"
+    ]
     assert min(scores) >= 0.7
     # also under plain whitespace tokens, as a dedup stage that does not strip punctuation would see them
     plain = [_plain_jaccard(d.text, by_id[d.of].text) for d in corpus if d.label == "near_dup"]
@@ -157,7 +182,8 @@ def test_near_duplicates_stay_close(corpus, by_id):
 def _plain_jaccard(a: str, b: str) -> float:
     def grams(t: str) -> set[tuple[str, ...]]:
         w = t.lower().split()
-        return {tuple(w[i:i + 3]) for i in range(len(w) - 2)}
+        return {tuple(w[i : i + 3]) for i in range(len(w) - 2)}
+
     return builtin.jaccard(grams(a), grams(b))
 
 
@@ -193,11 +219,14 @@ def test_generation_speed(corpus):
     assert len(corpus) == N_DOCS and GENERATION_CPU_SECONDS[0] < 5.0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(n_docs=-1), "n_docs"),
-    (dict(junk_rate=1.5), "junk_rate"),
-    (dict(exact_dup_rate=0.6, near_dup_rate=0.4), "no clean story"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(n_docs=-1), "n_docs"),
+        (dict(junk_rate=1.5), "junk_rate"),
+        (dict(exact_dup_rate=0.6, near_dup_rate=0.4), "no clean story"),
+    ],
+)
 def test_bad_arguments_fail_clearly(kwargs, message):
     args = dict(n_docs=10, seed=0, exact_dup_rate=0.0, near_dup_rate=0.0, junk_rate=0.0) | kwargs
     with pytest.raises(ValueError, match=message):
@@ -219,13 +248,19 @@ def test_every_template_renders():
 def test_world_vocabulary_sizes_and_disjointness():
     assert len(world.NAMES) >= 40 and len(world.ANIMALS) >= 30 and len(world.PLACES) >= 30
     assert len(world.OBJECTS) >= 40
-    groups = [set(map(str.lower, world.NAMES)), set(world.ANIMALS), set(world.PLACES), set(world.OBJECTS),
-              set(world.FEELINGS)]
+    groups = [
+        set(map(str.lower, world.NAMES)),
+        set(world.ANIMALS),
+        set(world.PLACES),
+        set(world.OBJECTS),
+        set(world.FEELINGS),
+    ]
     for a, b in itertools.combinations(groups, 2):
         assert not a & b
 
 
 # ------------------------------------------------------------------------------------------------ instructions
+
 
 def test_instructions_meet_their_constraints():
     items = list(builtin.generate_instructions(300, SEED, "train"))
@@ -257,16 +292,33 @@ def test_splits_are_disjoint_and_test_combinations_are_held_out():
 
 
 def test_checker_is_robust():
-    c = {"name": "Max", "animal": "fox", "place": "toy shop", "object": "kite", "feeling": "happy",
-         "max_sentences": 3, "ends_with": "home", "title": True, "complete": True}
+    c = {
+        "name": "Max",
+        "animal": "fox",
+        "place": "toy shop",
+        "object": "kite",
+        "feeling": "happy",
+        "max_sentences": 3,
+        "ends_with": "home",
+        "title": True,
+        "complete": True,
+    }
     good = "# Max and the Kite\n\nMAX the Fox went to the Toy  Shop. He flew two kites and felt happy. He went HOME!"
     assert check_constraints(good, c) == {"satisfied": True, "score": 1.0, "per_constraint": {k: True for k in c}}
     bad = "Maxine the foxglove went to the shop. She was unhappy about her kiteboard and never went home"
     result = check_constraints(bad, c)
     assert not result["satisfied"]
-    assert result["per_constraint"] == {"name": False, "animal": False, "place": False, "object": False,
-                                        "feeling": False, "max_sentences": True, "ends_with": True, "title": False,
-                                        "complete": False}
+    assert result["per_constraint"] == {
+        "name": False,
+        "animal": False,
+        "place": False,
+        "object": False,
+        "feeling": False,
+        "max_sentences": True,
+        "ends_with": True,
+        "title": False,
+        "complete": False,
+    }
     assert result["score"] == pytest.approx(2 / 9)
     assert builtin.count_sentences('Max said, "Hi!" Then he ran. And then') == 3
     with pytest.raises(ValueError, match="unknown constraint 'colour'"):
@@ -276,6 +328,7 @@ def test_checker_is_robust():
 
 
 # ------------------------------------------------------------------------------------------------ preferences
+
 
 def test_preferences_break_exactly_one_constraint():
     pairs = list(builtin.generate_preferences(500, SEED, "train"))
@@ -302,6 +355,7 @@ def test_preference_splits_differ():
 
 # ------------------------------------------------------------------------------------------------ cloze
 
+
 def test_cloze_items_are_valid_and_consistent():
     items = list(builtin.generate_cloze(300, SEED))
     assert items == list(builtin.generate_cloze(300, SEED, "test"))
@@ -314,7 +368,7 @@ def test_cloze_items_are_valid_and_consistent():
         opening = builtin.split_sentences(it["context"])[0]
         name = next(n for n in world.NAMES if world.mentions(opening, n))
         assert world.mentions(right, name)
-        for wrong in choices[:it["label"]] + choices[it["label"] + 1:]:
+        for wrong in choices[: it["label"]] + choices[it["label"] + 1 :]:
             # the distractor names something the story never did
             new_words = set(re.findall(r"\w+", wrong.lower())) - set(re.findall(r"\w+", right.lower()))
             assert new_words and not any(world.mentions(it["context"], w) for w in new_words), (wrong, right)

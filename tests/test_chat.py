@@ -1,5 +1,6 @@
 """`scratchlm chat`: a scripted terminal session (stdin) against a model folder and against the registry, replies
 streamed token by token and equal to what generate() gives for the same conversation and seed."""
+
 from __future__ import annotations
 
 import os
@@ -18,10 +19,12 @@ def chat(args: list[str], stdin: str, cwd, env: dict | None = None) -> subproces
     """Run `scratchlm chat` on a script; stdout/stderr decoded as UTF-8 without newline translation (a random
     model's reply may hold a bare \r, which text mode would turn into \n)."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8", **(env or {})}
-    proc = subprocess.run([*SCRATCHLM, "chat", *args], input=stdin.encode(), capture_output=True, timeout=120,
-                          cwd=cwd, env=full_env)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode("utf-8"),
-                                       proc.stderr.decode("utf-8"))
+    proc = subprocess.run(
+        [*SCRATCHLM, "chat", *args], input=stdin.encode(), capture_output=True, timeout=120, cwd=cwd, env=full_env
+    )
+    return subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +38,12 @@ def expected_reply(folder, history: list[dict], seed: int, max_new_tokens: int) 
     from model.hf import load
     from tasks.common.alignment import load_tokenizer
     from tasks.common.chat import encode_chat
+
     model, tok = load(folder), load_tokenizer(folder)
     ids = encode_chat(tok.tok, history, add_generation_prompt=True)[0]
-    return tok.decode(generate(model, [ids], max_new_tokens, temperature=0.7, top_p=0.95, stop_tokens=tok.stop_ids,
-                               seed=seed)[0])
+    return tok.decode(
+        generate(model, [ids], max_new_tokens, temperature=0.7, top_p=0.95, stop_tokens=tok.stop_ids, seed=seed)[0]
+    )
 
 
 def test_scripted_session_with_a_folder(folder, tmp_path):
@@ -51,9 +56,16 @@ def test_scripted_session_with_a_folder(folder, tmp_path):
     assert "never read" not in out and out.rstrip().endswith("chat ended after 3 replies.")
     first = expected_reply(folder, [{"role": "user", "content": "Hello there!"}], seed=0, max_new_tokens=16)
     assert f"model> {first}\n" in out
-    second = expected_reply(folder, [{"role": "user", "content": "Hello there!"},
-                                     {"role": "assistant", "content": first},
-                                     {"role": "user", "content": "Tell me a story."}], seed=1, max_new_tokens=16)
+    second = expected_reply(
+        folder,
+        [
+            {"role": "user", "content": "Hello there!"},
+            {"role": "assistant", "content": first},
+            {"role": "user", "content": "Tell me a story."},
+        ],
+        seed=1,
+        max_new_tokens=16,
+    )
     assert f"model> {second}\n" in out
     after_reset = expected_reply(folder, [{"role": "user", "content": "Hi again."}], seed=2, max_new_tokens=16)
     assert f"you> Hi again.\nmodel> {after_reset}\n" in out
@@ -61,11 +73,12 @@ def test_scripted_session_with_a_folder(folder, tmp_path):
 
 def test_streamed_pieces_add_up_and_history_is_trimmed(folder):
     from flows.commands import ChatSession
+
     session = ChatSession(folder, "Be brief.", temperature=0.7, top_p=0.95, max_new_tokens=300, seed=0)
     pieces: list[str] = []
     answer = session.reply("Hi!", pieces.append)
     assert "".join(pieces) == answer and len(pieces) >= 1
-    for i in range(40):  # a long conversation: the oldest turns go, the system message stays
+    for _ in range(40):  # a long conversation: the oldest turns go, the system message stays
         session.history += [{"role": "user", "content": "word " * 20}, {"role": "assistant", "content": "ok " * 20}]
     ids = session.prompt_ids()
     assert len(ids) <= session.model.cfg.max_seq_len - 256  # room for min(300, context/2) new tokens

@@ -1,5 +1,6 @@
 """The dedup stage: signatures bit-equal to datasketch, LSH candidates equal to MinHashLSH, clusters keeping the
 first id, counts that add up, planted duplicates of the builtin corpus, and injected ones in real TinyStories."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,9 +23,18 @@ from tasks.sources import builtin
 from tests.conftest import ROOT, shared
 from tests.test_filter import write_shards
 
-ODD_TEXTS = ["", "   ", "one", "two words", "a b c", "!!! ???", "Café au lait, s'il vous plaît — naïve façade.",
-             "Tab\tseparated\nand\r\nnewlines", "under_score and digits 42 x2",
-             "日本語のテキスト と English mixed"]
+ODD_TEXTS = [
+    "",
+    "   ",
+    "one",
+    "two words",
+    "a b c",
+    "!!! ???",
+    "Café au lait, s'il vous plaît — naïve façade.",
+    "Tab\tseparated\nand\r\nnewlines",
+    "under_score and digits 42 x2",
+    "日本語のテキスト と English mixed",
+]
 
 
 def datasketch_signature(items: list[bytes], num_perm: int, seed: int, hashfunc=None) -> np.ndarray:
@@ -41,10 +51,11 @@ def corpus() -> list[builtin.BuiltinDoc]:
 
 # ------------------------------------------------------------------------------------------------ signatures
 
+
 @pytest.mark.parametrize("num_perm, seed, n", [(128, 1, 3), (64, 7, 5), (16, 42, 1)])
 def test_text_signatures_equal_datasketch(corpus, num_perm, seed, n):
     texts = [d.text for d in corpus[:40]] + ODD_TEXTS
-    ours = MinHasher(num_perm, seed, chunk_rows=97).text_signatures(texts, n)   # odd chunks cross documents
+    ours = MinHasher(num_perm, seed, chunk_rows=97).text_signatures(texts, n)  # odd chunks cross documents
     expected = np.array([datasketch_signature(shingles(t, n), num_perm, seed, ngram_hash32) for t in texts])
     assert ours.dtype == expected.dtype == np.uint32 and ours.shape == (len(texts), num_perm)
     np.testing.assert_array_equal(ours, expected)
@@ -69,8 +80,9 @@ def test_shingles_and_words():
 
 # ------------------------------------------------------------------------------------------------ LSH
 
+
 def test_band_pairs_equal_minhashlsh_query(corpus):
-    texts = [d.text for d in corpus[:600]] + [corpus[0].text] * 3   # a bucket of more than two
+    texts = [d.text for d in corpus[:600]] + [corpus[0].text] * 3  # a bucket of more than two
     docs, _ = dedup.inject_near_duplicates([(str(i), t) for i, t in enumerate(texts)], 0.2, 0.08, seed=1)
     hasher = MinHasher(128, 1)
     sig = hasher.text_signatures([t for _, t in docs], 3)
@@ -80,8 +92,9 @@ def test_band_pairs_equal_minhashlsh_query(corpus):
         assert (lsh.b, lsh.r) == (bands, rows)
         for i, row in enumerate(sig):
             lsh.insert(i, hasher.lean(row))
-        expected = sorted({(min(i, j), max(i, j)) for i, row in enumerate(sig) for j in lsh.query(hasher.lean(row))
-                           if j != i})
+        expected = sorted(
+            {(min(i, j), max(i, j)) for i, row in enumerate(sig) for j in lsh.query(hasher.lean(row)) if j != i}
+        )
         got = band_candidate_pairs(sig, bands, rows)
         assert len(expected) > 20
         assert got.tolist() == [list(p) for p in expected]
@@ -98,18 +111,29 @@ def test_numpy_and_minhashlsh_index_find_the_same_clusters(corpus):
 
 # ------------------------------------------------------------------------------------------------ clusters
 
+
 def test_id_order_compares_numbers_as_numbers():
     ids = ["a.txt#10", "a.txt#2", "b.txt#1", "a.txt#1", "builtin-000010", "builtin-000009"]
-    assert sorted(ids, key=dedup.id_order) == ["a.txt#1", "a.txt#2", "a.txt#10", "b.txt#1", "builtin-000009",
-                                              "builtin-000010"]
+    assert sorted(ids, key=dedup.id_order) == [
+        "a.txt#1",
+        "a.txt#2",
+        "a.txt#10",
+        "b.txt#1",
+        "builtin-000009",
+        "builtin-000010",
+    ]
 
 
 def test_clusters_keep_the_first_id_whatever_the_input_order():
     story = builtin.generate_corpus(1, seed=3, exact_dup_rate=0, near_dup_rate=0, junk_rate=0)
     text = next(story).text
     near = dedup.perturb(text, random.Random(0), 0.02)
-    docs = [("x#10", text), ("x#2", "  " + text.upper() + "\n"), ("x#7", near), ("x#1", "something else entirely, "
-                                                                                  "with no words in common")]
+    docs = [
+        ("x#10", text),
+        ("x#2", "  " + text.upper() + "\n"),
+        ("x#7", near),
+        ("x#1", "something else entirely, with no words in common"),
+    ]
     for shuffled in (docs, docs[::-1]):
         sk = dedup.sketch_docs([i for i, _ in shuffled], [t for _, t in shuffled], dedup.DedupConfig())
         res = dedup.find_duplicates(sk, dedup.DedupConfig())
@@ -129,12 +153,15 @@ def test_perturb_is_seeded_and_always_edits():
     assert len(docs) == 60 and sum(r["label"] == "near_dup" for r in labels) == 10
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"bands": 20}, "dedup.bands: set both bands and rows"),
-    ({"bands": 20, "rows": 10}, "dedup.bands: bands x rows = 200 exceeds num_perm = 128"),
-    ({"threshold": 0}, "dedup.threshold: must be in (0, 1]"),
-    ({"index": "faiss"}, "dedup.index: must be one of 'numpy', 'datasketch'"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"bands": 20}, "dedup.bands: set both bands and rows"),
+        ({"bands": 20, "rows": 10}, "dedup.bands: bands x rows = 200 exceeds num_perm = 128"),
+        ({"threshold": 0}, "dedup.threshold: must be in (0, 1]"),
+        ({"index": "faiss"}, "dedup.index: must be one of 'numpy', 'datasketch'"),
+    ],
+)
 def test_bad_params_fail_naming_the_key(tmp_path, values, message):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["dedup"].update(values)
@@ -157,14 +184,17 @@ def test_dvc_stage_order_and_params():
 
 # ------------------------------------------------------------------------------------------------ ground truth
 
+
 def test_builtin_planted_duplicates_are_found(corpus):
     """Filter then dedup, as the pipeline runs them, scored against the planted labels."""
     kept = [d for d in corpus if not quality.failed_rules(d.text, quality.FilterConfig())]
     cfg = load_section("dedup", dedup.DedupConfig, path=ROOT / "params.yaml")
     sk = dedup.sketch_docs([d.id for d in kept], [d.text for d in kept], cfg)
     res = dedup.find_duplicates(sk, cfg)
-    s = dedup.score([{"id": d.id, "label": d.label, "of": d.of} for d in kept],
-                    {sk.ids[i]: kind for i, kind in res.removed().items()})
+    s = dedup.score(
+        [{"id": d.id, "label": d.label, "of": d.of} for d in kept],
+        {sk.ids[i]: kind for i, kind in res.removed().items()},
+    )
     assert s["near_dup"] == 90 and s["exact_dup"] == 90
     assert s["near_dup_precision"] >= 0.95 and s["near_dup_recall"] >= 0.90
     assert s["exact_dup_recall"] == 1.0 and s["clean_removed"] == 0
@@ -184,6 +214,7 @@ def test_real_tinystories_with_injected_near_duplicates():
 
 # ------------------------------------------------------------------------------------------------ stage
 
+
 def run_stage(root: Path, workers: int, **cfg) -> tuple[dict, list[dict], list[dict]]:
     data = load_section("data", path=ROOT / "params.yaml")
     data = dataclasses.replace(data, parallel=dataclasses.replace(data.parallel, workers=workers))
@@ -200,8 +231,12 @@ def test_stage_counts_clusters_and_outputs_agree(tmp_path, corpus):
     write_shards(tmp_path, "filter", docs, per_shard=400)
     m, kept, clusters = run_stage(tmp_path, workers=2)
 
-    assert m["docs_in"] == len(docs) == m["kept"] + m["exact_duplicates"] + m["near_duplicates"] == \
-        len(kept) + sum(len(c["duplicates"]) for c in clusters)
+    assert (
+        m["docs_in"]
+        == len(docs)
+        == m["kept"] + m["exact_duplicates"] + m["near_duplicates"]
+        == len(kept) + sum(len(c["duplicates"]) for c in clusters)
+    )
     removed = [i for c in clusters for i in c["duplicates"]]
     assert len(removed) == len(set(removed)) and not set(removed) & {d["id"] for d in kept}
     assert [d["id"] for d in kept] == [d.id for d in docs if d.id not in set(removed)]
@@ -218,8 +253,9 @@ def test_stage_counts_clusters_and_outputs_agree(tmp_path, corpus):
     write_shards(other, "filter", docs[::-1], per_shard=700)
     m2, kept2, clusters2 = run_stage(other, workers=1)
     assert sorted(d["id"] for d in kept2) == sorted(d["id"] for d in kept)
-    assert sorted(map(json.dumps, ({k: v for k, v in c.items() if k != "cluster"} for c in clusters2))) == \
-        sorted(map(json.dumps, ({k: v for k, v in c.items() if k != "cluster"} for c in clusters)))
+    assert sorted(map(json.dumps, ({k: v for k, v in c.items() if k != "cluster"} for c in clusters2))) == sorted(
+        map(json.dumps, ({k: v for k, v in c.items() if k != "cluster"} for c in clusters))
+    )
 
 
 def test_duplicate_input_ids_are_an_error(tmp_path, corpus):

@@ -1,5 +1,6 @@
 """The dpo stage on the tiny test world: the DPO loss against a frozen reference, its metrics, the end comparison
 with the SFT policy (constraint satisfaction, reward-model win rate, KL), and HH-RLHF pairs end to end."""
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,16 @@ import torch
 from model import Llama, ModelConfig
 from tasks import dpo
 from tasks.common import alignment as al
-from tasks.sources import examples
-from tasks.common.train_config import SamplingConfig, TrainConfig
-from tests.alignment_fixtures import cached_stage, dpo_config, reward_config, run_stage, sft_config, stage_root
+from tasks.common.train_config import SamplingConfig
+from tests.alignment_fixtures import (
+    cached_stage,
+    dpo_config,
+    reward_config,
+    run_stage,
+    sft_config,
+    smoke_train,
+    stage_root,
+)
 from tests.conftest import shared
 
 
@@ -60,10 +68,15 @@ def test_dpo_runs_on_hh_rlhf_pairs(tmp_path, tmp_path_factory):
     cached_stage(tmp_path_factory, "sft", sft_config())
     world, _ = cached_stage(tmp_path_factory, "reward", reward_config())
     root = stage_root(tmp_path, world, "sft", "reward")
-    cfg = dpo_config(sources=[str(hh)], builtin_train=0, builtin_val=0, val_fraction=0.01, max_len=192,
-                     sampling=SamplingConfig(prompts=0),
-                     train=TrainConfig(max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-4, warmup_steps=1,
-                                       log_every=1, eval_every=0, checkpoint_every=0))
+    cfg = dpo_config(
+        sources=[str(hh)],
+        builtin_train=0,
+        builtin_val=0,
+        val_fraction=0.01,
+        max_len=192,
+        sampling=SamplingConfig(prompts=0),
+        train=smoke_train(max_steps=2, lr=1e-4),
+    )
     m = run_stage("dpo", cfg, root)
     assert m["rows_in"] == 1812 and m["rows_in"] == m["train_examples"] + m["val_examples"] + m["quarantined"]
     assert m["steps"] == 2 and "val_kl" in m and "win_rate" not in m

@@ -29,8 +29,11 @@ def declared_code_deps(entry: dict) -> list[str]:
 
 def test_every_stage_lists_exactly_the_code_it_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    wrong = {stage: {"dvc.yaml": declared_code_deps(entry), "imports": code_deps(stage)}
-             for stage, entry in stages.items() if sorted(declared_code_deps(entry)) != sorted(code_deps(stage))}
+    wrong = {
+        stage: {"dvc.yaml": declared_code_deps(entry), "imports": code_deps(stage)}
+        for stage, entry in stages.items()
+        if sorted(declared_code_deps(entry)) != sorted(code_deps(stage))
+    }
     assert not wrong, f"dvc.yaml deps differ from the import graph (python -m tests.test_dvc_deps prints them): {wrong}"
 
 

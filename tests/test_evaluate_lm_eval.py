@@ -1,6 +1,7 @@
 """lm-evaluation-harness scores our exported model on the offline tasks of evals/, and its numbers equal our own
 log-likelihood computation (our Llama, not transformers') on the same items: per choice within 1e-4, and the
 accuracy from our own summed log-probs equals lm-eval's."""
+
 from __future__ import annotations
 
 import json
@@ -40,7 +41,7 @@ def own_loglikelihoods(model, tok, context: str, choices: list[str]) -> list[flo
     ctx = tok.encode(context).ids
     for choice in choices:
         whole = tok.encode(context + " " + choice).ids
-        cont = whole[len(ctx):]
+        cont = whole[len(ctx) :]
         idx = torch.tensor([whole[:-1]])
         with torch.no_grad():
             logits, _ = model(idx, all_logits=True)  # (1,T-1,V)
@@ -87,8 +88,9 @@ def test_real_slices_are_scored_or_skipped_with_reason(scored):
 def test_missing_slice_is_skipped_with_reason(scored, tmp_path):
     cfg = EvaluateConfig(limit=3, data_dir=str(tmp_path / "nowhere"), benchmarks=["piqa"])
     skipped: dict[str, str] = {}
-    files, counts = prepare_benchmarks(cfg, stage_paths("evaluate", root=tmp_path), scored[0] / "tokenizer.json",
-                                       512, skipped)
+    files, counts = prepare_benchmarks(
+        cfg, stage_paths("evaluate", root=tmp_path), scored[0] / "tokenizer.json", 512, skipped
+    )
     assert files == {} and counts == {}
     assert "no piqa slice" in skipped["benchmark:piqa"] and "nowhere" in skipped["benchmark:piqa"]
 
@@ -97,7 +99,8 @@ def test_items_too_long_for_the_context_are_counted_not_scored(scored, tmp_path)
     folder = scored[0]
     cfg = EvaluateConfig(limit=5, benchmarks=["cloze"])
     skipped: dict[str, str] = {}
-    files, counts = prepare_benchmarks(cfg, stage_paths("evaluate", root=tmp_path), folder / "tokenizer.json", 48,
-                                       skipped)
+    files, counts = prepare_benchmarks(
+        cfg, stage_paths("evaluate", root=tmp_path), folder / "tokenizer.json", 48, skipped
+    )
     assert counts["cloze"]["too_long_for_context"] > 0
     assert counts["cloze"]["items"] + counts["cloze"]["too_long_for_context"] <= 10

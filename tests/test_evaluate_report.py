@@ -1,6 +1,7 @@
 """The report card renders from metrics/*.json and MLflow: models, benchmarks, every stage's training curves,
 the data funnel and tokenizer compression, each with its PNG; it is logged to MLflow; `scratchlm report` says
 where it is and rebuilds it on request."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,20 +16,37 @@ from tests.conftest import ROOT
 from tests.evaluate_fixtures import evaluation
 
 STAGE_METRICS = {
-    "ingest": {"docs_in": 1200, "docs_out": 1190, "quarantined": 10, "quarantined_by_reason": {"malformed JSON": 10},
-               "bytes_out": 680000},
-    "filter": {"docs_in": 1190, "kept": 1130, "rejected": 60,
-               "rejected_by_rule": {"word_count": 20, "symbol_ratio": 40}},
+    "ingest": {
+        "docs_in": 1200,
+        "docs_out": 1190,
+        "quarantined": 10,
+        "quarantined_by_reason": {"malformed JSON": 10},
+        "bytes_out": 680000,
+    },
+    "filter": {
+        "docs_in": 1190,
+        "kept": 1130,
+        "rejected": 60,
+        "rejected_by_rule": {"word_count": 20, "symbol_ratio": 40},
+    },
     "dedup": {"docs_in": 1130, "kept": 1070, "exact_duplicates": 30, "near_duplicates": 30},
     "tokenizer": {"vocab_size": 4096, "vocab_size_requested": 4096, "val_bytes_per_token": 4.3},
-    "pretokenize": {"train_documents": 1016, "val_documents": 54, "train_tokens": 250000, "val_tokens": 13000,
-                    "train_bytes_per_token": 4.31, "val_bytes_per_token": 4.29},
+    "pretokenize": {
+        "train_documents": 1016,
+        "val_documents": 54,
+        "train_tokens": 250000,
+        "val_tokens": 13000,
+        "train_bytes_per_token": 4.31,
+        "val_bytes_per_token": 4.29,
+    },
 }
 
 
 def log_stage(client, experiment_id: str, stage: str, parent: str | None, curves: dict[str, list[float]]) -> str:
-    tags = {"scratchlm.stage": stage, **({"scratchlm.parent_run_id": parent, "mlflow.parentRunId": parent}
-                                         if parent else {})}
+    tags = {
+        "scratchlm.stage": stage,
+        **({"scratchlm.parent_run_id": parent, "mlflow.parentRunId": parent} if parent else {}),
+    }
     run = client.create_run(experiment_id, run_name=stage, tags=tags)
     for key, values in curves.items():
         for step, value in enumerate(values):
@@ -45,8 +63,13 @@ def project(tmp_path, monkeypatch, mlflow_uri):
     (tmp_path / "metrics").mkdir()
     for stage, m in {**STAGE_METRICS, "evaluate": evaluation()}.items():
         (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(m))
-    (tmp_path / "dvc.yaml").write_text("stages:\n" + "".join(
-        f"  {s}:\n    cmd: python -m tasks.{s}\n" for s in ("ingest", "pretrain", "sft", "reward", "dpo", "evaluate")))
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n"
+        + "".join(
+            f"  {s}:\n    cmd: python -m tasks.{s}\n"
+            for s in ("ingest", "pretrain", "sft", "reward", "dpo", "evaluate")
+        )
+    )
     (tmp_path / "data/evaluate").mkdir(parents=True)
     (tmp_path / "data/evaluate/samples.md").write_text("# Samples\n\n## User prompt: Hi\n\n**dpo**\n\n> Hello.\n")
     return tmp_path
@@ -54,14 +77,24 @@ def project(tmp_path, monkeypatch, mlflow_uri):
 
 def make_runs(parent_name: str = "build_llm"):
     import mlflow
+
     setup_mlflow()
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name("scratchlm").experiment_id
     parent = client.create_run(exp, run_name=parent_name).info.run_id
     runs = {
-        "pretrain": log_stage(client, exp, "pretrain", parent, {"train/loss": [8.0, 5.0, 3.5, 3.0],
-                                                               "val/loss": [7.9, 4.0], "val/bpb": [2.6, 1.4],
-                                                               "train/lr": [0.0, 1e-3, 1e-3, 5e-4]}),
+        "pretrain": log_stage(
+            client,
+            exp,
+            "pretrain",
+            parent,
+            {
+                "train/loss": [8.0, 5.0, 3.5, 3.0],
+                "val/loss": [7.9, 4.0],
+                "val/bpb": [2.6, 1.4],
+                "train/lr": [0.0, 1e-3, 1e-3, 5e-4],
+            },
+        ),
         "sft": log_stage(client, exp, "sft", parent, {"train/loss": [2.0, 1.2, 1.0], "val/loss": [1.9, 1.1]}),
         "dpo": log_stage(client, exp, "dpo", parent, {"train/loss": [0.69, 0.5], "train/margin": [0.0, 0.4]}),
     }
@@ -72,12 +105,29 @@ def test_report_renders_every_section_with_its_plots(project):
     client, _, parent, runs = make_runs()
     report = build_report(project, parent_run_id=parent)
     text = report.read_text()
-    for heading in ("# scratchlm report card", "## Models", "## Benchmarks", "## Training curves (MLflow)",
-                    "### pretrain", "### sft", "### dpo", "## Data funnel", "## Tokenizer", "## Samples"):
+    for heading in (
+        "# scratchlm report card",
+        "## Models",
+        "## Benchmarks",
+        "## Training curves (MLflow)",
+        "### pretrain",
+        "### sft",
+        "### dpo",
+        "## Data funnel",
+        "## Tokenizer",
+        "## Samples",
+    ):
         assert heading in text, heading
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    assert set(links) == {"bpb.png", "benchmarks.png", "curves_pretrain.png", "curves_sft.png", "curves_dpo.png",
-                          "funnel.png", "tokenizer.png"}
+    assert set(links) == {
+        "bpb.png",
+        "benchmarks.png",
+        "curves_pretrain.png",
+        "curves_sft.png",
+        "curves_dpo.png",
+        "funnel.png",
+        "tokenizer.png",
+    }
     for name in links:
         png = project / "reports" / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 2000, name
@@ -92,6 +142,7 @@ def test_report_renders_every_section_with_its_plots(project):
 
 def test_curves_skip_schedule_metrics_and_single_points(project):
     import mlflow
+
     _, _, _, runs = make_runs()
     series = curves(mlflow.MlflowClient().get_run(runs["pretrain"]))
     assert set(series) == {"loss", "bpb"} and set(series["loss"]) == {"train", "val"}
@@ -122,6 +173,7 @@ def test_pipeline_stages_are_dvc_yamls_in_order(tmp_path):
 
 def test_report_is_logged_to_mlflow_and_renders_without_inputs(tmp_path, monkeypatch, mlflow_uri):
     import mlflow
+
     monkeypatch.chdir(tmp_path)
     setup_mlflow()
     run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("scratchlm").experiment_id)
@@ -134,6 +186,7 @@ def test_report_is_logged_to_mlflow_and_renders_without_inputs(tmp_path, monkeyp
 
 def test_scratchlm_report_command(project, monkeypatch, capsys):
     import flows.commands as commands
+
     monkeypatch.setattr(commands, "ROOT", project)
     monkeypatch.setattr(commands, "REPORT", project / "reports" / "report.md")
     assert commands.cmd_report(argparse.Namespace(regenerate=False, run=None)) == 1

@@ -1,6 +1,7 @@
 """The evaluate stage end to end on tiny models: held-out loss / bpb against a plain per-document computation,
 lm-eval benchmarks, constraint satisfaction and reward win rates on shared prompts, samples, DVC plot files and
 the report card; missing models fail or are skipped with the reason."""
+
 from __future__ import annotations
 
 import gzip
@@ -20,10 +21,16 @@ from tasks.common.train_config import SamplingConfig
 from tasks.evaluate import EvaluateConfig, held_out, held_out_loss, quiet_libraries, run, summary, win_rate
 from tests.evaluate_fixtures import VAL_TEXTS, pipeline_outputs
 
-SMALL = dict(limit=6, val_max_tokens=0, benchmarks=["cloze"], batch_size=8,
-             sampling=SamplingConfig(prompts=4, prompt_seed=4242, seed=0, max_new_tokens=24, batch_size=4),
-             sample_prompts=["Tell me a story about a cat."], sample_texts=["Once upon a time"],
-             sample_max_new_tokens=12)
+SMALL = dict(
+    limit=6,
+    val_max_tokens=0,
+    benchmarks=["cloze"],
+    batch_size=8,
+    sampling=SamplingConfig(prompts=4, prompt_seed=4242, seed=0, max_new_tokens=24, batch_size=4),
+    sample_prompts=["Tell me a story about a cat."],
+    sample_texts=["Once upon a time"],
+    sample_max_new_tokens=12,
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +52,7 @@ def evaluated(project):
 def test_bits_per_byte_counts_the_texts_utf8_bytes(project):
     data = held_out(project / "data" / "pretokenize", 0)
     texts = data_texts(project)
-    assert texts[:len(VAL_TEXTS)] == VAL_TEXTS
+    assert texts[: len(VAL_TEXTS)] == VAL_TEXTS
     assert data.text_bytes == sum(len(t.encode("utf-8")) for t in texts)
     assert data.text_bytes > sum(len(t) for t in texts)  # the multi-byte characters count as bytes, not chars
     model = load(project / "data" / "pretrain" / "model")
@@ -99,9 +106,13 @@ def test_answers_carry_constraints_and_rewards(evaluated):
     for label in m["models"]:
         rows = [json.loads(x) for x in (project / "data/evaluate/answers" / f"{label}.jsonl").read_text().splitlines()]
         assert len(rows) == 4 and all(isinstance(r["reward"], float) and r["constraints"] for r in rows)
-    prompts = {label: [json.loads(x)["prompt"] for x in
-                       (project / "data/evaluate/answers" / f"{label}.jsonl").read_text().splitlines()]
-               for label in m["models"]}
+    prompts = {
+        label: [
+            json.loads(x)["prompt"]
+            for x in (project / "data/evaluate/answers" / f"{label}.jsonl").read_text().splitlines()
+        ]
+        for label in m["models"]
+    }
     assert prompts["base"] == prompts["sft"] == prompts["dpo"]  # the same held-out prompts for every model
 
 
@@ -130,8 +141,9 @@ def test_missing_model_fails_or_is_skipped(tmp_path, project, monkeypatch):
     paths = stage_paths("evaluate", root=tmp_path)
     with pytest.raises(ScratchError, match=r"evaluate.models.sft: .*data/sft/model has no model .*dvc repro sft"):
         run(EvaluateConfig(**SMALL), paths, Tracker("evaluate", None))
-    cfg = EvaluateConfig(**{**SMALL, "missing_models": "skip", "report": False, "sample_prompts": [],
-                            "sample_texts": []})
+    cfg = EvaluateConfig(
+        **{**SMALL, "missing_models": "skip", "report": False, "sample_prompts": [], "sample_texts": []}
+    )
     m = run(cfg, paths, Tracker("evaluate", None))
     assert m["models"] == ["base"] and "data/sft/model" in m["skipped"]["model:sft"]
     assert m["model_stages"] == {"base": "pretrain"} and "report" not in m
@@ -143,3 +155,5 @@ def test_config_rejects_unknown_benchmark_and_bad_pairs():
         EvaluateConfig(benchmarks=["mmlu"])
     with pytest.raises(ScratchError, match="win_rates"):
         EvaluateConfig(win_rates=["dpo:nope"])
+    with pytest.raises(ScratchError, match="models: label 'report' is a key of metrics/evaluate.json"):
+        EvaluateConfig(models={"base": "pretrain", "report": "dpo"}, win_rates=[])

@@ -1,5 +1,6 @@
 """The filter stage: each rule on a document made to fail it, switches, thresholds from params, counts that add up,
 the planted junk of the builtin corpus, and real TinyStories kept."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,27 +14,33 @@ import yaml
 
 from tasks import filter as quality
 from tasks.common.config import ConfigError, load_section
-from tasks.common.dvcio import read_docs, stage_paths, write_jsonl_gz
+from tasks.common.dvcio import read_docs, read_labels, stage_paths, write_jsonl_gz
 from tasks.common.tracking import Tracker
 from tasks.sources import builtin
 from tests.conftest import ROOT, shared
 
 PARAMS = ROOT / "params.yaml"
 
-CLEAN = ("Once upon a time, a little fox named Pip lived near a quiet river. Every morning she walked to the water "
-         "and looked at the fish.\nOne day she found a shiny stone under a tall tree. She showed it to her friend, "
-         "an old owl, who told her it was a piece of the moon.\nPip laughed and kept the stone in her den. When "
-         "winter came, the stone glowed softly at night and kept her warm.")
-VOCAB = ("apple banana cherry dragon eagle forest garden harbor island jungle kettle lemon meadow needle orange "
-         "pepper quilt rabbit saddle tiger umbrella valley walnut yellow zebra anchor bottle candle donkey engine "
-         "feather goblet hammer insect jacket kitten ladder mirror napkin oyster pillow quartz ribbon silver turtle "
-         "violin wagon window basket carpet desert falcon glacier helmet").split()
+CLEAN = (
+    "Once upon a time, a little fox named Pip lived near a quiet river. Every morning she walked to the water "
+    "and looked at the fish.\nOne day she found a shiny stone under a tall tree. She showed it to her friend, "
+    "an old owl, who told her it was a piece of the moon.\nPip laughed and kept the stone in her den. When "
+    "winter came, the stone glowed softly at night and kept her warm."
+)
+VOCAB = (
+    "apple banana cherry dragon eagle forest garden harbor island jungle kettle lemon meadow needle orange "
+    "pepper quilt rabbit saddle tiger umbrella valley walnut yellow zebra anchor bottle candle donkey engine "
+    "feather goblet hammer insect jacket kitten ladder mirror napkin oyster pillow quartz ribbon silver turtle "
+    "violin wagon window basket carpet desert falcon glacier helmet"
+).split()
 
 
 def lines(n: int, words: int, start: int = 0) -> list[str]:
     """n distinct lines of distinct vocabulary words."""
-    return [" ".join(VOCAB[(start + i * words + k) % len(VOCAB)] for k in range(words)) + " today" + str(i)
-            for i in range(n)]
+    return [
+        " ".join(VOCAB[(start + i * words + k) % len(VOCAB)] for k in range(words)) + " today" + str(i)
+        for i in range(n)
+    ]
 
 
 def long_words(n: int) -> str:
@@ -49,8 +56,10 @@ CASES = {
     "ellipsis_lines": ("\n".join(line + ("..." if i % 2 else ".") for i, line in enumerate(lines(10, 6))), ()),
     "bullet_lines": ("\n".join("- " + line for line in lines(10, 5)), ()),
     "duplicate_lines": ("\n".join(lines(6, 6) + lines(6, 6)[:4]), ()),
-    "duplicate_paragraphs": ("\n\n".join(["\n".join(lines(3, 5, s)) for s in (0, 15)] * 2 + [CLEAN]),
-                             ("duplicate_lines",)),
+    "duplicate_paragraphs": (
+        "\n\n".join(["\n".join(lines(3, 5, s)) for s in (0, 15)] * 2 + [CLEAN]),
+        ("duplicate_lines",),
+    ),
     "top_ngrams": (" ".join(f"the cat {w}." for w in VOCAB[:20]), ()),
     "duplicate_ngrams": (" ".join(VOCAB[:20] + VOCAB[20:40] * 2), ()),
     "alpha_ratio": (" ".join(str(10_000 + 7919 * i) for i in range(30)), ()),
@@ -94,7 +103,7 @@ def test_ngram_fractions():
     assert s.norm_words == ["a", "b", "c", "a", "b", "c"]
     assert s.ngram_ids(2).tolist() == [0, 1, 2, 0, 1] and s.ngram_ids(6).tolist() == [0]
     assert len(s.ngram_ids(7)) == 0
-    assert quality.top_ngram_char_fraction(s, 2) == pytest.approx(4 / 6)        # "a b" twice
+    assert quality.top_ngram_char_fraction(s, 2) == pytest.approx(4 / 6)  # "a b" twice
     assert quality.duplicate_ngram_char_fraction(s, 3) == pytest.approx(3 / 6)  # the second "a b c"
     assert quality.duplicate_ngram_char_fraction(s, 2) == pytest.approx(3 / 6)  # "a b", "b c" again: 3 words
     long = quality.TextStats.of("xx yy zz xx yy q xx yyy")
@@ -103,13 +112,21 @@ def test_ngram_fractions():
     assert quality.repeated_fractions(["x", "yy", "x"]) == (pytest.approx(1 / 3), pytest.approx(1 / 4))
 
 
-@pytest.mark.parametrize("section, message", [
-    ({"top_ngrams": {"n": [2, 3], "max_char_fraction": [0.2]}},
-     "filter.top_ngrams.max_char_fraction: needs one value per entry of n"),
-    ({"word_count": {"min_words": 50, "max_words": 10}}, "filter.word_count.min_words: must satisfy"),
-    ({"alpha_ratio": {"min_ration": 0.5}}, "filter.alpha_ratio.min_ration: unknown key (did you mean 'min_ratio'?)"),
-    ({"boilerplate": {"phrases": ["cookie policy", " "]}}, "filter.boilerplate.phrases: must not contain empty"),
-])
+@pytest.mark.parametrize(
+    "section, message",
+    [
+        (
+            {"top_ngrams": {"n": [2, 3], "max_char_fraction": [0.2]}},
+            "filter.top_ngrams.max_char_fraction: needs one value per entry of n",
+        ),
+        ({"word_count": {"min_words": 50, "max_words": 10}}, "filter.word_count.min_words: must satisfy"),
+        (
+            {"alpha_ratio": {"min_ration": 0.5}},
+            "filter.alpha_ratio.min_ration: unknown key (did you mean 'min_ratio'?)",
+        ),
+        ({"boilerplate": {"phrases": ["cookie policy", " "]}}, "filter.boilerplate.phrases: must not contain empty"),
+    ],
+)
 def test_bad_thresholds_fail_naming_the_key(tmp_path, section, message):
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for rule, values in section.items():
@@ -122,13 +139,14 @@ def test_bad_thresholds_fail_naming_the_key(tmp_path, section, message):
 
 # ------------------------------------------------------------------------------------------------ builtin corpus
 
+
 @pytest.fixture(scope="module")
 def corpus() -> list[builtin.BuiltinDoc]:
     return list(builtin.generate_corpus(3000, seed=11, exact_dup_rate=0.03, near_dup_rate=0.03, junk_rate=0.05))
 
 
 def test_builtin_planted_junk_is_rejected_and_clean_stories_kept(corpus):
-    cfg = load_section("filter", quality.FilterConfig, path=PARAMS)   # the default params
+    cfg = load_section("filter", quality.FilterConfig, path=PARAMS)  # the default params
     rejected = {d.id for d in corpus if quality.failed_rules(d.text, cfg)}
     junk = [d for d in corpus if d.label == "junk"]
     clean = [d for d in corpus if d.label == "clean"]
@@ -145,10 +163,11 @@ def write_shards(root: Path, stage: str, docs: list[builtin.BuiltinDoc], per_sha
     folder = root / "data" / stage
     folder.mkdir(parents=True)
     for n, start in enumerate(range(0, len(docs), per_shard)):
-        rows = [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start:start + per_shard]]
+        rows = [{"id": d.id, "text": d.text, "source": "builtin:stories"} for d in docs[start : start + per_shard]]
         write_jsonl_gz(folder / f"shard-00000-{n:04d}.jsonl.gz", rows)
-    (folder / "labels.jsonl").write_text("".join(json.dumps({"id": d.id, "label": d.label, "of": d.of}) + "\n"
-                                                 for d in docs))
+    (folder / "labels.jsonl").write_text(
+        "".join(json.dumps({"id": d.id, "label": d.label, "of": d.of}) + "\n" for d in docs)
+    )
 
 
 def test_stage_counts_add_up_and_outputs_agree(tmp_path, corpus):
@@ -198,10 +217,11 @@ def test_bad_labels_row_names_file_and_line(tmp_path):
     path = tmp_path / "labels.jsonl"
     path.write_text('{"id": "a", "label": "clean", "of": null}\n{"id": "b"}\n')
     with pytest.raises(Exception, match=r"labels.jsonl:2: not a label row"):
-        quality.read_labels(path)
+        read_labels(path)
 
 
 # ------------------------------------------------------------------------------------------------ real data
+
 
 def test_default_thresholds_keep_real_tinystories():
     folder = shared("tinystories")

@@ -76,6 +76,5 @@ def test_imports_point_one_way():
 
 
 def test_no_import_cycle():
-    cycles = [p.relative_to(ROOT).as_posix() for p in project_modules()
-              if any(p in reached(q) for q in imports_of(p))]
+    cycles = [p.relative_to(ROOT).as_posix() for p in project_modules() if any(p in reached(q) for q in imports_of(p))]
     assert not cycles, f"modules on an import cycle: {cycles}"

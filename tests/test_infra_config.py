@@ -3,13 +3,13 @@ is installed (`docker compose`, else Debian's `docker-compose`) and publishes po
 credential written in it; infra/prefect.yaml's deployments point at flows, stages and pools that exist; the
 Dockerfile installs the pinned torch/deepspeed; the DeepSpeed hostfile example parses as the training stages parse
 a hostfile. Names shared between files (pool, network, volume) agree."""
+
 from __future__ import annotations
 
 import ast
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -40,8 +40,13 @@ def compose_config(env: dict[str, str]) -> subprocess.CompletedProcess:
     if tool is None:
         pytest.skip("neither `docker compose` nor `docker-compose` is installed (.ci/run installs docker-compose)")
     # a clean environment: only PATH and what the test passes, so nothing from the caller's shell leaks in
-    return subprocess.run([*tool, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=120,
-                          env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", **env})
+    return subprocess.run(
+        [*tool, "-f", str(COMPOSE), "config"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", **env},
+    )
 
 
 def published(service: dict) -> list[tuple[str, str]]:
@@ -65,6 +70,7 @@ def prefect_spec() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ compose
+
 
 def test_compose_config_validates_and_binds_every_port_to_loopback():
     proc = compose_config(CREDENTIALS)
@@ -127,6 +133,7 @@ def test_compose_and_prefect_yaml_agree_on_pool_network_and_cache_volume():
 
 # ------------------------------------------------------------------------------------------------ prefect.yaml
 
+
 def flow_signature(entrypoint: str) -> list[str] | None:
     """Parameter names of the flow function an entrypoint names, read from the source (None: file missing)."""
     path, func = entrypoint.split(":")
@@ -159,6 +166,7 @@ def test_prefect_deployments_name_real_flows_parameters_stages_and_pools():
 
 
 # ------------------------------------------------------------------------------------------------ image, hostfile
+
 
 def locked(package: str) -> str:
     match = re.search(rf"^{package}==([^\s+]+)", (ROOT / "requirements.lock").read_text(), re.M)

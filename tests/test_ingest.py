@@ -1,4 +1,5 @@
 """The ingest stage: every source format, every class of bad input with exact counts (in = out + quarantined)."""
+
 from __future__ import annotations
 
 import gzip
@@ -14,8 +15,9 @@ from tasks.common.tracking import Tracker
 from tests.conftest import ROOT, shared
 
 
-def run_ingest(tmp_path: Path, sources: list[str], data: dict | None = None, **cfg
-               ) -> tuple[dict, list[dict], list[dict]]:
+def run_ingest(
+    tmp_path: Path, sources: list[str], data: dict | None = None, **cfg
+) -> tuple[dict, list[dict], list[dict]]:
     """The stage on `sources` with the repository's params, 400 builtin documents and the `data`/`cfg` overrides."""
     params = read_params(ROOT / "params.yaml")
     builtin = {**params["data"]["builtin"], "n_docs": 400}
@@ -61,14 +63,27 @@ def test_real_tinystories_sample(tmp_path):
 def test_txt_with_bad_pieces(tmp_path):
     (tmp_path / "corpus").mkdir()
     sep = b"<|endoftext|>"
-    (tmp_path / "corpus/a.txt").write_bytes(b"first story." + sep + b"  \n " + sep + b"bad \xff\xfe bytes" + sep
-                                            + "caf\u00e9 \u2603".encode() + sep + b"cut off tai")
+    (tmp_path / "corpus/a.txt").write_bytes(
+        b"first story."
+        + sep
+        + b"  \n "
+        + sep
+        + b"bad \xff\xfe bytes"
+        + sep
+        + "caf\u00e9 \u2603".encode()
+        + sep
+        + b"cut off tai"
+    )
     (tmp_path / "corpus/b.txt").write_bytes(b"\x00\x01binary\x00" * 10)
     (tmp_path / "corpus/notes.md").write_text("not a document")
     metrics, docs, quarantine = run_ingest(tmp_path, ["corpus"])
     assert [d["text"] for d in docs] == ["first story.", "caf\u00e9 \u2603"]
-    assert metrics["quarantined_by_reason"] == {"binary file": 1, "empty document": 1, "invalid UTF-8": 1,
-                                                "unterminated tail": 1}
+    assert metrics["quarantined_by_reason"] == {
+        "binary file": 1,
+        "empty document": 1,
+        "invalid UTF-8": 1,
+        "unterminated tail": 1,
+    }
     assert metrics["docs_in"] == 6 and metrics["skipped_files"] == ["corpus/notes.md"]
     assert {q["location"].split("/")[-1] for q in quarantine} == {"a.txt#1", "a.txt#2", "a.txt#4", "b.txt"}
     assert docs[0]["id"] == "corpus/a.txt#0"
@@ -78,10 +93,17 @@ def test_txt_with_bad_pieces(tmp_path):
 
 
 def jsonl_lines() -> list[bytes]:
-    return [json.dumps({"text": "good one", "meta": 1}).encode(), b'{"text": "broken', json.dumps([1, 2]).encode(),
-            json.dumps({"body": "no text field"}).encode(), json.dumps({"text": 42}).encode(),
-            json.dumps({"text": "   "}).encode(), b'{"text": "bad \xff utf8"}', b"",
-            json.dumps({"text": "good two \u00fc"}, ensure_ascii=False).encode()]
+    return [
+        json.dumps({"text": "good one", "meta": 1}).encode(),
+        b'{"text": "broken',
+        json.dumps([1, 2]).encode(),
+        json.dumps({"body": "no text field"}).encode(),
+        json.dumps({"text": 42}).encode(),
+        json.dumps({"text": "   "}).encode(),
+        b'{"text": "bad \xff utf8"}',
+        b"",
+        json.dumps({"text": "good two \u00fc"}, ensure_ascii=False).encode(),
+    ]
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
@@ -91,9 +113,14 @@ def test_jsonl_bad_lines_are_counted(tmp_path, suffix):
     path.write_bytes(gzip.compress(payload) if suffix.endswith(".gz") else payload)
     metrics, docs, quarantine = run_ingest(tmp_path, [path.name])
     assert [d["text"] for d in docs] == ["good one", "good two \u00fc"]
-    assert metrics["quarantined_by_reason"] == {"empty document": 1, "invalid UTF-8": 1, "malformed JSON": 1,
-                                                "missing text field 'text'": 1, "not a JSON object": 1,
-                                                "text field 'text' is int, not a string": 1}
+    assert metrics["quarantined_by_reason"] == {
+        "empty document": 1,
+        "invalid UTF-8": 1,
+        "malformed JSON": 1,
+        "missing text field 'text'": 1,
+        "not a JSON object": 1,
+        "text field 'text' is int, not a string": 1,
+    }
     assert [q["location"].rsplit(":", 1)[1] for q in quarantine] == ["2", "3", "4", "5", "6", "7"]
     assert docs[1]["id"] == f"docs{suffix}:9"
 
@@ -111,6 +138,7 @@ def test_truncated_gzip_keeps_what_was_readable(tmp_path):
 def test_parquet_and_text_field(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"content": ["alpha doc", None, "", "beta doc"]}), tmp_path / "a.parquet")
     pq.write_table(pa.table({"other": ["x", "y", "z"]}), tmp_path / "b.parquet")
     metrics, docs, quarantine = run_ingest(tmp_path, ["*.parquet"], data={"text_field": "content"})
@@ -122,6 +150,7 @@ def test_parquet_and_text_field(tmp_path):
 
 def test_hf_source_loads_a_local_dataset_folder(tmp_path):
     import datasets
+
     datasets.Dataset.from_dict({"text": ["from hf one", "", "from hf two"]}).save_to_disk(str(tmp_path / "saved"))
     metrics, docs, _ = run_ingest(tmp_path, ["hf:saved"])
     assert [d["text"] for d in docs] == ["from hf one", "from hf two"] and metrics["quarantined"] == 1
@@ -134,12 +163,15 @@ def test_hf_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
         run_ingest(tmp_path, ["hf:roneneldan/TinyStories:validation"])
 
 
-@pytest.mark.parametrize("sources, message", [
-    (["missing/folder"], "data.sources: 'missing/folder': no such file or folder"),
-    (["builtin:poems"], "unknown builtin"),
-    (["notes.md"], "unsupported file type .md"),
-    (["a.txt", "a.txt"], "is listed twice"),
-])
+@pytest.mark.parametrize(
+    "sources, message",
+    [
+        (["missing/folder"], "data.sources: 'missing/folder': no such file or folder"),
+        (["builtin:poems"], "unknown builtin"),
+        (["notes.md"], "unsupported file type .md"),
+        (["a.txt", "a.txt"], "is listed twice"),
+    ],
+)
 def test_bad_sources_fail_before_any_work(tmp_path, sources, message):
     (tmp_path / "notes.md").write_text("x")
     (tmp_path / "a.txt").write_text("x")
@@ -152,8 +184,14 @@ def test_parallel_units_match_inline(tmp_path):
     for i in range(4):
         (tmp_path / f"f{i}.jsonl").write_text("".join(json.dumps({"text": f"doc {i}-{j}"}) + "\n" for j in range(30)))
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
-    _, inline, _ = run_ingest(tmp_path / "one", [str(tmp_path / "*.jsonl")],
-                              data={"parallel": {"runner": "local", "workers": 1, "dask_address": ""}})
-    _, pooled, _ = run_ingest(tmp_path / "two", [str(tmp_path / "*.jsonl")],
-                              data={"parallel": {"runner": "local", "workers": 2, "dask_address": ""}})
+    _, inline, _ = run_ingest(
+        tmp_path / "one",
+        [str(tmp_path / "*.jsonl")],
+        data={"parallel": {"runner": "local", "workers": 1, "dask_address": ""}},
+    )
+    _, pooled, _ = run_ingest(
+        tmp_path / "two",
+        [str(tmp_path / "*.jsonl")],
+        data={"parallel": {"runner": "local", "workers": 2, "dask_address": ""}},
+    )
     assert [d["text"] for d in pooled] == [d["text"] for d in inline] and len(inline) == 120

@@ -1,4 +1,5 @@
 """Instruction and preference loaders: every supported format, the real shared corpora, counted quarantine."""
+
 from __future__ import annotations
 
 import gzip
@@ -41,7 +42,8 @@ def test_real_hh_rlhf_split_at_last_assistant_turn(tmp_path):
     pair = good[0]
     assert pair["prompt_messages"][0] == {"role": "user", "content": "what are some pranks with a pen i can do?"}
     assert pair["prompt_messages"][-1]["role"] == "user"
-    raw = json.loads(gzip.open(path, "rt").readline())
+    with gzip.open(path, "rt") as f:
+        raw = json.loads(f.readline())
     assert raw["chosen"].rstrip().endswith(pair["chosen"]) and raw["rejected"].rstrip().endswith(pair["rejected"])
 
 
@@ -68,9 +70,13 @@ def test_malformed_rows_are_quarantined_with_location(tmp_path):
     good, bad = collect(load_instructions(["mixed.jsonl"], tmp_path, 0, 0))
     assert [g["id"] for g in good] == ["mixed.jsonl:1", "mixed.jsonl:5"]
     assert [(b.location, b.reason.split(":")[0]) for b in bad] == [
-        ("mixed.jsonl:2", "message 0"), ("mixed.jsonl:3", "the last message must be from the assistant"),
-        ("mixed.jsonl:4", "message 1 (assistant)"), ("mixed.jsonl:6", "no known instruction format (messages | instruction/input/output | question/answer)"),
-        ("mixed.jsonl:7", "not a JSON object (list)"), ("mixed.jsonl:8", "malformed JSON")]
+        ("mixed.jsonl:2", "message 0"),
+        ("mixed.jsonl:3", "the last message must be from the assistant"),
+        ("mixed.jsonl:4", "message 1 (assistant)"),
+        ("mixed.jsonl:6", "no known instruction format (messages | instruction/input/output | question/answer)"),
+        ("mixed.jsonl:7", "not a JSON object (list)"),
+        ("mixed.jsonl:8", "malformed JSON"),
+    ]
 
 
 def test_bad_preference_rows(tmp_path):
@@ -85,14 +91,19 @@ def test_bad_preference_rows(tmp_path):
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     good, bad = collect(load_preferences(["prefs.jsonl"], tmp_path, 0, 0))
     assert len(good) == 1 and good[0]["prompt_messages"] == [{"role": "user", "content": "Tell a story"}]
-    assert [b.reason for b in bad] == ["chosen and rejected are identical", "chosen and rejected must both be strings",
-                                       "chosen and rejected differ before the last assistant turn",
-                                       "not an HH-RLHF transcript ending in an Assistant turn"]
+    assert [b.reason for b in bad] == [
+        "chosen and rejected are identical",
+        "chosen and rejected must both be strings",
+        "chosen and rejected differ before the last assistant turn",
+        "not an HH-RLHF transcript ending in an Assistant turn",
+    ]
 
 
 def test_parse_hh_and_missing_file(tmp_path):
     assert parse_hh("\n\nHuman: hi there\n\nAssistant: hello\n\nHuman: bye") == [
-        {"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "bye"}]
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"},
+    ]
     with pytest.raises(ScratchError, match="no such file"):
         list(load_instructions(["nope.jsonl"], tmp_path, 0, 0))

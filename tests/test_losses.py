@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
-from model.losses import (bradley_terry_loss, cross_entropy, dpo_loss, gae_advantages, masked_mean, ppo_losses,
-                          sequence_logprobs, token_logprobs)
+from model.losses import (
+    bradley_terry_loss,
+    cross_entropy,
+    dpo_loss,
+    gae_advantages,
+    masked_mean,
+    ppo_losses,
+    sequence_logprobs,
+    token_logprobs,
+)
 
 LN3 = math.log(3.0)
 
@@ -59,13 +67,20 @@ def test_bradley_terry_hand_computed():
 def test_dpo_hand_computed():
     # log-ratios: chosen -10 - (-12) = 2, rejected -20 - (-15) = -5; margin 0.1 * 7 = 0.7
     # loss = ln(1 + e^-0.7) = 0.4031860; rewards 0.1 * 2 = 0.2 and 0.1 * -5 = -0.5
-    loss, r_c, r_r = dpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]),
-                              torch.tensor([-15.0]), beta=0.1)
+    loss, r_c, r_r = dpo_loss(
+        torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]), torch.tensor([-15.0]), beta=0.1
+    )
     assert loss.item() == pytest.approx(0.4031860, abs=1e-6)
     assert r_c.item() == pytest.approx(0.2, abs=1e-6) and r_r.item() == pytest.approx(-0.5, abs=1e-6)
     # cDPO with e = 0.1: 0.9 ln(1 + e^-0.7) + 0.1 ln(1 + e^0.7) = ln(1 + e^-0.7) + 0.1 * 0.7 = 0.4731860
-    smoothed, _, _ = dpo_loss(torch.tensor([-10.0]), torch.tensor([-20.0]), torch.tensor([-12.0]),
-                              torch.tensor([-15.0]), beta=0.1, label_smoothing=0.1)
+    smoothed, _, _ = dpo_loss(
+        torch.tensor([-10.0]),
+        torch.tensor([-20.0]),
+        torch.tensor([-12.0]),
+        torch.tensor([-15.0]),
+        beta=0.1,
+        label_smoothing=0.1,
+    )
     assert smoothed.item() == pytest.approx(0.4731860, abs=1e-6)
 
 

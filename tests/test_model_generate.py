@@ -22,7 +22,7 @@ def greedy_without_cache(model: Llama, prompt: list[int], n: int) -> list[int]:
         for _ in range(n):
             logits, _ = model(torch.tensor([seq]))
             seq.append(int(logits[0, -1].argmax()))
-    return seq[len(prompt):]
+    return seq[len(prompt) :]
 
 
 def test_greedy_matches_recompute_and_batch_matches_single(model):

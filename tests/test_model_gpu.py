@@ -32,5 +32,5 @@ def test_bf16_step_tracks_fp32_and_generation_matches_cpu():
         assert len(new) == 16
         with torch.no_grad():  # every greedy pick on the GPU is an argmax (up to rounding) of the CPU model
             logits, _ = cpu(torch.tensor([prompt + new]), all_logits=True)
-        picked = logits[0, len(prompt) - 1:-1].gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
-        assert (logits[0, len(prompt) - 1:-1].max(-1).values - picked).max().item() < 1e-3
+        picked = logits[0, len(prompt) - 1 : -1].gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
+        assert (logits[0, len(prompt) - 1 : -1].max(-1).values - picked).max().item() < 1e-3

@@ -84,11 +84,17 @@ def test_config_json_and_bf16_export(tmp_path):
 def test_tokenizer_files_copied_and_special_ids_found(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()
-    (tok / "tokenizer.json").write_text(json.dumps({
-        "model": {"vocab": {"a": 5, "b": 6}},
-        "added_tokens": [{"id": 0, "content": "<|endoftext|>"}, {"id": 1, "content": "<|pad|>"}]}))
-    (tok / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|pad|>"}))
+    (tok / "tokenizer.json").write_text(
+        json.dumps(
+            {
+                "model": {"vocab": {"a": 5, "b": 6}},
+                "added_tokens": [{"id": 0, "content": "<|endoftext|>"}, {"id": 1, "content": "<|pad|>"}],
+            }
+        )
+    )
+    (tok / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|pad|>"})
+    )
     out = tmp_path / "model"
     save(make(), out, tokenizer_dir=tok)
     assert (out / "tokenizer.json").read_text() == (tok / "tokenizer.json").read_text()

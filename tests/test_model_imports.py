@@ -4,13 +4,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-FORBIDDEN = ["prefect", "mlflow", "dvc", "deepspeed", "yaml", "transformers", "tokenizers", "datasets", "tasks",
-             "flows"]
+FORBIDDEN = [
+    "prefect",
+    "mlflow",
+    "dvc",
+    "deepspeed",
+    "yaml",
+    "transformers",
+    "tokenizers",
+    "datasets",
+    "tasks",
+    "flows",
+]
 
 
 def test_model_package_imports_no_orchestration_stack():
-    code = ("import sys, model, model.config, model.llama, model.generate, model.hf, model.heads, model.losses; "
-            "print('\\n'.join(sorted(sys.modules)))")
+    code = (
+        "import sys, model, model.config, model.llama, model.generate, model.hf, model.heads, model.losses; "
+        "print('\\n'.join(sorted(sys.modules)))"
+    )
     repo = Path(__file__).resolve().parents[1]
     loaded = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
     top_level = {name.split(".")[0] for name in loaded.stdout.split()}

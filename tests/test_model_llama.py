@@ -54,7 +54,7 @@ def test_kv_cache_decode_matches_full_forward(n_kv_heads):
         logits, _ = model(idx[:, :8], kv_cache=cache, start_pos=0, all_logits=True)  # prefill 8
         assert torch.allclose(logits, full[:, :8], atol=ATOL)
         for pos in range(8, 20):  # one token at a time
-            logits, _ = model(idx[:, pos:pos + 1], kv_cache=cache, start_pos=pos)
+            logits, _ = model(idx[:, pos : pos + 1], kv_cache=cache, start_pos=pos)
             assert torch.allclose(logits[:, 0], full[:, pos], atol=ATOL), pos
         logits, _ = model(idx[:, 20:30], kv_cache=cache, start_pos=20, all_logits=True)  # chunked prefill
         assert torch.allclose(logits, full[:, 20:30], atol=ATOL)
@@ -72,8 +72,8 @@ def test_decode_step_equals_forward(padded):
         model(idx[:, :8], kv_cache=a, start_pos=0, attention_mask=mask[:, :8])
         model(idx[:, :8], kv_cache=b, start_pos=0, attention_mask=mask[:, :8])
         for pos in range(8, 12):
-            lean = model.decode_step(idx[:, pos:pos + 1], a, pos, mask[:, :pos + 1])
-            full, _ = model(idx[:, pos:pos + 1], kv_cache=b, start_pos=pos, attention_mask=mask[:, :pos + 1])
+            lean = model.decode_step(idx[:, pos : pos + 1], a, pos, mask[:, : pos + 1])
+            full, _ = model(idx[:, pos : pos + 1], kv_cache=b, start_pos=pos, attention_mask=mask[:, : pos + 1])
             assert lean.shape == (2, 1, 512) and torch.allclose(lean, full, atol=ATOL)
 
 
@@ -85,17 +85,19 @@ def test_left_padded_batch_decodes_like_each_prompt_alone():
     idx = torch.zeros(3, P, dtype=torch.long)
     mask = torch.ones(3, P + steps, dtype=torch.long)
     for row, p in enumerate(prompts):
-        idx[row, P - len(p):] = p
+        idx[row, P - len(p) :] = p
         mask[row, : P - len(p)] = 0
     with torch.no_grad():
         cache = KVCache.for_model(model, batch_size=3, max_len=P + steps)
         batched = [model(idx, kv_cache=cache, start_pos=0, attention_mask=mask[:, :P])[0][:, 0]]
         for i in range(steps - 1):
-            out, _ = model(continuation[:, i:i + 1], kv_cache=cache, start_pos=P + i, attention_mask=mask[:, :P + i + 1])
+            out, _ = model(
+                continuation[:, i : i + 1], kv_cache=cache, start_pos=P + i, attention_mask=mask[:, : P + i + 1]
+            )
             batched.append(out[:, 0])
         for row, p in enumerate(prompts):
-            alone, _ = model(torch.cat([p, continuation[row, :steps - 1]])[None], all_logits=True)
-            expected = alone[0, len(p) - 1:]  # logits after the prompt, then after each forced token
+            alone, _ = model(torch.cat([p, continuation[row, : steps - 1]])[None], all_logits=True)
+            expected = alone[0, len(p) - 1 :]  # logits after the prompt, then after each forced token
             got = torch.stack([b[row] for b in batched])
             assert torch.allclose(got, expected, atol=ATOL), row
 

@@ -1,5 +1,6 @@
 """The backbone end to end on a throwaway copy of the project: real DVC, a real Prefect (test harness) server and a
 real MLflow SQLite store. Only the ingest stage is exercised here; later stages have their own stage tests."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = {"data": {"builtin": {"n_docs": 300}}}
 
-FLOW_SCRIPT = textwrap.dedent('''
+FLOW_SCRIPT = textwrap.dedent("""
     import json, sys
     from prefect.testing.utilities import prefect_test_harness
     from flows.pipeline import StageFailed, build_llm
@@ -27,7 +28,7 @@ FLOW_SCRIPT = textwrap.dedent('''
         except StageFailed as e:
             out["failure"] = str(e)
     print("RESULT " + json.dumps(out))
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +68,13 @@ def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, m
     assert "[ingest] ingest: 300 records" in proc.stderr + proc.stdout, "stage output streams into the flow logs"
 
     import mlflow
+
     parent_id = out["first"]["parent_run_id"]
-    child = mlflow.search_runs(experiment_names=["scratchlm"], output_format="list",
-                               filter_string=f"tags.scratchlm.parent_run_id = '{parent_id}'")
+    child = mlflow.search_runs(
+        experiment_names=["scratchlm"],
+        output_format="list",
+        filter_string=f"tags.scratchlm.parent_run_id = '{parent_id}'",
+    )
     assert [r.info.run_name for r in child] == ["ingest"]
     run = child[0]
     assert run.data.tags["mlflow.parentRunId"] == parent_id

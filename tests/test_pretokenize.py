@@ -1,5 +1,6 @@
 """The pretokenize stage: the token files hold exactly the encoded documents with one eot after each, meta.json's
 counts match the files, the split is the tokenizer's, and a changed corpus or tokenizer fails clearly."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ from tests.test_tokenizer import data_section, make_docs, run_tokenizer, write_c
 
 def run_pretokenize(root: Path, workers: int = 1, **cfg) -> dict:
     section = {**read_params(ROOT / "params.yaml")["pretokenize"], **cfg}
-    return stage.run(build(stage.PretokenizeConfig, section, "pretokenize"), stage_paths("pretokenize", root),
-                     Tracker("pretokenize", None), data_section(workers))
+    return stage.run(
+        build(stage.PretokenizeConfig, section, "pretokenize"),
+        stage_paths("pretokenize", root),
+        Tracker("pretokenize", None),
+        data_section(workers),
+    )
 
 
 def copy_upstream(project: Path, root: Path, docs: list[dict], n_shards: int) -> None:
@@ -82,7 +87,7 @@ def test_meta_counts_match_the_files(project):
         docs = [d for d in corpus(project) if split.is_validation(d["id"]) == (name == "val")]
         s = meta["splits"][name]
         assert s["tokens"] == len(tokens) and s["documents"] == s["eot_tokens"] == len(docs)
-        assert s["eot_tokens"] == int((tokens == 0).sum())     # plain text never yields the eot id
+        assert s["eot_tokens"] == int((tokens == 0).sum())  # plain text never yields the eot id
         assert s["text_tokens"] == s["tokens"] - s["documents"]
         assert s["text_bytes"] == sum(len(d["text"].encode("utf-8")) for d in docs)
         assert tokens.max() < meta["vocab_size"]
@@ -93,8 +98,9 @@ def test_batching_workers_and_sharding_do_not_change_the_output(project, tmp_pat
     copy_upstream(project, tmp_path, corpus(project), n_shards=1)
     m = run_pretokenize(tmp_path, workers=1, batch_docs=1000)
     for name in ("train.bin", "val.bin", "meta.json"):
-        assert (tmp_path / "data/pretokenize" / name).read_bytes() == \
-            (project / "data/pretokenize" / name).read_bytes(), name
+        assert (tmp_path / "data/pretokenize" / name).read_bytes() == (
+            project / "data/pretokenize" / name
+        ).read_bytes(), name
     assert m["train_tokens"] == len(read_tokens(project, "train"))
     assert not (tmp_path / "data/pretokenize/.parts").exists()
 

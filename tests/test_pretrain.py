@@ -5,6 +5,7 @@ the consolidated weights are the trained ones and load into model/ and transform
 impossible params fail before any rank starts.
 
 The helpers here are shared by tests/test_trainer.py and tests/test_pretrain_quality.py."""
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,36 @@ from flows.sandbox import deep_merge
 from tests.conftest import ROOT
 
 TEST_TRAIN = {  # a few seconds of the tiny preset; tests override what they exercise
-    "ranks": 1, "hostfile": "", "zero_stage": 0, "precision": "fp32", "batch_size": 8, "micro_batch_size": 4,
-    "max_steps": 30, "max_tokens": 0, "lr": 3.0e-3, "min_lr_ratio": 0.1, "warmup_steps": 3, "weight_decay": 0.1,
-    "beta1": 0.9, "beta2": 0.95, "eps": 1.0e-8, "grad_clip": 1.0, "seed": 7, "log_every": 2, "eval_every": 10,
-    "checkpoint_every": 5, "keep_checkpoints": 2, "peak_flops": 1.0e11, "resume": True,
+    "ranks": 1,
+    "hostfile": "",
+    "zero_stage": 0,
+    "precision": "fp32",
+    "batch_size": 8,
+    "micro_batch_size": 4,
+    "max_steps": 30,
+    "max_tokens": 0,
+    "lr": 3.0e-3,
+    "min_lr_ratio": 0.1,
+    "warmup_steps": 3,
+    "weight_decay": 0.1,
+    "beta1": 0.9,
+    "beta2": 0.95,
+    "eps": 1.0e-8,
+    "grad_clip": 1.0,
+    "seed": 7,
+    "log_every": 2,
+    "eval_every": 10,
+    "checkpoint_every": 5,
+    "keep_checkpoints": 2,
+    "peak_flops": 1.0e11,
+    "resume": True,
 }
-TEST_PRETRAIN = {"seq_len": 64, "val_windows": 16,
-                 "samples": {"openings": ["Once upon a time"], "max_new_tokens": 16, "temperature": 0.8, "top_k": 20},
-                 "train": TEST_TRAIN}
+TEST_PRETRAIN = {
+    "seq_len": 64,
+    "val_windows": 16,
+    "samples": {"openings": ["Once upon a time"], "max_new_tokens": 16, "temperature": 0.8, "top_k": 20},
+    "train": TEST_TRAIN,
+}
 
 
 def write_params(root: Path, pretrain: dict | None = None, preset: str = "tiny", vocab: int = 512) -> Path:
@@ -55,8 +78,10 @@ def build_token_data(root: Path, n_docs: int = 800, vocab: int = 512, seed: int 
     from tasks.common.tracking import Tracker
     from tasks.sources import builtin
 
-    docs = [{"id": d.id, "text": d.text, "source": "builtin:stories"}
-            for d in builtin.generate_corpus(n_docs, seed, 0.0, 0.0, 0.0)]
+    docs = [
+        {"id": d.id, "text": d.text, "source": "builtin:stories"}
+        for d in builtin.generate_corpus(n_docs, seed, 0.0, 0.0, 0.0)
+    ]
     (root / "data" / "dedup").mkdir(parents=True, exist_ok=True)
     half = len(docs) // 2
     write_jsonl_gz(root / "data" / "dedup" / shard_name(0), docs[:half])
@@ -83,10 +108,17 @@ def make_project(dest: Path, data_from: Path, pretrain: dict | None = None, pres
 
 
 def stage_env(project: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(project), "SCRATCHLM_PARAMS": str(project / "params.yaml"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}", "SCRATCHLM_PROGRESS": "off",
-           "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **extra}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(project),
+        "SCRATCHLM_PARAMS": str(project / "params.yaml"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
+        "SCRATCHLM_PROGRESS": "off",
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(name, None)  # a test process that ran DeepSpeed in-process must not pass its rank on
     return env
@@ -94,13 +126,26 @@ def stage_env(project: Path, **extra: str) -> dict[str, str]:
 
 def start_pretrain(project: Path, **extra: str) -> subprocess.Popen:
     """`python -m tasks.pretrain` (the launcher, which execs deepspeed) in its own process group."""
-    return subprocess.Popen([sys.executable, "-m", "tasks.pretrain"], cwd=project, env=stage_env(project, **extra),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tasks.pretrain"],
+        cwd=project,
+        env=stage_env(project, **extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def run_pretrain(project: Path, timeout: int = 300, **extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tasks.pretrain"], cwd=project, env=stage_env(project, **extra),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.pretrain"],
+        cwd=project,
+        env=stage_env(project, **extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def history(project: Path) -> dict[int, dict]:
@@ -130,6 +175,7 @@ def val_loss_of(model, project: Path, seq_len: int, n_windows: int, seed: int) -
     import torch
 
     from tasks.pretrain import gather, load_tokens, val_window_starts
+
     data = load_tokens(project / "data" / "pretokenize")
     rows = torch.from_numpy(gather(data.val, val_window_starts(data.val, seq_len, n_windows, seed), seq_len + 1))
     with torch.no_grad():
@@ -138,6 +184,7 @@ def val_loss_of(model, project: Path, seq_len: int, n_windows: int, seed: int) -
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
+
 
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory) -> Path:
@@ -155,12 +202,14 @@ def reference(token_data, tmp_path_factory) -> Path:
 
 # ------------------------------------------------------------------------------------------------ tests
 
+
 @pytest.mark.slow
 def test_stage_trains_logs_and_exports_the_trained_weights(reference):
     import torch
     from transformers import LlamaForCausalLM
 
     from model.hf import load
+
     metrics = json.loads((reference / "metrics" / "pretrain.json").read_text())
     assert metrics["steps"] == 30 and metrics["grad_accum"] == 2 and metrics["world_size"] == 1
     rows = history(reference)
@@ -199,6 +248,7 @@ def test_stage_trains_logs_and_exports_the_trained_weights(reference):
 def mlflow_client(project: Path):
     """A client on the project's own store (never the process-global URI another test may have set)."""
     import mlflow
+
     return mlflow.MlflowClient(f"sqlite:///{project / 'mlruns.db'}")
 
 
@@ -246,8 +296,10 @@ def _logged_step(project: Path, step: int) -> bool:
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_two_ranks_follow_one_rank_with_accumulation(reference, token_data, tmp_path, zero_stage):
     from model.hf import load
-    project = make_project(tmp_path / f"zero{zero_stage}", token_data,
-                           {"train": {"ranks": 2, "zero_stage": zero_stage}})
+
+    project = make_project(
+        tmp_path / f"zero{zero_stage}", token_data, {"train": {"ranks": 2, "zero_stage": zero_stage}}
+    )
     done = run_pretrain(project, SCRATCHLM_NO_MLFLOW="1")
     assert done.returncode == 0, done.stdout + done.stderr
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
@@ -259,8 +311,9 @@ def test_two_ranks_follow_one_rank_with_accumulation(reference, token_data, tmp_
             if key in want[step]:
                 assert got[step][key] == pytest.approx(want[step][key], rel=1e-4), (step, key)
     # the ZeRO partitions were gathered into the exported weights
-    assert val_loss_of(load(project / "data/pretrain/model"), project, 64, 16, 7) == \
-        pytest.approx(metrics["val_loss"], rel=1e-5)
+    assert val_loss_of(load(project / "data/pretrain/model"), project, 64, 16, 7) == pytest.approx(
+        metrics["val_loss"], rel=1e-5
+    )
 
 
 def test_impossible_batch_split_fails_before_any_rank_starts(token_data, tmp_path):
@@ -281,6 +334,7 @@ def test_context_longer_than_the_model_fails_naming_the_key(token_data, tmp_path
 def test_compiled_run_follows_the_eager_run(reference, token_data, tmp_path):
     from tasks.common.config import ConfigError
     from tasks.common.trainer import check_cpu_compile_toolchain
+
     try:
         check_cpu_compile_toolchain()
     except ConfigError as e:

@@ -1,5 +1,6 @@
 """The promotion flow on a real (SQLite) MLflow registry: @champion moves to @challenger only when the gates of
 params.yaml's `promote:` section pass, and a refusal names the failing gate. Aliases only, never registry stages."""
+
 from __future__ import annotations
 
 import subprocess
@@ -27,6 +28,7 @@ def registry(tmp_path_factory):
 def challenger(tags_from: dict, **changes: float) -> str:
     """A new version of the registered model (same artifacts as v1, another evaluation), made @challenger."""
     import mlflow
+
     client = mlflow.MlflowClient()
     first = client.get_model_version(NAME, "1")
     tags = {k: v for k, v in first.tags.items() if not k.startswith("promotion")}
@@ -39,6 +41,7 @@ def challenger(tags_from: dict, **changes: float) -> str:
 def alias(name: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
+
     try:
         return str(mlflow.MlflowClient().get_model_version_by_alias(NAME, name).version)
     except MlflowException:
@@ -47,11 +50,13 @@ def alias(name: str) -> str | None:
 
 def promote(**kwargs):
     from flows.promote import promote as flow
+
     return flow.fn(**kwargs)  # the flow's body; Prefect's orchestration is exercised by the CLI test below
 
 
 def test_sequence_of_promotions_and_refusals(registry):
     import mlflow
+
     # 1. no champion yet: v1 passes every gate and becomes champion
     first = promote()
     assert first["promoted"] and first["challenger"] == 1 and first["champion_before"] is None
@@ -100,8 +105,9 @@ def test_cli_runs_the_prefect_flow_and_exits_1_on_refusal(registry):
     root, _ = registry
     challenger({}, val_bpb=5.0)
     scratchlm = [sys.executable, "-c", "import sys; from flows.cli import main; sys.exit(main())"]  # = the script
-    proc = subprocess.run([*scratchlm, "promote"], capture_output=True, text=True, timeout=170, cwd=root,
-                          env=_env(root))
+    proc = subprocess.run(
+        [*scratchlm, "promote"], capture_output=True, text=True, timeout=170, cwd=root, env=_env(root)
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "refused: scratchlm v" in proc.stdout and "failed gate(s) max_val_bpb; @champion stays" in proc.stdout
     logged = proc.stdout + proc.stderr  # the flow's own lines go through Prefect's logger (log_prints)
@@ -110,9 +116,15 @@ def test_cli_runs_the_prefect_flow_and_exits_1_on_refusal(registry):
 
 def _env(root) -> dict:
     import os
+
     from tests.conftest import ROOT
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(root / ".prefect"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
 
 
 def test_gates_pure_logic():
@@ -132,6 +144,7 @@ def test_gates_pure_logic():
 
 def test_promote_section_is_validated():
     from tasks.common.config import build
+
     with pytest.raises(ScratchError, match="promote.min_satisfaction: must be in"):
         build(PromoteConfig, {"min_satisfaction": 2.0}, "params.yaml: promote")
     with pytest.raises(ScratchError, match="unknown key"):

@@ -1,6 +1,7 @@
 """The register stage against a real (SQLite) MLflow registry: a pyfunc version of the DPO model with its HF
 folder, signature and input example, the @challenger alias, lineage and evaluation tags, registered.json; the
 registered model generates exactly what our own generate() does."""
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,11 @@ def registered(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         registry_project(root, mp)
         import mlflow
+
         setup_mlflow()
-        parent = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("scratchlm").experiment_id,
-                                                  run_name="build_llm")  # the flow's parent run
+        parent = mlflow.MlflowClient().create_run(
+            mlflow.get_experiment_by_name("scratchlm").experiment_id, run_name="build_llm"
+        )  # the flow's parent run
         mp.setenv("SCRATCHLM_PARENT_RUN_ID", parent.info.run_id)
         record = run_register(root)
         yield root, record, parent.info.run_id
@@ -35,6 +38,7 @@ def registered(tmp_path_factory):
 
 def test_version_alias_and_record(registered):
     import mlflow
+
     root, record, parent = registered
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("scratchlm", "challenger")
@@ -45,13 +49,16 @@ def test_version_alias_and_record(registered):
     saved = json.loads((root / "data/register/registered.json").read_text())
     assert saved == record and isinstance(record["smoke_test"], str) and record["eval_label"] == "dpo"
     said = summary({"version": record["version"], "eval": {"val_bpb": 1.5}}, stage_paths("register", root=root))
-    assert said[0] == f"scratchlm version {record['version']} is @challenger: the dpo model, evaluated as 'dpo', " \
-                      "val_bpb 1.5000"
+    assert (
+        said[0] == f"scratchlm version {record['version']} is @challenger: the dpo model, evaluated as 'dpo', "
+        "val_bpb 1.5000"
+    )
     assert "mlflow models serve -m models:/scratchlm@challenger" in said[-1]
 
 
 def test_version_tags_trace_lineage_and_evaluation(registered):
     import mlflow
+
     root, record, parent = registered
     tags = mlflow.MlflowClient().get_model_version("scratchlm", str(record["version"])).tags
     assert tags["pipeline_run_id"] == parent and tags["run_id"] == record["run_id"]
@@ -64,6 +71,7 @@ def test_version_tags_trace_lineage_and_evaluation(registered):
 
 def test_logged_model_has_folder_signature_and_example(registered):
     import mlflow
+
     _, record, _ = registered
     info = mlflow.models.get_model_info(record["version_uri"])
     assert [i["name"] for i in info.signature.inputs.to_dict()] == ["prompt", "messages"]
@@ -78,18 +86,21 @@ def test_logged_model_has_folder_signature_and_example(registered):
 def test_pyfunc_generates_what_our_generate_does(registered):
     import mlflow
     import pandas as pd
+
     root, record, _ = registered
     pyfunc = mlflow.pyfunc.load_model("models:/scratchlm@challenger")
     params = {"max_new_tokens": 10, "temperature": 0.8, "top_p": 0.95, "seed": 3}
     messages = [{"role": "user", "content": "Tell me a story about a fox."}]
-    out = pyfunc.predict(pd.DataFrame([{"prompt": "", "messages": messages}, {"prompt": "Once upon", "messages": []}]),
-                         params=params)
+    out = pyfunc.predict(
+        pd.DataFrame([{"prompt": "", "messages": messages}, {"prompt": "Once upon", "messages": []}]), params=params
+    )
     model, tok = load(root / "data/dpo/model"), load_tokenizer(root / "data/dpo/model")
     chat_ids = encode_chat(tok.tok, messages, add_generation_prompt=True)[0]
     want_chat = generate(model, [chat_ids], 10, temperature=0.8, top_p=0.95, stop_tokens=tok.stop_ids, seed=3)[0]
     text_ids = [tok.special["<|endoftext|>"], *tok.plain("Once upon")]
-    want_text = generate(model, [text_ids], 10, temperature=0.8, top_p=0.95,
-                         stop_tokens=[tok.special["<|endoftext|>"]], seed=3)[0]
+    want_text = generate(
+        model, [text_ids], 10, temperature=0.8, top_p=0.95, stop_tokens=[tok.special["<|endoftext|>"]], seed=3
+    )[0]
     decode = lambda ids: tok.tok.decode(ids, skip_special_tokens=False)  # noqa: E731
     assert [o["text"] for o in out] == [decode(want_chat), decode(want_text)]
 

@@ -1,5 +1,6 @@
 """The reward stage on the tiny test world: Bradley-Terry training of the SFT backbone + scalar head, held-out pair
 accuracy on builtin pairs, the saved RewardModel, and HH-RLHF transcripts end to end."""
+
 from __future__ import annotations
 
 import json
@@ -10,24 +11,30 @@ import torch
 from model import RewardModel
 from tasks import reward
 from tasks.common import alignment as al
+from tasks.common.train_config import AlignmentData
 from tasks.sources import examples
-from tasks.common.train_config import TrainConfig
-from tests.alignment_fixtures import cached_stage, reward_config, run_stage, sft_config, stage_root
+from tests.alignment_fixtures import cached_stage, reward_config, run_stage, sft_config, smoke_train, stage_root
 from tests.conftest import shared
 
 
 def bt_loss_by_hand(chosen: list[float], rejected: list[float]) -> float:
     import math
+
     return sum(math.log1p(math.exp(-(c - r))) for c, r in zip(chosen, rejected)) / len(chosen)
 
 
 def test_bradley_terry_loss_fn_reports_accuracy_and_margin():
     class Scores(torch.nn.Module):
         """Reward = the first token id of the row (a stand-in backbone with known outputs)."""
+
         def forward(self, ids, attention_mask):
             return ids[:, 0].float()
-    batch = al.PairBatch(torch.tensor([[3, 1], [5, 1], [2, 1], [7, 1]]), torch.ones(4, 2, dtype=torch.long),
-                         torch.ones(4, 2, dtype=torch.long))
+
+    batch = al.PairBatch(
+        torch.tensor([[3, 1], [5, 1], [2, 1], [7, 1]]),
+        torch.ones(4, 2, dtype=torch.long),
+        torch.ones(4, 2, dtype=torch.long),
+    )
     loss, m = reward.bradley_terry(Scores(), batch.as_dict())  # pairs (3 vs 2), (5 vs 7)
     assert loss.item() == pytest.approx(bt_loss_by_hand([3, 5], [2, 7]))
     assert m["accuracy"].item() == 0.5 and m["margin"].item() == pytest.approx(-0.5)
@@ -53,7 +60,7 @@ def test_reward_model_ranks_held_out_builtin_pairs(tmp_path_factory):
     # the saved model reproduces the stage's held-out ranking (truncated/too-long/untitled pairs, 16 at a time)
     rm = RewardModel.load(root / "data" / "reward" / "model")
     tok = al.load_tokenizer(root / "data" / "reward" / "model")
-    pairs = examples.load_preference_data(["builtin:preferences"], root, 0, 200, 1337, 0.0).val
+    pairs = examples.load_preference_data(AlignmentData(["builtin:preferences"], 0, 200, 1337, 0.0), root).val
     visible = [p for p in pairs if examples.broken_constraint(p) in ("complete", "max_sentences", "title")][:16]
     batch = al.collate_pairs([al.encode_pair(tok, p, rm.cfg.max_seq_len) for p in visible], tok.pad_id)
     with torch.no_grad():
@@ -67,9 +74,14 @@ def test_reward_runs_on_hh_rlhf_transcripts(tmp_path, tmp_path_factory):
     hh = shared("hh-rlhf-harmless-base") / "harmless-base_test_rows0000-1811.jsonl.gz"
     world, _ = cached_stage(tmp_path_factory, "sft", sft_config())
     root = stage_root(tmp_path, world, "sft")
-    cfg = reward_config(sources=[str(hh)], builtin_train=0, builtin_val=0, val_fraction=0.02, max_len=192,
-                        train=TrainConfig(max_steps=2, batch_size=4, micro_batch_size=2, lr=1e-4, warmup_steps=1,
-                                          log_every=1, eval_every=0, checkpoint_every=0))
+    cfg = reward_config(
+        sources=[str(hh)],
+        builtin_train=0,
+        builtin_val=0,
+        val_fraction=0.02,
+        max_len=192,
+        train=smoke_train(max_steps=2, lr=1e-4),
+    )
     m = run_stage("reward", cfg, root)
     assert m["rows_in"] == 1812 and m["rows_in"] == m["train_examples"] + m["val_examples"] + m["quarantined"]
     assert m["val_examples"] > 10 and m["steps"] == 2 and 0.0 <= m["accuracy"] <= 1.0

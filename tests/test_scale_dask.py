@@ -6,6 +6,7 @@ Here: a local cluster and a temporary Prefect server (what `dvc repro` gets with
 stages driven from one process as one flow run would, which keeps this file inside its time budget. An existing
 cluster (`dask scheduler` / `dask worker`) under `python -m tasks.ingest`, reporting to a Prefect server, is tested
 in test_infra_servers.py with `dask_cluster` below."""
+
 from __future__ import annotations
 
 import contextlib
@@ -24,14 +25,19 @@ from tests.test_scale_dvc_remote import same_tree
 pytestmark = pytest.mark.slow
 
 ENV = {"SCRATCHLM_NO_MLFLOW": "1", "SCRATCHLM_PROGRESS": "off", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-PARAMS = {"data": {"sources": ["builtin:stories", "extra"], "builtin": {"n_docs": 400},
-                   "parallel": {"runner": "local", "workers": 2, "dask_address": ""}},
-          "ingest": {"docs_per_shard": 150}}
+PARAMS = {
+    "data": {
+        "sources": ["builtin:stories", "extra"],
+        "builtin": {"n_docs": 400},
+        "parallel": {"runner": "local", "workers": 2, "dask_address": ""},
+    },
+    "ingest": {"docs_per_shard": 150},
+}
 
 MAPPED = {"ingest": ["ingest_unit"], "filter": ["filter_shard"], "dedup": ["sketch_shard", "copy_unique"]}
 """The functions each stage maps over its units/shards (each map is one `data-shards` flow run)."""
 
-DRIVER = textwrap.dedent('''
+DRIVER = textwrap.dedent("""
     import importlib
     import sys
 
@@ -41,7 +47,7 @@ DRIVER = textwrap.dedent('''
     if __name__ == "__main__":  # Dask's worker processes are spawned: they import this file again
         for stage in sys.argv[1:]:
             execute(stage, section_class(stage), importlib.import_module(f"tasks.{stage}").run)
-''')
+""")
 
 
 def write_extra_sources(folder) -> None:
@@ -63,8 +69,11 @@ def set_runner(project, **parallel) -> None:
 
 def untimed(metrics_file) -> dict:
     """A stage's metrics without its wall-clock figures."""
-    return {k: v for k, v in json.loads(metrics_file.read_text()).items()
-            if not k.startswith("seconds") and not k.endswith("_per_s")}
+    return {
+        k: v
+        for k, v in json.loads(metrics_file.read_text()).items()
+        if not k.startswith("seconds") and not k.endswith("_per_s")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +83,9 @@ def reference(tmp_path_factory):
     project = copy_project(base / "project", PARAMS)
     env = {**ENV, "PREFECT_HOME": str(base / "prefect-home")}  # the temporary Prefect server's database
     write_extra_sources(project / "extra")
-    stages = [s for s in yaml.safe_load((project / "dvc.yaml").read_text())["stages"]
-              if s in ("ingest", "filter", "dedup")]
+    stages = [
+        s for s in yaml.safe_load((project / "dvc.yaml").read_text())["stages"] if s in ("ingest", "filter", "dedup")
+    ]
     (project / "drive_stages.py").write_text(DRIVER)
     proc = run_in(project, "python", "drive_stages.py", *stages, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -99,14 +109,14 @@ def test_data_stages_on_a_local_dask_cluster_write_the_same_bytes(reference):
     proc = run_in(project, "python", "drive_stages.py", *stages, env=env, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    assert "Creating a new Dask cluster" not in log and "Connecting to an existing Dask cluster" in log, \
+    assert "Creating a new Dask cluster" not in log and "Connecting to an existing Dask cluster" in log, (
         "one local cluster, started once and reused by every map"
+    )
     for stage in stages:
         for unit in MAPPED[stage]:
             assert f"Flow run '{unit} x" in log, f"{stage}: {unit} did not run as Prefect task runs on Dask"
     assert log.count("Starting temporary server") == 1, "flow and workers share one Prefect API"
     assert_same_outputs(project, snapshot, stages)
-
 
 
 @contextlib.contextmanager
@@ -116,12 +126,31 @@ def dask_cluster(project, env: dict, log_dir) -> Iterator[str]:
     port = free_port()
     cluster_env = tool_env(**{**env, "PYTHONPATH": str(project)})
     dask = str(VENV_BIN / "dask")
-    scheduler = start("dask-scheduler", [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                         "--dashboard-address", "127.0.0.1:0"],
-                      log_dir, cwd=project, env=cluster_env)
-    workers = start("dask-worker", [dask, "worker", f"tcp://127.0.0.1:{port}", "--nworkers", "1", "--nthreads", "2",
-                                    "--host", "127.0.0.1", "--no-dashboard"],
-                    log_dir, cwd=project, env=cluster_env)
+    scheduler = start(
+        "dask-scheduler",
+        [dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"],
+        log_dir,
+        cwd=project,
+        env=cluster_env,
+    )
+    workers = start(
+        "dask-worker",
+        [
+            dask,
+            "worker",
+            f"tcp://127.0.0.1:{port}",
+            "--nworkers",
+            "1",
+            "--nthreads",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+        ],
+        log_dir,
+        cwd=project,
+        env=cluster_env,
+    )
     with running(scheduler, workers):
         scheduler.wait_until(port_open(port), timeout=90)
         workers.wait_until(lambda: "Registered to:" in workers.log.read_text(), timeout=120)

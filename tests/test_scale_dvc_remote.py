@@ -2,6 +2,7 @@
 commit dvc.lock and the metrics, `dvc push`; then on a fresh `git clone`: `dvc pull` restores every stage's outputs
 byte for byte and `dvc status`/`dvc repro` find nothing to run. The remote is a local directory (the same commands
 work for s3://, ssh://, gs://, ... remotes). Runs in throwaway copies of the project."""
+
 from __future__ import annotations
 
 import filecmp

@@ -1,6 +1,7 @@
 """dedup with datasketch's MinHashLSH on Redis storage (`dedup.index: datasketch`, `dedup.lsh_storage: redis`)
 against a real `redis-server` on 127.0.0.1: the same clusters as the in-memory MinHashLSH and as the default numpy
 index, byte-identical stage outputs, no keys left behind, and a clear error when Redis is not there."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,6 +27,7 @@ def redis(tmp_path_factory):
         pytest.skip("redis-server is not installed (.ci/run installs it with apt-get)")
     with running(server):
         import redis as redis_client
+
         client = redis_client.Redis.from_url(server.url)
 
         def answers() -> bool:
@@ -33,6 +35,7 @@ def redis(tmp_path_factory):
                 return client.ping()
             except redis_client.exceptions.ConnectionError:
                 return False
+
         server.wait_until(answers, timeout=30)
         yield server.url, client
 
@@ -63,8 +66,9 @@ def test_redis_backed_minhashlsh_finds_the_same_clusters_as_in_memory(filtered, 
     url, client = redis
     memory, m_metrics, _ = run_dedup(filtered, tmp_path, "memory", index="datasketch", lsh_storage="memory")
     writes_before = client.info("stats")["total_commands_processed"]
-    on_redis, r_metrics, _ = run_dedup(filtered, tmp_path, "redis", index="datasketch", lsh_storage="redis",
-                                       redis_url=url + "/0")
+    on_redis, r_metrics, _ = run_dedup(
+        filtered, tmp_path, "redis", index="datasketch", lsh_storage="redis", redis_url=url + "/0"
+    )
     writes = client.info("stats")["total_commands_processed"] - writes_before
     assert writes > m_metrics["kept"], f"the index went through Redis ({writes} commands)"
     numpy_index, n_metrics, _ = run_dedup(filtered, tmp_path, "numpy", index="numpy", lsh_storage="memory")

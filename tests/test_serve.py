@@ -1,5 +1,6 @@
 """Serving: a real `mlflow models serve -m models:/scratchlm@champion --env-manager local` process on loopback
 answers generation requests with the text our pyfunc generates (the registered, promoted tiny model)."""
+
 from __future__ import annotations
 
 import json
@@ -69,6 +70,7 @@ def test_served_champion_answers_generation_requests(tmp_path, monkeypatch):
     import pandas as pd
 
     from flows.promote import promote
+
     root = registry_project(tmp_path, monkeypatch)
     run_register(root)
     assert promote.fn()["promoted"]  # @champion = the registered version
@@ -77,21 +79,42 @@ def test_served_champion_answers_generation_requests(tmp_path, monkeypatch):
     log = tmp_path / "serve.log"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     with open(log, "w") as out:
-        proc = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/scratchlm@champion", "--env-manager",
-                                 "local", "-h", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                env=env, cwd=tmp_path, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                "mlflow",
+                "models",
+                "serve",
+                "-m",
+                "models:/scratchlm@champion",
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
         params = {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.95, "seed": 7}
-        rows = [{"prompt": "", "messages": [{"role": "user", "content": "Tell me a story about a cat."}]},
-                {"prompt": "Once upon a time", "messages": []}]
+        rows = [
+            {"prompt": "", "messages": [{"role": "user", "content": "Tell me a story about a cat."}]},
+            {"prompt": "Once upon a time", "messages": []},
+        ]
         answer = post(f"http://127.0.0.1:{port}/invocations", {"dataframe_records": rows, "params": params})
         texts = [p["text"] for p in answer["predictions"]]
         assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
         direct = mlflow.pyfunc.load_model("models:/scratchlm@champion").predict(pd.DataFrame(rows), params=params)
         assert texts == [d["text"] for d in direct]  # the server runs our pyfunc: same seed, same text
-        chat_only = post(f"http://127.0.0.1:{port}/invocations",
-                         {"dataframe_records": [{"messages": [{"role": "user", "content": "Hi!"}]}]})
+        chat_only = post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"dataframe_records": [{"messages": [{"role": "user", "content": "Hi!"}]}]},
+        )
         assert isinstance(chat_only["predictions"][0]["text"], str)
     finally:
         stop(proc)

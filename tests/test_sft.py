@@ -1,5 +1,6 @@
 """The sft stage on the tiny test world: answer-only loss through the real trainer, outputs, counted quarantine,
 constraint-satisfaction report, clear upstream errors, and real instruction corpora end to end."""
+
 from __future__ import annotations
 
 import json
@@ -10,11 +11,11 @@ import torch
 from model import load
 from tasks import sft
 from tasks.common import alignment as al
-from tasks.sources import examples
 from tasks.common.config import ScratchError
 from tasks.common.dvcio import read_json, stage_paths
-from tasks.common.train_config import SamplingConfig, TrainConfig
-from tests.alignment_fixtures import alignment_world, cached_stage, run_stage, sft_config, stage_root
+from tasks.common.train_config import AlignmentData, SamplingConfig
+from tasks.sources import examples
+from tests.alignment_fixtures import alignment_world, cached_stage, run_stage, sft_config, smoke_train, stage_root
 from tests.conftest import shared
 
 
@@ -36,7 +37,7 @@ def test_sft_learns_the_answers_and_reports_satisfaction(tmp_path_factory):
         assert (out / "model" / name).is_file()
     tok = al.load_tokenizer(out / "model")
 
-    loaded = examples.load_instruction_data(["builtin:instructions"], root, 0, 32, 1337, 0.0)
+    loaded = examples.load_instruction_data(AlignmentData(["builtin:instructions"], 0, 32, 1337, 0.0), root)
     val = [e["messages"] for e in loaded.val]
     before = response_loss(load(root / "data" / "pretrain" / "model"), tok, val, m["max_len"])
     after = response_loss(model, tok, val, m["max_len"])
@@ -72,14 +73,21 @@ def test_sft_runs_on_alpaca_and_gsm8k_with_bad_rows_quarantined(tmp_path, tmp_pa
     world = alignment_world(tmp_path_factory)
     root = stage_root(tmp_path, world)
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"instruction": "Add.", "input": "1 and 2", "output": "3"}\n'
-                      '{"instruction": "No answer here"}\n'
-                      '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n'
-                      'not json at all\n')
-    cfg = sft_config(sources=[str(alpaca), str(gsm8k), str(broken)], builtin_train=0, builtin_val=0,
-                     val_fraction=0.05, eval_base=False, sampling=SamplingConfig(prompts=0),
-                     train=TrainConfig(max_steps=3, batch_size=4, micro_batch_size=2, lr=1e-3, warmup_steps=1,
-                                       log_every=1, eval_every=0, checkpoint_every=0))
+    broken.write_text(
+        '{"instruction": "Add.", "input": "1 and 2", "output": "3"}\n'
+        '{"instruction": "No answer here"}\n'
+        '{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}\n'
+        "not json at all\n"
+    )
+    cfg = sft_config(
+        sources=[str(alpaca), str(gsm8k), str(broken)],
+        builtin_train=0,
+        builtin_val=0,
+        val_fraction=0.05,
+        eval_base=False,
+        sampling=SamplingConfig(prompts=0),
+        train=smoke_train(max_steps=3, lr=1e-3),
+    )
     m = run_stage("sft", cfg, root)
     per = m["per_source"]
     n_alpaca, n_gsm8k = len(json.loads(alpaca.read_text())), sum(1 for _ in gsm8k.open())
@@ -90,7 +98,12 @@ def test_sft_runs_on_alpaca_and_gsm8k_with_bad_rows_quarantined(tmp_path, tmp_pa
     assert m["val_examples"] > 0 and m["steps"] == 3 and m["val_loss"] > 0
     quarantine = [json.loads(line) for line in (root / "data" / "sft" / "quarantine.jsonl").read_text().splitlines()]
     assert {q["location"] for q in quarantine if q["source"] == str(broken)} == {
-        "broken.jsonl:2", "broken.jsonl:3", "broken.jsonl:4"}
-    assert load(root / "data" / "sft" / "model").cfg.vocab_size == al.load_tokenizer(
-        root / "data" / "tokenizer").tok.get_vocab_size()
+        "broken.jsonl:2",
+        "broken.jsonl:3",
+        "broken.jsonl:4",
+    }
+    assert (
+        load(root / "data" / "sft" / "model").cfg.vocab_size
+        == al.load_tokenizer(root / "data" / "tokenizer").tok.get_vocab_size()
+    )
     assert read_json(root / "metrics" / "sft.json")["steps"] == 3

@@ -16,26 +16,62 @@ def failure(code, *lines):
     return StageFailed("stage failed", exit_code=code, tail=[*lines, DVC_FAILED.format(code)])
 
 
-@pytest.mark.parametrize(("error", "retried"), [
-    (failure(2, "error: pretrain: train.lr: must be > 0"), False),                      # user error
-    (failure(130, "error: pretrain: interrupted"), False),                              # Ctrl-C
-    (failure(1, "Traceback (most recent call last):", "  File \"x.py\", line 1, in <module>",
-             "FloatingPointError: loss is nan at step 40"), False),                      # failed training
-    (failure(1, "WARNING urllib3: Retrying after connection broken by 'NewConnectionError'",
-             "ValueError: shapes (2, 3) and (4,) do not match"), False),                 # a warning is not the cause
-    (failure(-9), True), (failure(137), True), (failure(-15), True),                   # killed from outside
-    (failure(1, "mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/mlflow/runs/create "
-                "failed with exception HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded"), True),
-    (failure(1, "requests.exceptions.ConnectionError: ('Connection aborted.', RemoteDisconnected())"), True),
-    (failure(1, "httpx.ConnectError: [Errno 111] Connection refused"), True),           # Prefect API (Dask stages)
-    (failure(1, "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked"), True),
-    (StageFailed("lock", exit_code=None, tail=["ERROR: Unable to acquire lock. Most likely another DVC process is "
-                                                "running or was terminated abruptly."]), True),
-    (StageFailed("no stage", exit_code=None, tail=["ERROR: Stage 'nosuch' not found inside 'dvc.yaml' file"]), False),
-    (ConnectionRefusedError(111, "Connection refused"), True),                          # raised in the task itself
-    (RuntimeError("wrapped"), False),
-    (FileNotFoundError("dvc"), False),
-])
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (failure(2, "error: pretrain: train.lr: must be > 0"), False),  # user error
+        (failure(130, "error: pretrain: interrupted"), False),  # Ctrl-C
+        (
+            failure(
+                1,
+                "Traceback (most recent call last):",
+                '  File "x.py", line 1, in <module>',
+                "FloatingPointError: loss is nan at step 40",
+            ),
+            False,
+        ),  # failed training
+        (
+            failure(
+                1,
+                "WARNING urllib3: Retrying after connection broken by 'NewConnectionError'",
+                "ValueError: shapes (2, 3) and (4,) do not match",
+            ),
+            False,
+        ),  # a warning is not the cause
+        (failure(-9), True),
+        (failure(137), True),
+        (failure(-15), True),  # killed from outside
+        (
+            failure(
+                1,
+                "mlflow.exceptions.MlflowException: API request to http://mlflow:5000/api/2.0/mlflow/runs/create "
+                "failed with exception HTTPConnectionPool(host='mlflow', port=5000): Max retries exceeded",
+            ),
+            True,
+        ),
+        (failure(1, "requests.exceptions.ConnectionError: ('Connection aborted.', RemoteDisconnected())"), True),
+        (failure(1, "httpx.ConnectError: [Errno 111] Connection refused"), True),  # Prefect API (Dask stages)
+        (failure(1, "sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) database is locked"), True),
+        (
+            StageFailed(
+                "lock",
+                exit_code=None,
+                tail=[
+                    "ERROR: Unable to acquire lock. Most likely another DVC process is "
+                    "running or was terminated abruptly."
+                ],
+            ),
+            True,
+        ),
+        (
+            StageFailed("no stage", exit_code=None, tail=["ERROR: Stage 'nosuch' not found inside 'dvc.yaml' file"]),
+            False,
+        ),
+        (ConnectionRefusedError(111, "Connection refused"), True),  # raised in the task itself
+        (RuntimeError("wrapped"), False),
+        (FileNotFoundError("dvc"), False),
+    ],
+)
 def test_only_transient_stage_failures_are_retried(error, retried):
     assert is_transient(error) is retried
     assert retry_transient(stage_task, None, Failed(data=error)) is retried
@@ -55,7 +91,7 @@ def test_stage_task_retries_are_configured():
     assert stage_task.retries == 2 and stage_task.retry_condition_fn is retry_transient
 
 
-FAKE_DVC = textwrap.dedent('''
+FAKE_DVC = textwrap.dedent("""
     import pathlib, sys
     counter = pathlib.Path(sys.argv[1]); mode = sys.argv[2]
     n = int(counter.read_text()) if counter.exists() else 0
@@ -70,7 +106,7 @@ FAKE_DVC = textwrap.dedent('''
         print("ERROR: failed to reproduce 'ingest': failed to run: python -m tasks.ingest, exited with 2")
         sys.exit(255)
     print("Running stage 'ingest':")
-''')
+""")
 
 
 @pytest.mark.slow
@@ -83,8 +119,11 @@ def test_stage_task_retries_a_transient_failure_and_not_a_user_error(tmp_path, m
     script = tmp_path / "fake_dvc.py"
     script.write_text(FAKE_DVC)
     mode = {"value": "transient"}
-    monkeypatch.setattr(pipeline, "dvc_command",
-                        lambda stage, force: [sys.executable, str(script), str(tmp_path / mode["value"]), mode["value"]])
+    monkeypatch.setattr(
+        pipeline,
+        "dvc_command",
+        lambda stage, force: [sys.executable, str(script), str(tmp_path / mode["value"]), mode["value"]],
+    )
     fast = stage_task.with_options(retry_delay_seconds=0)
 
     @flow

@@ -1,6 +1,7 @@
 """The shared training loop and its pieces, in this process (a DeepSpeed world of one): the LR schedule, the batch
 arithmetic and its errors, the data windows, the DeepSpeed config, hostfiles, fingerprints, the checkpoint
 pointer and pruning, the NaN guard (checkpoint intact, a rerun resumes) and bf16 on CPU."""
+
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ def train_cfg(**changes) -> TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------------ pure pieces
+
 
 def test_schedule_warms_up_linearly_then_decays_by_cosine_to_the_floor():
     f = [TrainConfig(warmup_steps=10, min_lr_ratio=0.1).lr_factor(s, total=110) for s in range(110)]
@@ -52,6 +54,7 @@ def test_batch_arithmetic_and_budget_errors_name_the_key():
 def test_micro_batches_cover_the_same_examples_whatever_the_split():
     def covered(world: int, accum: int) -> list[list[int]]:
         return sorted(list(BatchIndex(0, m, r, world, accum, 4).examples) for m in range(accum) for r in range(world))
+
     assert covered(1, 4) == covered(2, 2) == covered(4, 1) == [list(range(i, i + 4)) for i in range(0, 16, 4)]
 
 
@@ -85,18 +88,22 @@ def test_validation_windows_are_fixed_and_use_all_of_a_short_split():
 
 def test_compile_without_a_cpu_toolchain_fails_naming_the_knob():
     import torch._inductor.config as inductor_config
+
     try:
         check_cpu_compile_toolchain()
     except ConfigError as e:
         pytest.skip(f"the baseline needs a working toolchain: {e}")
-    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}), \
-            pytest.raises(ConfigError, match=r"train.compile: .* needs a C\+\+ compiler .* compile: false"):
+    with (
+        inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}),
+        pytest.raises(ConfigError, match=r"train.compile: .* needs a C\+\+ compiler .* compile: false"),
+    ):
         check_cpu_compile_toolchain()
     check_cpu_compile_toolchain()  # the patch is gone again
 
 
 def test_deepspeed_config_on_cpu():
     import torch
+
     world = World(0, 0, 2, 2, torch.device("cpu"), "gloo")
     c = deepspeed_config(train_cfg(zero_stage=2, batch_size=16, micro_batch_size=4, grad_clip=0.5), world, "bf16")
     assert (c["train_batch_size"], c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"]) == (16, 4, 2)
@@ -118,13 +125,15 @@ def test_hostfile_errors_name_the_line(tmp_path):
 
 def test_fingerprint_ignores_cadence_but_not_what_shapes_the_weights():
     base = train_cfg().fingerprint_dict()
-    assert fingerprint({"t": base}) == fingerprint({"t": train_cfg(log_every=7, eval_every=3, resume=False,
-                                                                    checkpoint_every=9).fingerprint_dict()})
+    assert fingerprint({"t": base}) == fingerprint(
+        {"t": train_cfg(log_every=7, eval_every=3, resume=False, checkpoint_every=9).fingerprint_dict()}
+    )
     assert fingerprint({"t": base}) != fingerprint({"t": train_cfg(lr=1e-4).fingerprint_dict()})
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed runs
+
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
@@ -138,21 +147,27 @@ def run_stage(root: Path, monkeypatch, section: dict | None = None, **train) -> 
     from tasks import pretrain
     from tasks.common.dvcio import stage_paths
     from tasks.common.tracking import Tracker
+
     torch.set_num_threads(1)
     monkeypatch.setenv("SCRATCHLM_PARAMS", str(write_params(root, {**(section or {}), "train": train})))
     monkeypatch.setenv("SCRATCHLM_PROGRESS", "off")
-    return pretrain.run(load_section("pretrain"), stage_paths("pretrain", root), Tracker("pretrain", None),
-                        model=load_section("model"))
+    return pretrain.run(
+        load_section("pretrain"), stage_paths("pretrain", root), Tracker("pretrain", None), model=load_section("model")
+    )
 
 
 @pytest.mark.slow
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(data_root, tmp_path, monkeypatch):
     import shutil
+
     root = tmp_path / "nan"
     shutil.copytree(data_root / "data", root / "data")
     monkeypatch.setenv("SCRATCHLM_TEST_NAN_STEP", "12")
-    with pytest.raises(TrainingDiverged, match=r"step 12: the loss is not finite on 2 of 2 micro batches .*"
-                                               r"/step_00000010 is kept and a rerun resumes from it"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"step 12: the loss is not finite on 2 of 2 micro batches .*"
+        r"/step_00000010 is kept and a rerun resumes from it",
+    ):
         run_stage(root, monkeypatch, max_steps=16)
     folder = next((root / "checkpoints" / "pretrain").iterdir())
     assert (folder / "latest").read_text() == "step_00000010"
@@ -173,6 +188,7 @@ def test_bf16_on_cpu_trains_and_exports_fp32_weights(data_root, tmp_path, monkey
     import torch
 
     from model.hf import load
+
     root = tmp_path / "bf16"
     shutil.copytree(data_root / "data", root / "data")
     metrics = run_stage(root, monkeypatch, precision="bf16", zero_stage=1, max_steps=20)
@@ -208,6 +224,7 @@ def test_checkpoint_pointer_only_moves_to_complete_checkpoints(tmp_path):
 
 def test_launch_command_local_and_multi_node(tmp_path, monkeypatch):
     from tasks.common.distributed import WORKER_FLAG, launch_command, planned_world_size
+
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("SCRATCHLM_PARENT_RUN_ID", "abc")

@@ -14,18 +14,19 @@ Batching    each row holds one conversation, right-padded: causal attention neve
 Sampling    `sample_answers` decodes replies to held-out prompts (fixed seed per batch, stops at `<|end|>`).
 Evaluation  `response_logprobs`, `token_kl` and `rewards_of` evaluate models on pair batches.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-
 from tokenizers import Tokenizer
+from torch import Tensor
 
 from model import ModelConfig, generate, load, load_config
 from model.losses import IGNORE_INDEX, sequence_logprobs
@@ -33,16 +34,16 @@ from tasks.common import chat
 from tasks.common.config import ScratchError
 from tasks.common.console import progress
 from tasks.common.dvcio import StagePaths
-from tasks.common.train_config import AlignmentData, SamplingConfig
-from tasks.common.training import check_models
-
-
+from tasks.common.train_config import AlignmentData, SamplingConfig, TrainConfig
+from tasks.common.training import check_models, upstream_fingerprint
 
 # ------------------------------------------------------------------------------------------------ tokenizer
+
 
 @dataclass(frozen=True)
 class ChatTokenizer:
     """A `tokenizers.Tokenizer` with the ids of scratchlm's special tokens."""
+
     tok: Any
     special: dict[str, int]
 
@@ -95,6 +96,11 @@ class Upstream:
     model_cfg: ModelConfig
     max_len: int
     """The row length the stage trains on (its max_len, or the model's context)."""
+    model_stage: str
+
+    def fingerprint(self) -> dict[str, str]:
+        """sha256 of the upstream weights and tokenizer (part of the stage's checkpoint fingerprint)."""
+        return upstream_fingerprint({self.model_stage: self.model_dir, "tokenizer": self.tokenizer_dir})
 
 
 def upstream_of(stage: str, cfg: AlignmentData, paths: StagePaths, model_stage: str) -> Upstream:
@@ -102,18 +108,29 @@ def upstream_of(stage: str, cfg: AlignmentData, paths: StagePaths, model_stage: 
     tok = load_tokenizer(paths.of("tokenizer"))
     model_dir = check_models(paths, model_stage)[model_stage]
     model_cfg = load_config(model_dir)
-    return Upstream(tok, paths.of("tokenizer"), model_dir, model_cfg, cfg.max_len_for(stage, model_cfg.max_seq_len))
+    return Upstream(
+        tok, paths.of("tokenizer"), model_dir, model_cfg, cfg.max_len_for(stage, model_cfg.max_seq_len), model_stage
+    )
+
+
+def data_metrics(loaded: Any, truncated: int, max_len: int) -> dict:
+    """What every alignment stage reports about its data: the counts of its tasks.sources.examples.Loaded (rows in,
+    train, validation, quarantined by reason and source) and how many rows were cut to max_len."""
+    return {**loaded.counts(), "truncated": truncated, "max_len": max_len}
 
 
 def data_summary(m: dict, unit: str, held_out: str) -> list[str]:
     """The closing-summary lines every alignment stage shares: examples, quarantine, loss and speed."""
-    lines = [f"{m['steps']:,} steps on {m['train_examples']:,} {unit} ({m['val_examples']:,} {held_out}, "
-             f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)"]
+    lines = [
+        f"{m['steps']:,} steps on {m['train_examples']:,} {unit} ({m['val_examples']:,} {held_out}, "
+        f"{m['quarantined']:,} quarantined, {m['truncated']:,} cut at {m['max_len']} tokens)"
+    ]
     lines += [f"quarantined {n:>6,}  {reason}" for reason, n in m["quarantined_by_reason"].items()]
     return lines + [f"train loss {m['train_loss']:.4f}   {m['tokens_per_s']:,.0f} tokens/s"]
 
 
 # ------------------------------------------------------------------------------------------------ encoding
+
 
 @dataclass(frozen=True)
 class SFTExample:
@@ -163,7 +180,7 @@ def encode_pair(tok: ChatTokenizer, pair: dict, max_len: int) -> PairExample | N
     if longest <= max_len:
         return PairExample(prompt, chosen, rejected)
     if len(prompt) > max_len // 2:
-        prompt = prompt[-(max_len // 2):]
+        prompt = prompt[-(max_len // 2) :]
     room = max_len - len(prompt)
     chosen, rejected = chosen[:room], rejected[:room]
     if chosen == rejected:
@@ -173,8 +190,10 @@ def encode_pair(tok: ChatTokenizer, pair: dict, max_len: int) -> PairExample | N
 
 # ------------------------------------------------------------------------------------------------ batching
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
-                           group_batches: int = 32) -> list[list[int]]:
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, group_batches: int = 32
+) -> list[list[int]]:
     """Indices in batches of similar length: shuffle, sort within windows of `group_batches` batches, shuffle
     the batches. Every index appears exactly once; the last batch may be short."""
     order = list(range(len(lengths)))
@@ -182,8 +201,8 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.
     window = batch_size * group_batches
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -192,7 +211,7 @@ def _pad(rows: Sequence[Sequence[int]], value: int, length: int | None = None) -
     length = length or max(len(r) for r in rows)
     out = torch.full((len(rows), length), value, dtype=torch.long)
     for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     return out
 
 
@@ -207,6 +226,7 @@ def collate_sft(examples: Sequence[SFTExample], pad_id: int) -> tuple[Tensor, Te
 @dataclass
 class PairBatch:
     """2B rows: chosen replies in rows [0, B), rejected in [B, 2B); each row = prompt + reply, right-padded."""
+
     ids: Tensor
     """(2B,T) token ids, pad after the reply."""
     attention_mask: Tensor
@@ -218,10 +238,10 @@ class PairBatch:
     def pairs(self) -> int:
         return self.ids.shape[0] // 2
 
-    def rows(self, part: slice) -> "PairBatch":
+    def rows(self, part: slice) -> PairBatch:
         return PairBatch(self.ids[part], self.attention_mask[part], self.response_mask[part])
 
-    def to(self, device: torch.device | str) -> "PairBatch":
+    def to(self, device: torch.device | str) -> PairBatch:
         return PairBatch(self.ids.to(device), self.attention_mask.to(device), self.response_mask.to(device))
 
     def as_dict(self) -> dict[str, Tensor]:
@@ -251,6 +271,7 @@ def sequences_batch(prompts: Sequence[Sequence[int]], replies: Sequence[Sequence
 
 
 # ------------------------------------------------------------------------------------------------ model math
+
 
 def reply_logits(model, batch: PairBatch) -> Tensor:
     """Next-token logits of every row, (R,T-1,V); right padding needs no attention mask."""
@@ -291,9 +312,11 @@ def rewards_of(reward_model, batch: PairBatch) -> Tensor:
 
 # ------------------------------------------------------------------------------------------------ sampling
 
+
 @dataclass(frozen=True)
 class Answer:
     """One sampled reply."""
+
     prompt: list[int]
     """The prompt's ids (ending with the generation prompt)."""
     ids: list[int]
@@ -306,8 +329,9 @@ class Answer:
         return self.ids + [end_id] if self.finished else list(self.ids)
 
 
-def sample_answers(model, tok: ChatTokenizer, prompts: list[list[dict]], cfg: SamplingConfig,
-                   desc: str = "sampling") -> list[Answer]:
+def sample_answers(
+    model, tok: ChatTokenizer, prompts: list[list[dict]], cfg: SamplingConfig, desc: str = "sampling"
+) -> list[Answer]:
     """Sampled replies to prompt conversations. Batch k uses seed cfg.seed + k, so two models sampled with the
     same cfg on the same prompts share their random stream."""
     encoded = [encode_prompt(tok, p) for p in prompts]
@@ -315,19 +339,28 @@ def sample_answers(model, tok: ChatTokenizer, prompts: list[list[dict]], cfg: Sa
     limit = model.cfg.max_seq_len
     starts = range(0, len(encoded), cfg.batch_size)
     for k, start in enumerate(progress(starts, total=len(starts), desc=desc, unit="batch")):
-        batch = encoded[start:start + cfg.batch_size]
+        batch = encoded[start : start + cfg.batch_size]
         longest = max(len(p) for p in batch)
         if longest >= limit:
-            raise ScratchError(f"{desc}: a prompt of {longest} tokens leaves no room to answer in the model's "
-                               f"context of {limit}")
+            raise ScratchError(
+                f"{desc}: a prompt of {longest} tokens leaves no room to answer in the model's context of {limit}"
+            )
         budget = min(cfg.max_new_tokens, limit - longest)
-        new = generate(model, batch, budget, temperature=cfg.temperature, top_p=cfg.top_p,
-                       stop_tokens=tok.stop_ids, seed=cfg.seed + k)
+        new = generate(
+            model,
+            batch,
+            budget,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            stop_tokens=tok.stop_ids,
+            seed=cfg.seed + k,
+        )
         answers += [Answer(p, ids, len(ids) < budget) for p, ids in zip(batch, new)]
     return answers
 
 
 # ------------------------------------------------------------------------------------------------ training glue
+
 
 class StepBatches:
     """The trainer's batch function: step s's global batch is `batch_size` examples of similar length, a pure
@@ -336,11 +369,20 @@ class StepBatches:
     Each epoch is a fresh length-grouped order; its one short leftover batch is skipped (those examples come
     back in the next epoch's order)."""
 
-    def __init__(self, examples: Sequence[Any], lengths: Sequence[int], batch_size: int, seed: int,
-                 collate: Callable[[list[Any]], Any], what: str = "training examples") -> None:
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        collate: Callable[[list[Any]], Any],
+        what: str = "training examples",
+    ) -> None:
         if len(examples) < batch_size:
-            raise ScratchError(f"{len(examples)} {what} is fewer than one step's train.batch_size ({batch_size}); "
-                               f"add data or lower train.batch_size")
+            raise ScratchError(
+                f"{len(examples)} {what} is fewer than one step's train.batch_size ({batch_size}); "
+                f"add data or lower train.batch_size"
+            )
         self.examples, self.lengths, self.batch_size = examples, list(lengths), batch_size
         self.seed, self.collate = seed, collate
         self.per_epoch = len(examples) // batch_size
@@ -354,12 +396,21 @@ class StepBatches:
         return self._epoch[1][k]
 
     def __call__(self, index) -> Any:
-        chosen = self.indices(index.step)[index.examples.start:index.examples.stop]
+        chosen = self.indices(index.step)[index.examples.start : index.examples.stop]
         return self.collate([self.examples[i] for i in chosen])
 
 
 def device_of(module) -> torch.device:
     return next(module.parameters()).device
+
+
+def pair_batches(pairs: list[PairExample], train: TrainConfig, pad_id: int) -> tuple[StepBatches, int]:
+    """The trainer's batches of preference pairs (chosen rows, then rejected rows) and the tokens one pair puts
+    through the model (both rows), for tokens/s and the budget."""
+    lengths = [pair_length(e) for e in pairs]
+    per_pair = round(2 * sum(lengths) / max(len(lengths), 1))
+    collate = lambda exs: collate_pairs(exs, pad_id).as_dict()  # noqa: E731
+    return StepBatches(pairs, lengths, train.batch_size, train.seed, collate, "training pairs"), per_pair
 
 
 def pair_length(e: PairExample) -> int:
@@ -371,6 +422,7 @@ def encode_pairs(loaded: Any, tok: ChatTokenizer, max_len: int) -> tuple[list[Pa
     """(train, val, truncated) pair encodings of a tasks.sources.examples.Loaded; a pair whose replies become
     identical when cut is quarantined."""
     why_not = f"chosen and rejected are identical within max_len={max_len}"
-    train, val = (loaded.keep_encoded(split, lambda p: encode_pair(tok, p, max_len), why_not)
-                  for split in ("train", "val"))
+    train, val = (
+        loaded.keep_encoded(split, lambda p: encode_pair(tok, p, max_len), why_not) for split in ("train", "val")
+    )
     return train, val, sum(e.truncated for e in train + val)

@@ -18,6 +18,7 @@ A conversation renders as
 
 Works with a `tokenizers.Tokenizer` or a 🤗 fast tokenizer (`AutoTokenizer.from_pretrained("data/tokenizer")`).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -70,8 +71,9 @@ def render_chat(messages: list[dict[str, Any]], add_generation_prompt: bool = Fa
     return text + (GENERATION_PROMPT if add_generation_prompt else "")
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
-                add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+def encode_chat(
+    tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False
+) -> tuple[list[int], list[int]]:
     """(ids, assistant_mask) of a conversation; mask[i] = 1 on assistant content tokens and assistant `<|end|>`.
 
     With add_generation_prompt, the ids end with `<|assistant|>\\n` (mask 0): the prompt to generate a reply from.

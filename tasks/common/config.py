@@ -19,6 +19,7 @@ Loading is strict and happens before any work: an unknown key, a missing key, a 
 raises `ConfigError` naming the file and the dotted key, e.g.
 `params.yaml: pretrain.lr: expected float, got str ('fast')`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -57,6 +58,7 @@ class ConfigError(ScratchError):
 
 # ------------------------------------------------------------------------------------------------ sections
 
+
 @dataclasses.dataclass(frozen=True)
 class BuiltinCorpus:
     n_docs: int = 12000
@@ -73,8 +75,11 @@ class BuiltinCorpus:
     def __post_init__(self) -> None:
         for name in ("exact_dup_rate", "near_dup_rate", "junk_rate"):
             check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
-        check(self.exact_dup_rate + self.near_dup_rate + self.junk_rate < 0.9, "junk_rate",
-              "exact_dup_rate + near_dup_rate + junk_rate must leave room for clean stories (< 0.9)")
+        check(
+            self.exact_dup_rate + self.near_dup_rate + self.junk_rate < 0.9,
+            "junk_rate",
+            "exact_dup_rate + near_dup_rate + junk_rate must leave room for clean stories (< 0.9)",
+        )
         check(self.n_docs > 0, "n_docs", "must be positive")
 
 
@@ -119,11 +124,12 @@ class ModelSection:
     vocab_size always comes from the trained tokenizer."""
 
 
-
 BASE_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection}
-EXTRA_SECTIONS: dict[str, str] = {"train": "tasks.common.train_config:TrainConfig",
-                                  "sampling": "tasks.common.train_config:SamplingConfig",
-                                  "promote": "tasks.common.promotion:PromoteConfig"}
+EXTRA_SECTIONS: dict[str, str] = {
+    "train": "tasks.common.train_config:TrainConfig",
+    "sampling": "tasks.common.train_config:SamplingConfig",
+    "promote": "tasks.common.promotion:PromoteConfig",
+}
 """Sections that configure no single stage: name → "module:Class" of their dataclass (imported when loaded;
 train_config and promotion import this module, so naming them here keeps the imports one-way)."""
 INHERITED = ("train", "sampling")
@@ -137,6 +143,7 @@ def check(ok: bool, key: str, message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ loading
+
 
 def read_params(path: Path | str | None = None) -> dict[str, Any]:
     """The raw params.yaml mapping, with a clear error when it is missing or not YAML."""
@@ -209,13 +216,16 @@ def inherit(cls: type, raw: dict[str, Any], name: str, path: Path) -> Any:
     section = dict(section)
     for field_name in fields:
         if field_name not in raw:
-            raise ConfigError(f"{path.name}: missing section {field_name!r} (the base that {name}.{field_name} "
-                              f"inherits from)")
+            raise ConfigError(
+                f"{path.name}: missing section {field_name!r} (the base that {name}.{field_name} inherits from)"
+            )
         base, own = raw[field_name], section.get(field_name) or {}
         build(section_class(field_name), base, f"{path.name}: {field_name}")  # an error in the base names the base
         if not isinstance(own, dict):
-            raise ConfigError(f"{path.name}: {name}.{field_name}: expected a mapping of overrides of "
-                              f"{field_name!r}, got {type(own).__name__}")
+            raise ConfigError(
+                f"{path.name}: {name}.{field_name}: expected a mapping of overrides of "
+                f"{field_name!r}, got {type(own).__name__}"
+            )
         section[field_name] = {**base, **own}
     return section
 
@@ -307,6 +317,7 @@ def _closest(word: str, options: list[str]) -> str:
 
 # ------------------------------------------------------------------------------------------------ docs
 
+
 @functools.cache
 def field_docs(cls: type) -> dict[str, str]:
     """Map field name → the string literal written under it in the class body (or in a base class's)."""
@@ -320,9 +331,13 @@ def field_docs(cls: type) -> dict[str, str]:
         return docs
     body = tree.body[0].body
     for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) \
-                and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant) \
-                and isinstance(nxt.value.value, str):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(getattr(nxt, "value", None), ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
@@ -339,8 +354,13 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         if f.name in inherited:
-            rows.append((key, "section", f"{field_doc(cls, f.name)} Any key of `{f.name}` (listed under it); "
-                                         f"the rest inherited."))
+            rows.append(
+                (
+                    key,
+                    "section",
+                    f"{field_doc(cls, f.name)} Any key of `{f.name}` (listed under it); the rest inherited.",
+                )
+            )
         elif dataclasses.is_dataclass(hints[f.name]):
             rows.append((key, "section", field_doc(cls, f.name)))
             rows.extend(describe(hints[f.name], key + "."))

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable, Iterator, TypeVar
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
@@ -23,13 +24,22 @@ def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def progress(items: Iterable[T] | None, total: int | None = None, desc: str = "", unit: str = "it",
-             **kwargs: Any) -> Iterator[T]:
+def progress(
+    items: Iterable[T] | None, total: int | None = None, desc: str = "", unit: str = "it", **kwargs: Any
+) -> Iterator[T]:
     """A tqdm bar; refreshed every few seconds when the output is a log (Prefect, CI), not a terminal."""
     interactive = sys.stderr.isatty()
     off = not is_rank_zero() or os.environ.get("SCRATCHLM_PROGRESS") == "off"
-    return tqdm(items, total=total, desc=desc, unit=unit, dynamic_ncols=True,
-                mininterval=0.2 if interactive else 10.0, disable=off, **kwargs)
+    return tqdm(
+        items,
+        total=total,
+        desc=desc,
+        unit=unit,
+        dynamic_ncols=True,
+        mininterval=0.2 if interactive else 10.0,
+        disable=off,
+        **kwargs,
+    )
 
 
 def progress_write(text: str) -> None:
@@ -48,8 +58,11 @@ def fmt(v: Any) -> str:
 
 def closing_summary(stage: str, metrics: dict, lines: list[str] | None, where: dict[str, str]) -> str:
     """The stage's closing screen: its own lines (or its numeric metrics), then where everything went."""
-    rows = [(k, v) for k, v in metrics.items()
-            if not k.startswith("_") and k != "seconds" and not isinstance(v, (dict, list))]
+    rows = [
+        (k, v)
+        for k, v in metrics.items()
+        if not k.startswith("_") and k != "seconds" and not isinstance(v, (dict, list))
+    ]
     width = max([len(k) for k in where] + ([len(k) for k, _ in rows] if lines is None else []) + [8])
     out = [f"\n── {stage} done in {metrics.get('seconds', 0):.1f}s " + "─" * 40]
     if lines is None:

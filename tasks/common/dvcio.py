@@ -5,6 +5,7 @@ DVC metrics. Documents are gzip JSON Lines shards `shard-00000.jsonl.gz` of `{"i
 Writes go to a temporary name and are renamed into place, so a killed stage never leaves a half-written output
 that looks complete.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,19 +16,21 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
-from tasks.common.config import ROOT
+from tasks.common.config import ROOT, ScratchError
 
 
 @dataclass(frozen=True)
 class StagePaths:
     """The folders a stage may touch."""
+
     root: Path
-    out: Path       # data/<stage>/
-    metrics: Path   # metrics/<stage>.json
+    out: Path  # data/<stage>/
+    metrics: Path  # metrics/<stage>.json
 
     def of(self, stage: str) -> Path:
         """Output folder of another (upstream) stage."""
@@ -80,6 +83,7 @@ def _jsonable(x: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ JSONL shards
 
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> Path:
     """Plain JSON Lines (quarantines, samples): one UTF-8 object per line, written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +101,26 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_labels(path: Path) -> list[dict]:
+    """The builtin corpus's ground-truth rows {id, label, of} (ingest writes them beside the documents, filter and
+    dedup carry them on); empty when the file is missing or empty: real corpora have none."""
+    if not path.is_file():
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                rows.append({"id": row["id"], "label": row["label"], "of": row.get("of")})
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ScratchError(
+                    f"{path}:{number}: not a label row {{id, label, of}} ({e}); rerun ingest to rewrite it"
+                ) from None
+    return rows
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.jsonl.gz"
 
@@ -104,12 +128,15 @@ def shard_name(index: int) -> str:
 def write_jsonl_gz(path: Path, rows: Iterable[dict]) -> int:
     """Write rows to a gzip JSON Lines file atomically (deterministic bytes: mtime 0); return the row count."""
     n = 0
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz, \
-                io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-                n += 1
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
+        io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as f,
+    ):
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
@@ -124,6 +151,7 @@ def shards(folder: Path) -> list[Path]:
     found = sorted(Path(folder).glob("shard-*.jsonl.gz"))
     if not found:
         from tasks.common.config import ScratchError
+
         raise ScratchError(f"{folder}: no shard-*.jsonl.gz documents (has the upstream stage run?)")
     return found
 
@@ -154,7 +182,7 @@ class ShardWriter:
             self.n_shards += 1
             self._buffer = []
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:

@@ -17,6 +17,7 @@ Shingles are word n-grams of the normalised text (NFKC, lower-cased, punctuation
 a document shorter than n words is one shingle of all its words, and one without words has no shingles (its
 signature is datasketch's empty one: all values 2**32 - 1).
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,13 +26,13 @@ import itertools
 import re
 import unicodedata
 from collections import defaultdict
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from datasketch import LeanMinHash, MinHash
 from datasketch.hashfunc import sha1_hash32
 
-SCHEME = "affine32"       # datasketch >= 2.0 default: fmix pre-mix, then a * h + b mod 2**32
+SCHEME = "affine32"  # datasketch >= 2.0 default: fmix pre-mix, then a * h + b mod 2**32
 EMPTY = np.uint32(0xFFFFFFFF)
 _WORD = re.compile(r"\w+")
 _ASCII_NON_WORD = str.maketrans({c: " " for c in map(chr, range(128)) if not (c.isalnum() or c == "_")})
@@ -58,7 +59,7 @@ def shingles(text: str, n: int) -> list[bytes]:
         return []
     if len(ws) <= n:
         return [" ".join(ws).encode()]
-    return [s.encode() for s in dict.fromkeys(" ".join(ws[i:i + n]) for i in range(len(ws) - n + 1))]
+    return [s.encode() for s in dict.fromkeys(" ".join(ws[i : i + n]) for i in range(len(ws) - n + 1))]
 
 
 def fmix32(hv: np.ndarray) -> np.ndarray:
@@ -99,24 +100,24 @@ class MinHasher:
     def __init__(self, num_perm: int = 128, seed: int = 1, chunk_rows: int = 1 << 12) -> None:
         self.num_perm, self.seed, self.chunk_rows = num_perm, seed, chunk_rows
         a, b = MinHash(num_perm=num_perm, seed=seed, scheme=SCHEME).permutations
-        self.a = a.astype(np.uint32)[None, :]   # (1, num_perm)
-        self.b = b.astype(np.uint32)[None, :]   # (1, num_perm)
+        self.a = a.astype(np.uint32)[None, :]  # (1, num_perm)
+        self.b = b.astype(np.uint32)[None, :]  # (1, num_perm)
 
     def text_signatures(self, texts: Sequence[str], n: int) -> np.ndarray:
         """Signatures of the word n-gram shingles of `texts` with hashfunc=ngram_hash32 → (n_docs, num_perm).
 
         Equal to `MinHash(num_perm, seed, hashfunc=ngram_hash32)` updated with every `shingles(text, n)`."""
         doc_words = [words(t) for t in texts]
-        vocab: defaultdict[str, int] = defaultdict(itertools.count().__next__)   # word → id, first-seen order
+        vocab: defaultdict[str, int] = defaultdict(itertools.count().__next__)  # word → id, first-seen order
         ids = np.array(list(map(vocab.__getitem__, itertools.chain.from_iterable(doc_words))), dtype=np.int64)
-        tokens = sha1_32_many([w.encode() for w in vocab])[ids]                   # (n_tokens,) word hashes
-        lengths = np.fromiter(map(len, doc_words), dtype=np.int64, count=len(doc_words))   # (n_docs,)
+        tokens = sha1_32_many([w.encode() for w in vocab])[ids]  # (n_tokens,) word hashes
+        lengths = np.fromiter(map(len, doc_words), dtype=np.int64, count=len(doc_words))  # (n_docs,)
         # One window per n-gram start; a document shorter than n words is one window of all its words.
-        n_windows = np.where(lengths >= n, lengths - n + 1, lengths > 0)          # (n_docs,)
-        owner = np.repeat(np.arange(len(texts)), n_windows)                        # (n_windows,)
+        n_windows = np.where(lengths >= n, lengths - n + 1, lengths > 0)  # (n_docs,)
+        owner = np.repeat(np.arange(len(texts)), n_windows)  # (n_windows,)
         doc_start = np.cumsum(lengths) - lengths
-        window_start = doc_start[owner] + _ranks(n_windows)                       # (n_windows,) token index
-        width = np.minimum(lengths, n)[owner]                                     # (n_windows,)
+        window_start = doc_start[owner] + _ranks(n_windows)  # (n_windows,) token index
+        width = np.minimum(lengths, n)[owner]  # (n_windows,)
         acc = np.full(len(owner), _FOLD_SEED, dtype=np.uint32)
         with np.errstate(over="ignore"):
             for k in range(n):
@@ -125,8 +126,7 @@ class MinHasher:
                 acc = np.where(take, mixed, acc)
         return self._minhash(acc, owner, len(texts))
 
-    def signatures(self, docs: Sequence[Sequence[bytes]], hashfunc: Callable[[bytes], int] = sha1_hash32
-                   ) -> np.ndarray:
+    def signatures(self, docs: Sequence[Sequence[bytes]], hashfunc: Callable[[bytes], int] = sha1_hash32) -> np.ndarray:
         """Signatures of explicit shingle sets → (n_docs, num_perm); equal to `MinHash(num_perm, seed,
         hashfunc)` updated with each set (the general path: one hashfunc call per shingle)."""
         counts = np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs))
@@ -139,18 +139,18 @@ class MinHasher:
 
     def _minhash(self, hv: np.ndarray, owner: np.ndarray, n_docs: int) -> np.ndarray:
         """Min over each document's rows of the permuted hashes; `owner` (sorted) names each row's document."""
-        sig = np.full((self.num_perm, n_docs), EMPTY, dtype=np.uint32)   # transposed: reduceat runs along rows
-        a, b = self.a.T, self.b.T                                          # (num_perm, 1)
+        sig = np.full((self.num_perm, n_docs), EMPTY, dtype=np.uint32)  # transposed: reduceat runs along rows
+        a, b = self.a.T, self.b.T  # (num_perm, 1)
         with np.errstate(over="ignore"):
             hv = fmix32(hv.astype(np.uint32))
             for lo in range(0, len(hv), self.chunk_rows):
-                rows = owner[lo:lo + self.chunk_rows]
-                phv = a * hv[None, lo:lo + self.chunk_rows]               # (num_perm, rows), wraps mod 2**32
+                rows = owner[lo : lo + self.chunk_rows]
+                phv = a * hv[None, lo : lo + self.chunk_rows]  # (num_perm, rows), wraps mod 2**32
                 phv += b
                 starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
                 docs_here = rows[starts]
                 sig[:, docs_here] = np.minimum(sig[:, docs_here], np.minimum.reduceat(phv, starts, axis=1))
-        return np.ascontiguousarray(sig.T)                                 # (n_docs, num_perm)
+        return np.ascontiguousarray(sig.T)  # (n_docs, num_perm)
 
     def lean(self, row: np.ndarray) -> LeanMinHash:
         """A signature row as a datasketch LeanMinHash (for MinHashLSH and `.jaccard`)."""
@@ -177,10 +177,12 @@ def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------ LSH banding
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     """(bands, rows) that datasketch's MinHashLSH picks for `threshold` and `num_perm` (equal FP/FN weights)."""
     from datasketch import MinHashLSH
+
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 
@@ -193,18 +195,18 @@ def band_candidate_pairs(signatures: np.ndarray, bands: int, rows: int) -> np.nd
     A bucket of k rows yields k(k-1)/2 pairs; identical texts should be removed before (dedup's exact pass)."""
     found = [np.zeros((0, 2), dtype=np.int64)]
     for band in range(bands):
-        cols = signatures[:, band * rows:(band + 1) * rows]                          # (n, rows) uint32
+        cols = signatures[:, band * rows : (band + 1) * rows]  # (n, rows) uint32
         key = _band_key(cols)
-        order = np.argsort(key, kind="stable")                                       # equal keys adjacent
+        order = np.argsort(key, kind="stable")  # equal keys adjacent
         key = key[order]
-        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])                    # bucket starts in `order`
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # bucket starts in `order`
         sizes = np.diff(np.r_[starts, len(order)])
         pairs = [np.stack([order[starts[sizes == 2]], order[starts[sizes == 2] + 1]], axis=1)]
         for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist()):
             i, j = np.triu_indices(size, k=1)
             pairs.append(np.stack([order[start + i], order[start + j]], axis=1))
         pairs = np.concatenate(pairs)
-        exact = (cols[pairs[:, 0]] == cols[pairs[:, 1]]).all(axis=1)                 # drop 64-bit key collisions
+        exact = (cols[pairs[:, 0]] == cols[pairs[:, 1]]).all(axis=1)  # drop 64-bit key collisions
         found.append(np.sort(pairs[exact], axis=1).astype(np.int64))
     return np.unique(np.concatenate(found), axis=0)
 

@@ -15,6 +15,7 @@ Dask workers through Prefect's settings context (otherwise each worker process w
 an existing cluster must be able to import this project (same checkout and venv) and must see the paths in
 `items` (a shared filesystem mounted at the same path): docs/SCALE.md, "Data stages on Dask".
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,8 +37,14 @@ EPHEMERAL_STARTUP_SECONDS = 120
 raises it further)."""
 
 
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfig, desc: str = "", unit: str = "shard",
-                 postfix: Callable[[list[R]], dict[str, Any]] | None = None) -> list[R]:
+def parallel_map(
+    fn: Callable[[T], R],
+    items: Sequence[T],
+    runner: RunnerConfig,
+    desc: str = "",
+    unit: str = "shard",
+    postfix: Callable[[list[R]], dict[str, Any]] | None = None,
+) -> list[R]:
     """`[fn(x) for x in items]` on the configured runner; with `desc`, a progress bar of one tick per item."""
     results: list[R] = []
     bar = progress(None, total=len(items), desc=desc, unit=unit) if desc else None
@@ -71,6 +78,7 @@ def _local_results(fn: Callable[[T], R], items: Sequence[T], runner: RunnerConfi
 
 # ------------------------------------------------------------------------------------------------ dask
 
+
 def _dask_map(fn: Callable[[T], R], items: list[T], runner: RunnerConfig, collect: Callable[[R], None]) -> None:
     """Prefect task mapping under a DaskTaskRunner: each item becomes one Prefect task run on the cluster."""
     from prefect import flow, task
@@ -82,14 +90,20 @@ def _dask_map(fn: Callable[[T], R], items: list[T], runner: RunnerConfig, collec
 
     def shard_flow() -> None:
         futures = unit.map(items)  # all submitted at once; the cluster decides the order they run in
-        for future in futures:     # ... and results are taken back in input order
+        for future in futures:  # ... and results are taken back in input order
             collect(future.result())
 
     if not items:
         return
     with shared_prefect_api():  # first: a local cluster must stop before a temporary server does
-        flow(shard_flow, name="data-shards", flow_run_name=f"{name} x{len(items)}",
-             task_runner=dask_task_runner(runner), log_prints=False, persist_result=False)()
+        flow(
+            shard_flow,
+            name="data-shards",
+            flow_run_name=f"{name} x{len(items)}",
+            task_runner=dask_task_runner(runner),
+            log_prints=False,
+            persist_result=False,
+        )()
 
 
 def work_name(fn: Callable) -> str:
@@ -118,12 +132,18 @@ def local_cluster(workers: int):
     cluster = _LOCAL_CLUSTERS.get(workers)
     if cluster is None or cluster.status.name != "running":
         from distributed import LocalCluster
+
         cluster = LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
             # no dashboard, and the scheduler's HTTP endpoint on a free loopback port instead of a fixed :8787,
             # so two stages (or two test runs) never collide
-            dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-            worker_dashboard_address=None)
+            dashboard_address=None,
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+            worker_dashboard_address=None,
+        )
         _LOCAL_CLUSTERS[workers] = cluster
         # at exit, before the temporary Prefect server (registered earlier) goes: workers report to it
         atexit.register(cluster.close)
@@ -141,9 +161,11 @@ def shared_prefect_api() -> Iterator[str]:
         return
     from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import get_current_settings
+
     server = SubprocessASGIServer()  # the same instance Prefect's own client would start on demand
     # a first start migrates a fresh database: on a busy machine that outlasts Prefect's 20 s default
-    server.start(timeout=max(get_current_settings().server.ephemeral.startup_timeout_seconds,
-                             EPHEMERAL_STARTUP_SECONDS))
+    server.start(
+        timeout=max(get_current_settings().server.ephemeral.startup_timeout_seconds, EPHEMERAL_STARTUP_SECONDS)
+    )
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url

@@ -8,6 +8,7 @@ when every gate passes. A gate set to null is off.
                         champion={...} or None, label="dpo")
     [g for g in gates if not g.passed]      # the failing gates, each with a sentence saying why
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,27 +35,35 @@ class PromoteConfig:
             value = getattr(self, name)
             check(value is None or 0.0 <= value <= 1.0, name, f"must be in [0, 1] or null, got {value}")
         check(self.max_val_bpb is None or self.max_val_bpb > 0, "max_val_bpb", "must be > 0 or null")
-        check(self.max_benchmark_drop is None or self.max_benchmark_drop >= 0, "max_benchmark_drop",
-              "must be >= 0 or null")
+        check(
+            self.max_benchmark_drop is None or self.max_benchmark_drop >= 0,
+            "max_benchmark_drop",
+            "must be >= 0 or null",
+        )
 
 
 @dataclass(frozen=True)
 class Gate:
     """One gate's verdict."""
+
     name: str
     passed: bool
     detail: str
 
 
-def check_gates(cfg: PromoteConfig, challenger: dict[str, float], champion: dict[str, float] | None,
-                label: str = "") -> list[Gate]:
+def check_gates(
+    cfg: PromoteConfig, challenger: dict[str, float], champion: dict[str, float] | None, label: str = ""
+) -> list[Gate]:
     """Every gate's verdict for `challenger` (eval metrics without the `eval.` prefix) against `champion`."""
     gates = []
     if cfg.max_val_bpb is not None:
         gates.append(_at_most("max_val_bpb", challenger.get("val_bpb"), cfg.max_val_bpb, "validation bits per byte"))
     if cfg.min_satisfaction is not None:
-        gates.append(_at_least("min_satisfaction", challenger.get("satisfaction"), cfg.min_satisfaction,
-                               "constraint satisfaction"))
+        gates.append(
+            _at_least(
+                "min_satisfaction", challenger.get("satisfaction"), cfg.min_satisfaction, "constraint satisfaction"
+            )
+        )
     if cfg.min_win_rate is not None:
         gates.append(_win_rates(challenger, cfg.min_win_rate, label))
     if cfg.max_benchmark_drop is not None:
@@ -77,8 +86,11 @@ def _at_least(name: str, value: float | None, limit: float, what: str) -> Gate:
 
 
 def _win_rates(challenger: dict[str, float], limit: float, label: str) -> Gate:
-    own = {k.removeprefix("win_rate."): v for k, v in challenger.items()
-           if k.startswith(f"win_rate.{label}_vs_" if label else "win_rate.")}
+    own = {
+        k.removeprefix("win_rate."): v
+        for k, v in challenger.items()
+        if k.startswith(f"win_rate.{label}_vs_" if label else "win_rate.")
+    }
     if not own:
         return Gate("min_win_rate", False, f"the challenger ({label or 'model'}) has no recorded win rate")
     low = {k: v for k, v in own.items() if v < limit}
@@ -101,8 +113,17 @@ def _benchmarks(challenger: dict[str, float], champion: dict[str, float] | None,
         return Gate("max_benchmark_drop", True, "no benchmark in common with the champion")
     worse = [b for b in shared if ours[b] < theirs[b] - max_drop]
     if worse:
-        return Gate("max_benchmark_drop", False, "; ".join(
-            f"{b} acc {ours[b]:.4f} is {theirs[b] - ours[b]:.4f} below the champion's {theirs[b]:.4f} "
-            f"(allowed {max_drop})" for b in worse))
-    return Gate("max_benchmark_drop", True, ", ".join(f"{b} {ours[b]:.3f} vs {theirs[b]:.3f}" for b in shared)
-                + f" (allowed drop {max_drop})")
+        return Gate(
+            "max_benchmark_drop",
+            False,
+            "; ".join(
+                f"{b} acc {ours[b]:.4f} is {theirs[b] - ours[b]:.4f} below the champion's {theirs[b]:.4f} "
+                f"(allowed {max_drop})"
+                for b in worse
+            ),
+        )
+    return Gate(
+        "max_benchmark_drop",
+        True,
+        ", ".join(f"{b} {ours[b]:.3f} vs {theirs[b]:.3f}" for b in shared) + f" (allowed drop {max_drop})",
+    )

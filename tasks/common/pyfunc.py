@@ -18,6 +18,7 @@ tasks/common/chat.py and stopped at `<|end|>`; a row with only `prompt` gets a p
 stopped at `<|endoftext|>`. Generation is model.generate (KV cache, temperature / top-p sampling, seeded).
 This module imports no scratchlm stage code: only `model` (torch), `chat` and MLflow, tokenizers, pandas.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,10 +53,11 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.load_folder(context.artifacts[ARTIFACT])
 
-    def load_folder(self, folder: str | Path) -> "ScratchLMModel":
+    def load_folder(self, folder: str | Path) -> ScratchLMModel:
         from tokenizers import Tokenizer
 
         from model.hf import load
+
         self.chat = _chat_module()
         self.folder = Path(folder)
         self.model = load(self.folder)
@@ -72,6 +74,7 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
 
     def generate_row(self, row: dict[str, Any], settings: dict[str, Any]) -> str:
         from model.generate import generate
+
         messages, prompt = row.get("messages"), row.get("prompt")
         if _present(messages):
             ids, _ = self.chat.encode_chat(self.tokenizer, _plain_messages(messages), add_generation_prompt=True)
@@ -85,9 +88,15 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
         budget = self.model.cfg.max_seq_len - len(ids)
         if budget < 1:
             raise ValueError(f"the input is {len(ids)} tokens; the model's context is {self.model.cfg.max_seq_len}")
-        new = generate(self.model, [ids], max_new_tokens=min(int(settings["max_new_tokens"]), budget),
-                       temperature=float(settings["temperature"]), top_p=float(settings["top_p"]),
-                       stop_tokens=stops, seed=int(settings["seed"]))[0]
+        new = generate(
+            self.model,
+            [ids],
+            max_new_tokens=min(int(settings["max_new_tokens"]), budget),
+            temperature=float(settings["temperature"]),
+            top_p=float(settings["top_p"]),
+            stop_tokens=stops,
+            seed=int(settings["seed"]),
+        )[0]
         return self.tokenizer.decode(new, skip_special_tokens=False)
 
 
@@ -118,6 +127,7 @@ def signature():
     """Input: optional `prompt` (string) and `messages` (array of {role, content}); output `text`; params PARAMS."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
     turn = Object([Property("role", "string"), Property("content", "string")])
     inputs = Schema([ColSpec("string", "prompt", required=False), ColSpec(Array(turn), "messages", required=False)])
     outputs = Schema([ColSpec("string", "text")])

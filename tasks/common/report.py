@@ -16,6 +16,7 @@ Sections (each from what exists; a missing source is named in the page, never an
     samples       the fixed-prompt generations                                   ← data/evaluate/samples.md
 Writes reports/report.md and reports/*.png (relative links, so the folder renders anywhere: GitHub, MLflow UI).
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -37,6 +38,7 @@ MAX_PANELS = 6
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
 
 def read_metrics(root: Path, stage: str) -> dict | None:
     file = root / "metrics" / f"{stage}.json"
@@ -62,21 +64,28 @@ def stage_runs(stages: list[str], parent_run_id: str | None = None) -> tuple[dic
             runs[stage] = children[stage]
             continue
         # DVC skipped this stage in the pipeline run (up to date): its curves are in the run that last made it
-        found = mlflow.search_runs(experiment_names=[tracking.EXPERIMENT], output_format="list", max_results=1,
-                                   filter_string=f"tags.`scratchlm.stage` = '{stage}'",
-                                   order_by=["attributes.start_time DESC"])
+        found = mlflow.search_runs(
+            experiment_names=[tracking.EXPERIMENT],
+            output_format="list",
+            max_results=1,
+            filter_string=f"tags.`scratchlm.stage` = '{stage}'",
+            order_by=["attributes.start_time DESC"],
+        )
         if found:
             runs[stage] = found[0]
     if not children:
         return runs, "latest run of each stage in the experiment"
     reused = [s for s in runs if s not in children]
-    return runs, (f"children of pipeline run {parent}"
-                  + (f"; stages it skipped as up to date ({', '.join(reused)}): their latest run" if reused else ""))
+    return runs, (
+        f"children of pipeline run {parent}"
+        + (f"; stages it skipped as up to date ({', '.join(reused)}): their latest run" if reused else "")
+    )
 
 
 def curves(run: Any) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """{metric name: {prefix (train/val/...): [(step, value)]}} for the run's metrics logged at several steps."""
     import mlflow
+
     client = mlflow.MlflowClient()
     out: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for key in sorted(run.data.metrics):
@@ -92,10 +101,13 @@ def curves(run: Any) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 # ------------------------------------------------------------------------------------------------ plots
 
+
 def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt
 
 
@@ -114,7 +126,7 @@ def plot_curves(stage: str, series: dict[str, dict[str, list[tuple[int, float]]]
         ax.set_xlabel("step")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     fig.suptitle(f"{stage}: training curves")
     fig.tight_layout()
@@ -139,8 +151,15 @@ def plot_bars(title: str, labels: list[str], values: list[float], xlabel: str, o
     return _save(fig, out / name)
 
 
-def plot_grouped(title: str, groups: list[str], series: dict[str, list[float | None]], ylabel: str, out: Path,
-                 name: str, reference: dict[str, float] | None = None) -> Path:
+def plot_grouped(
+    title: str,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    ylabel: str,
+    out: Path,
+    name: str,
+    reference: dict[str, float] | None = None,
+) -> Path:
     """Bars per group (benchmark), one colour per series (model); `reference` marks chance per group."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 2), 3.4))
@@ -168,6 +187,7 @@ def _save(fig, path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ sections
 
+
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
@@ -178,21 +198,37 @@ def models_section(ev: dict | None, out: Path) -> list[str]:
     if not ev:
         return lines + ["_No evaluation yet (metrics/evaluate.json is missing: run `dvc repro evaluate`)._", ""]
     labels = ev["models"]
-    keys = [("validation loss (nats/token)", "val_loss"), ("perplexity", "val_ppl"), ("bits per byte", "val_bpb"),
-            ("constraint satisfaction (share of constraints met)", "satisfaction"),
-            ("answers meeting every constraint", "all_satisfied")]
+    keys = [
+        ("validation loss (nats/token)", "val_loss"),
+        ("perplexity", "val_ppl"),
+        ("bits per byte", "val_bpb"),
+        ("constraint satisfaction (share of constraints met)", "satisfaction"),
+        ("answers meeting every constraint", "all_satisfied"),
+    ]
     rows = [[name, *[ev[m].get(key, "-") for m in labels]] for name, key in keys if any(key in ev[m] for m in labels)]
     lines += _table(["", *labels], rows) + [""]
     first = ev[labels[0]]
-    lines += [f"Held-out split: {first.get('val_docs', 0):,} documents, {first.get('val_tokens', 0):,} tokens, "
-              f"{ev.get('val_text_bytes', 0):,} bytes of text; bits per byte = summed nats / ln 2 / UTF-8 bytes "
-              f"of the documents' text.", ""]
-    plot = plot_bars("Validation bits per byte (lower is better)", labels, [ev[m]["val_bpb"] for m in labels],
-                     "bits per byte", out, "bpb.png")
+    lines += [
+        f"Held-out split: {first.get('val_docs', 0):,} documents, {first.get('val_tokens', 0):,} tokens, "
+        f"{ev.get('val_text_bytes', 0):,} bytes of text; bits per byte = summed nats / ln 2 / UTF-8 bytes "
+        f"of the documents' text.",
+        "",
+    ]
+    plot = plot_bars(
+        "Validation bits per byte (lower is better)",
+        labels,
+        [ev[m]["val_bpb"] for m in labels],
+        "bits per byte",
+        out,
+        "bpb.png",
+    )
     lines += [f"![bits per byte per model]({plot.name})", ""]
     if ev.get("win_rate"):
-        lines += ["Reward-model win rates on the same held-out prompts and sampling seed "
-                  "(share of prompts where the first model's answer scores higher; ties count 1/2):", ""]
+        lines += [
+            "Reward-model win rates on the same held-out prompts and sampling seed "
+            "(share of prompts where the first model's answer scores higher; ties count 1/2):",
+            "",
+        ]
         lines += _table(["pair", "win rate"], [[k.replace("_vs_", " vs "), v] for k, v in ev["win_rate"].items()])
         lines += [""]
     return lines
@@ -213,19 +249,39 @@ def benchmarks_section(ev: dict | None, out: Path) -> list[str]:
 
     def score(m: str, b: str, key: str) -> Any:
         return ev[m]["bench"].get(b, {}).get(key, "-")
-    rows = [[b, items.get(b, {}).get("items", "-"), CHANCE.get(b, "-"),
-             *[f"{score(m, b, 'acc'):.3f} ({score(m, b, 'acc_norm'):.3f})"
-               if isinstance(score(m, b, "acc"), float) and isinstance(score(m, b, "acc_norm"), float)
-               else score(m, b, "acc") for m in labels]] for b in names]
+
+    rows = [
+        [
+            b,
+            items.get(b, {}).get("items", "-"),
+            CHANCE.get(b, "-"),
+            *[
+                f"{score(m, b, 'acc'):.3f} ({score(m, b, 'acc_norm'):.3f})"
+                if isinstance(score(m, b, "acc"), float) and isinstance(score(m, b, "acc_norm"), float)
+                else score(m, b, "acc")
+                for m in labels
+            ],
+        ]
+        for b in names
+    ]
     lines += _table(["task", "items", "chance", *[f"{m} acc (acc_norm)" for m in labels]], rows) + [""]
-    plot = plot_grouped("Benchmark accuracy (dashed: chance)", names,
-                        {m: [ev[m]["bench"].get(b, {}).get("acc") for b in names] for m in labels}, "accuracy", out,
-                        "benchmarks.png", CHANCE)
+    plot = plot_grouped(
+        "Benchmark accuracy (dashed: chance)",
+        names,
+        {m: [ev[m]["bench"].get(b, {}).get("acc") for b in names] for m in labels},
+        "accuracy",
+        out,
+        "benchmarks.png",
+        CHANCE,
+    )
     lines += [f"![benchmark accuracy]({plot.name})", ""]
     too_long = {b: c["too_long_for_context"] for b, c in items.items() if c.get("too_long_for_context")}
     if too_long:
-        lines += ["Items left out because prompt + answer exceed the model's context: "
-                  + ", ".join(f"{b} {n}" for b, n in too_long.items()), ""]
+        lines += [
+            "Items left out because prompt + answer exceed the model's context: "
+            + ", ".join(f"{b} {n}" for b, n in too_long.items()),
+            "",
+        ]
     return lines
 
 
@@ -260,23 +316,37 @@ def funnel_section(root: Path, out: Path) -> list[str]:
     if dedup:
         steps.append(("unique (dedup)", dedup["kept"]))
     if pretok:
-        steps += [("train documents", pretok.get("train_documents", 0)),
-                  ("validation documents", pretok.get("val_documents", 0))]
+        steps += [
+            ("train documents", pretok.get("train_documents", 0)),
+            ("validation documents", pretok.get("val_documents", 0)),
+        ]
     if not steps:
         return lines + ["_No data stage has run yet._", ""]
     lines += _table(["step", "documents"], [[name, n] for name, n in steps]) + [""]
-    plot = plot_bars("Documents through the data stages", [n for n, _ in steps], [v for _, v in steps],
-                     "documents", out, "funnel.png")
+    plot = plot_bars(
+        "Documents through the data stages",
+        [n for n, _ in steps],
+        [v for _, v in steps],
+        "documents",
+        out,
+        "funnel.png",
+    )
     lines += [f"![data funnel]({plot.name})", ""]
     if ingest and ingest.get("quarantined"):
-        lines += ["Quarantined at ingest: " + ", ".join(f"{k} {v:,}" for k, v in
-                                                         ingest.get("quarantined_by_reason", {}).items()), ""]
+        lines += [
+            "Quarantined at ingest: "
+            + ", ".join(f"{k} {v:,}" for k, v in ingest.get("quarantined_by_reason", {}).items()),
+            "",
+        ]
     if filt and filt.get("rejected_by_rule"):
         lines += ["Filter rejects by rule (a document counts under the first rule it fails):", ""]
         lines += _table(["rule", "rejected"], [[k, v] for k, v in filt["rejected_by_rule"].items()]) + [""]
     if dedup:
-        lines += [f"Duplicates removed: {dedup.get('exact_duplicates', 0):,} exact, "
-                  f"{dedup.get('near_duplicates', 0):,} near (MinHash LSH).", ""]
+        lines += [
+            f"Duplicates removed: {dedup.get('exact_duplicates', 0):,} exact, "
+            f"{dedup.get('near_duplicates', 0):,} near (MinHash LSH).",
+            "",
+        ]
     return lines
 
 
@@ -290,16 +360,22 @@ def tokenizer_section(root: Path, out: Path) -> list[str]:
         asked = tok.get("vocab_size_requested", 0)
         lines += [f"Byte-level BPE, {tok.get('vocab_size', 0):,} tokens (asked {asked:,}).", ""]
     if pretok:
-        bars += [(f"{s} split", pretok[f"{s}_bytes_per_token"]) for s in ("train", "val")
-                 if f"{s}_bytes_per_token" in pretok]
+        bars += [
+            (f"{s} split", pretok[f"{s}_bytes_per_token"]) for s in ("train", "val") if f"{s}_bytes_per_token" in pretok
+        ]
         lines += [f"Tokens: {pretok.get('train_tokens', 0):,} train, {pretok.get('val_tokens', 0):,} validation."]
     elif tok and "val_bytes_per_token" in tok:
         bars.append(("val split", tok["val_bytes_per_token"]))
     if bars:
-        lines += ["Compression (UTF-8 bytes per text token): "
-                  + ", ".join(f"{n} {v:.3f}" for n, v in bars) + "; raw bytes would be 1.0.", ""]
-        plot = plot_bars("Tokenizer compression", [n for n, _ in bars], [v for _, v in bars],
-                         "bytes per token", out, "tokenizer.png")
+        lines += [
+            "Compression (UTF-8 bytes per text token): "
+            + ", ".join(f"{n} {v:.3f}" for n, v in bars)
+            + "; raw bytes would be 1.0.",
+            "",
+        ]
+        plot = plot_bars(
+            "Tokenizer compression", [n for n, _ in bars], [v for _, v in bars], "bytes per token", out, "tokenizer.png"
+        )
         lines += [f"![tokenizer compression]({plot.name})", ""]
     return lines
 
@@ -321,21 +397,41 @@ def skipped_section(ev: dict | None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ report
 
-def build_report(root: Path, evaluation: dict | None = None, tracker: Tracker | None = None,
-                 out: Path | None = None, parent_run_id: str | None = None) -> Path:
+
+def build_report(
+    root: Path,
+    evaluation: dict | None = None,
+    tracker: Tracker | None = None,
+    out: Path | None = None,
+    parent_run_id: str | None = None,
+) -> Path:
     """Write <root>/reports/report.md and its PNGs; log the folder to `tracker`'s run. Returns the .md path."""
     out = out or root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
         old.unlink()
     ev = evaluation if evaluation is not None else read_metrics(root, "evaluate")
-    header = ["# scratchlm report card", "",
-              f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} from commit `{git_commit()}`"
-              + (f", pipeline run `{parent_run_id or os.environ[PARENT_ENV]}`"
-                 if parent_run_id or os.environ.get(PARENT_ENV) else "") + ".", ""]
-    body = (models_section(ev, out) + benchmarks_section(ev, out) + training_section(root, out, parent_run_id)
-            + funnel_section(root, out) + tokenizer_section(root, out) + samples_section(root)
-            + skipped_section(ev))
+    header = [
+        "# scratchlm report card",
+        "",
+        f"Generated {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} from commit `{git_commit()}`"
+        + (
+            f", pipeline run `{parent_run_id or os.environ[PARENT_ENV]}`"
+            if parent_run_id or os.environ.get(PARENT_ENV)
+            else ""
+        )
+        + ".",
+        "",
+    ]
+    body = (
+        models_section(ev, out)
+        + benchmarks_section(ev, out)
+        + training_section(root, out, parent_run_id)
+        + funnel_section(root, out)
+        + tokenizer_section(root, out)
+        + samples_section(root)
+        + skipped_section(ev)
+    )
     report = out / "report.md"
     report.write_text("\n".join(header + body).rstrip() + "\n", encoding="utf-8")
     if tracker is not None:

@@ -10,6 +10,7 @@ so validation text never reaches the tokenizer's or the model's training and two
 Rule: blake2b-64 over UTF-8 `salt + "\\x1f" + id`, read big-endian as an integer h; validation iff
 h < floor(fraction * 2**64).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,15 +25,16 @@ RULE = 'blake2b(digest_size=8) of UTF-8 salt + "\\x1f" + id, big-endian; validat
 
 def is_validation(doc_id: str, fraction: float, salt: str) -> bool:
     """True when document `doc_id` belongs to the validation split (a pure function of its arguments)."""
-    digest = hashlib.blake2b(f"{salt}\x1f{doc_id}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{salt}\x1f{doc_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") < int(fraction * 2**64)
 
 
 @dataclass(frozen=True)
 class Split:
     """The split as data: what the tokenizer stage writes to its meta.json and later stages read back."""
-    fraction: float   # share of documents in validation, 0 < fraction < 1
-    salt: str         # a different salt draws a different (equally sized) validation set
+
+    fraction: float  # share of documents in validation, 0 < fraction < 1
+    salt: str  # a different salt draws a different (equally sized) validation set
 
     def is_validation(self, doc_id: str) -> bool:
         return is_validation(doc_id, self.fraction, self.salt)
@@ -41,7 +43,7 @@ class Split:
         return {"val_fraction": self.fraction, "salt": self.salt, "rule": RULE}
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "split") -> "Split":
+    def from_dict(cls, d: dict, where: str = "split") -> Split:
         try:
             return cls(float(d["val_fraction"]), str(d["salt"]))
         except (KeyError, TypeError, ValueError) as e:

@@ -1,8 +1,8 @@
-"""What every stage's `main()` shares: load its section, open its MLflow run, call `run`, write metrics, summarise.
+"""What every stage's entry point shares: load its section, open its MLflow run, call `run`, write metrics, summarise.
 
 A stage module ends with
 
-    def main() -> None:
+    if __name__ == "__main__":          # python -m tasks.ingest (what dvc.yaml runs)
         stage_main("ingest", IngestConfig, run, summary)
 
 and `run(cfg, paths, tracker, **sections) -> dict` is a function of its arguments: any parameter besides those
@@ -18,12 +18,13 @@ from __future__ import annotations
 import inspect
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tasks.common.config import ScratchError, as_dict, load_section
 from tasks.common.console import closing_summary, is_rank_zero
 from tasks.common.dvcio import StagePaths, stage_paths, write_json
-from tasks.common.tracking import Tracker, flatten, stage_run, tracking_uri
+from tasks.common.tracking import flatten, stage_run, tracking_uri
 
 RunFn = Callable[..., dict | None]
 SummaryFn = Callable[[dict, StagePaths], list[str]]
@@ -35,8 +36,10 @@ def stage_main(stage: str, config_cls: type, run: RunFn, summary: SummaryFn | No
         metrics = execute(stage, config_cls, run)
     if metrics is not None and is_rank_zero():
         paths = stage_paths(stage)
-        where = {"outputs": f"{paths.out.relative_to(paths.root)}/",
-                 "metrics": str(paths.metrics.relative_to(paths.root))}
+        where = {
+            "outputs": f"{paths.out.relative_to(paths.root)}/",
+            "metrics": str(paths.metrics.relative_to(paths.root)),
+        }
         if metrics.get("_run_id"):
             where["mlflow"] = f"run {metrics['_run_id']} in {tracking_uri()}"
         print(closing_summary(stage, metrics, summary(metrics, paths) if summary else None, where), flush=True)
@@ -89,5 +92,6 @@ def execute(stage: str, config_cls: type, run: RunFn) -> dict | None:
 
 def flat_numbers(d: dict) -> dict[str, float]:
     """The numeric leaves of a nested metrics dict, dotted keys (what MLflow takes as metrics)."""
-    return {k: v for k, v in flatten(d, encode=False).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        k: v for k, v in flatten(d, encode=False).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }

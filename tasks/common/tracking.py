@@ -8,6 +8,7 @@
 - Metrics are namespaced (`ingest/docs_out`, `train/loss`); params are the stage's params section, flattened.
 - Only rank 0 writes (`RANK` unset or 0): other DeepSpeed ranks get a tracker that does nothing.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,9 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tasks.common.config import ROOT
 from tasks.common.console import is_rank_zero
@@ -34,6 +36,7 @@ def setup_mlflow():
     import logging
 
     import mlflow
+
     logging.getLogger("alembic").setLevel(logging.WARNING)
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
@@ -48,8 +51,13 @@ def setup_mlflow():
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
@@ -58,6 +66,7 @@ def git_commit() -> str:
 def dvc_lock_tags(stage: str, lock_file: Path = ROOT / "dvc.lock") -> dict[str, str]:
     """`dvc.<dep or out path>` → md5 for `stage` from dvc.lock (empty when the stage is not locked yet)."""
     import yaml
+
     if not lock_file.is_file():
         return {}
     entry = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {}).get(stage, {})
@@ -99,9 +108,13 @@ class Tracker:
         if not self.active:
             return
         import mlflow
+
         ns = self.stage if namespace is None else namespace
-        clean = {metric_key(f"{ns}/{k}" if ns and "/" not in k else k): float(v) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        clean = {
+            metric_key(f"{ns}/{k}" if ns and "/" not in k else k): float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         if clean:
             mlflow.log_metrics(clean, step=step, run_id=self.run_id)
 
@@ -109,15 +122,17 @@ class Tracker:
         if not self.active:
             return
         import mlflow
+
         flat = flatten(params)
         for start in range(0, len(flat), 90):  # MLflow caps a batch at 100 params
-            chunk = dict(list(flat.items())[start:start + 90])
+            chunk = dict(list(flat.items())[start : start + 90])
             mlflow.log_params({k: str(v)[:6000] for k, v in chunk.items()}, run_id=self.run_id)
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if not self.active or not Path(path).exists():
             return
         import mlflow
+
         client = mlflow.MlflowClient()
         if Path(path).is_dir():
             client.log_artifacts(self.run_id, str(path), folder)
@@ -127,11 +142,13 @@ class Tracker:
     def log_text(self, text: str, name: str) -> None:
         if self.active:
             import mlflow
+
             mlflow.MlflowClient().log_text(self.run_id, text, name)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.active:
             import mlflow
+
             client = mlflow.MlflowClient()
             for k, v in tags.items():
                 client.set_tag(self.run_id, k, str(v))
@@ -150,8 +167,9 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Trac
     if parent:
         tags.update({"mlflow.parentRunId": parent, "scratchlm.parent_run_id": parent})
     tags.update(dvc_lock_tags(stage))
-    run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name(EXPERIMENT).experiment_id,
-                                           run_name=stage, tags=tags)
+    run = mlflow.MlflowClient().create_run(
+        mlflow.get_experiment_by_name(EXPERIMENT).experiment_id, run_name=stage, tags=tags
+    )
     tracker = Tracker(stage, run.info.run_id)
     if params:
         tracker.log_params(params)
@@ -166,7 +184,10 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Trac
 def find_stage_runs(parent_run_id: str) -> dict[str, Any]:
     """Child runs of a pipeline run, by stage name (latest wins)."""
     mlflow = setup_mlflow()
-    runs = mlflow.search_runs(experiment_names=[EXPERIMENT], output_format="list",
-                              filter_string=f"tags.scratchlm.parent_run_id = '{parent_run_id}'",
-                              order_by=["attributes.start_time ASC"])
+    runs = mlflow.search_runs(
+        experiment_names=[EXPERIMENT],
+        output_format="list",
+        filter_string=f"tags.scratchlm.parent_run_id = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+    )
     return {r.info.run_name: r for r in runs}

@@ -78,29 +78,45 @@ class TrainConfig:
 
     # knobs that do not change the trained weights: left out of the checkpoint fingerprint, so changing them
     # resumes instead of starting over
-    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = ("log_every", "eval_every", "checkpoint_every",
-                                                    "keep_checkpoints", "peak_flops", "resume", "compile")
+    NOT_FINGERPRINTED: ClassVar[tuple[str, ...]] = (
+        "log_every",
+        "eval_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "peak_flops",
+        "resume",
+        "compile",
+    )
 
     def __post_init__(self) -> None:
         check(self.ranks >= 1, "ranks", "must be >= 1")
         check(self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size", "batch sizes must be >= 1")
         check(self.max_steps >= 0 and self.max_tokens >= 0, "max_steps", "budgets must be >= 0")
-        check((self.max_steps > 0) != (self.max_tokens > 0), "max_steps",
-              f"set exactly one training budget: max_steps ({self.max_steps}) or max_tokens ({self.max_tokens}), "
-              f"the other 0")
+        check(
+            (self.max_steps > 0) != (self.max_tokens > 0),
+            "max_steps",
+            f"set exactly one training budget: max_steps ({self.max_steps}) or max_tokens ({self.max_tokens}), "
+            f"the other 0",
+        )
         check(self.lr > 0, "lr", "must be > 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1", "betas must be in [0, 1)")
-        check(self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0, "eps",
-              "eps must be > 0, weight_decay and grad_clip >= 0")
+        check(
+            self.eps > 0 and self.weight_decay >= 0 and self.grad_clip >= 0,
+            "eps",
+            "eps must be > 0, weight_decay and grad_clip >= 0",
+        )
         check(self.log_every >= 1, "log_every", "must be >= 1")
         check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every", "cadences must be >= 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1 (resume needs the newest)")
         check(self.peak_flops >= 0, "peak_flops", "must be >= 0")
-        check(not (self.compile and self.zero_stage == 3), "compile",
-              "is built and tested for ZeRO stages 0-2 only (ZeRO-3 gathers each layer's parameters in hooks "
-              "inside the forward; DeepSpeed's deepcompile is the route there); set compile: false or zero_stage <= 2")
+        check(
+            not (self.compile and self.zero_stage == 3),
+            "compile",
+            "is built and tested for ZeRO stages 0-2 only (ZeRO-3 gathers each layer's parameters in hooks "
+            "inside the forward; DeepSpeed's deepcompile is the route there); set compile: false or zero_stage <= 2",
+        )
 
     def grad_accum(self, world_size: int) -> int:
         """Micro batches per step on each rank; a clear error when the batch does not split evenly."""
@@ -110,18 +126,18 @@ class TrainConfig:
             raise ConfigError(
                 f"train.batch_size: {self.batch_size} examples per step is not micro_batch_size "
                 f"({self.micro_batch_size}) x accumulation x ranks ({world_size}); use a multiple of "
-                f"{per_pass} (e.g. {lower or upper} or {upper}) or change micro_batch_size / ranks")
+                f"{per_pass} (e.g. {lower or upper} or {upper}) or change micro_batch_size / ranks"
+            )
         return self.batch_size // per_pass
 
     def total_steps(self, tokens_per_example: int) -> int:
         """Optimizer steps of the budget (max_steps, or max_tokens rounded up to whole steps)."""
-        if self.max_steps:
-            steps = self.max_steps
-        else:
-            steps = math.ceil(self.max_tokens / (self.batch_size * tokens_per_example))
+        steps = self.max_steps or math.ceil(self.max_tokens / (self.batch_size * tokens_per_example))
         if self.warmup_steps >= steps:
-            raise ConfigError(f"train.warmup_steps: {self.warmup_steps} warmup steps leave nothing of a "
-                              f"{steps}-step budget; lower it or raise max_steps / max_tokens")
+            raise ConfigError(
+                f"train.warmup_steps: {self.warmup_steps} warmup steps leave nothing of a "
+                f"{steps}-step budget; lower it or raise max_steps / max_tokens"
+            )
         return steps
 
     def lr_factor(self, step: int, total: int) -> float:

@@ -3,26 +3,32 @@ checkpoints, resume and a NaN guard. A stage brings its model, its batches and i
 
     from tasks.common.trainer import Trainer          # TrainConfig, BatchIndex: tasks/common/train_config.py
 
+    recipe = Recipe(                 # what the stage brings (its own logic)
+        batches=batch_fn,            # (BatchIndex) -> batch: any tensors / tuples / dicts; moved to the device for you
+        loss_fn=loss_fn,             # (engine, batch) -> (loss, {"name": value}): a scalar to minimise plus extra
+                                     #    metrics, averaged over micro batches and ranks and logged as train/<name>
+        tokens_per_example=seq_len,  # tokens one example puts through the model (for tokens/s and the token budget)
+        flops_per_token=cfg.flops_per_token(seq_len),   # training FLOPs per token, for MFU (0 = do not report MFU)
+        eval_fn=eval_fn,             # optional (engine) -> {"loss": ...}: runs on EVERY rank (collectives allowed,
+                                     #    e.g. tasks.common.training.sharded_means), in eval mode under no_grad;
+                                     #    logged as val/<name>
+        sample_fn=sample_fn)         # optional (model, step) -> text: rank 0 only, a plain full-weight module; logged
+                                     #    as the MLflow text artifact samples/step_XXXXXXXX.txt at each evaluation
     trainer = Trainer(
         build_model,                 # () -> nn.Module, seeded by the caller; called again (RNG forked) to hold
                                      #    consolidated weights for samples (ZeRO-3) and the final export
         cfg.train,                   # TrainConfig: ranks, ZeRO stage, precision, batch split, AdamW, schedule, cadence
-        batches=batch_fn,            # (BatchIndex) -> batch: any tensors / tuples / dicts; moved to the device for you
-        loss_fn=loss_fn,             # (engine, batch) -> (loss, {"name": value}): a scalar to minimise plus extra
-                                     #    metrics, averaged over micro batches and ranks and logged as train/<name>
-        name="sft",                  # progress bar, MLflow namespace, messages
-        checkpoint_dir=folder,       # checkpoints/<stage>/<fingerprint>/ (tasks.common.checkpoint), outside DVC outs
-        fingerprint_info={...},      # what the fingerprint hashed (written beside the checkpoints for humans)
-        tokens_per_example=seq_len,  # tokens one example puts through the model (for tokens/s and the token budget)
-        flops_per_token=cfg.flops_per_token(seq_len),   # training FLOPs per token, for MFU (0 = do not report MFU)
-        eval_fn=eval_fn,             # optional (engine) -> {"loss": ...}: runs on EVERY rank (collectives allowed, use
-                                     #    all_reduce_sum), in eval mode under no_grad; logged as val/<name>
-        sample_fn=sample_fn,         # optional (model, step) -> text: rank 0 only, a plain full-weight module; logged
-                                     #    as the MLflow text artifact samples/step_XXXXXXXX.txt at each evaluation
+        recipe,
+        name="sft",                  # progress bar, MLflow namespace, messages, checkpoints/<name>/
+        info={...},                  # what determines the trained weights (params, upstream hashes): its fingerprint
+                                     #    names the checkpoint folder checkpoints/<name>/<fingerprint>/ under `root`,
+                                     #    so a resume never mixes configurations; written beside the checkpoints
+        root=paths.root,
         tracker=tracker)             # the stage's MLflow tracker (a no-op on ranks other than 0)
-    summary = trainer.fit()          # resumes from `latest` when present; returns the run's headline numbers
-    model = trainer.final_model()    # rank 0: a plain fp32 module with the trained weights (ZeRO shards gathered);
-                                     #    None on other ranks. Collective: call it on every rank.
+    summary, model = trainer.train(paths.out / "history.jsonl")
+                                     # fit() (resumes from `latest` when present) then final_model(): the run's
+                                     #    headline numbers and, on rank 0, a plain fp32 module with the trained weights
+                                     #    (ZeRO shards gathered); None on other ranks. Collective: call it on every rank.
 
 What a stage plugs in, e.g.
     pretrain  batches = random windows of the token memmap;  loss = engine(x, y)[1]
@@ -56,6 +62,7 @@ import os
 import shutil
 import sysconfig
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -63,7 +70,8 @@ import deepspeed
 import torch
 from torch import Tensor, nn
 
-from tasks.common.checkpoint import Checkpoints, tag_of
+from tasks.common.checkpoint import Checkpoints, fingerprint, tag_of
+from tasks.common.checkpoint import checkpoint_dir as checkpoint_dir_of
 from tasks.common.config import ConfigError, ScratchError
 from tasks.common.console import progress, progress_write
 from tasks.common.distributed import (World, all_reduce_sum, barrier, deepspeed_config, format_flops,
@@ -79,6 +87,19 @@ BatchFn = Callable[[BatchIndex], Any]
 LossFn = Callable[[Any, Any], "tuple[Tensor, dict[str, float | Tensor]]"]
 EvalFn = Callable[[Any], "dict[str, float]"]
 SampleFn = Callable[["nn.Module", int], str]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a training stage brings to the loop: its batches, its loss, its evaluation and samples, and what one
+    example costs (see the module docstring for each function's contract)."""
+
+    batches: BatchFn
+    loss_fn: LossFn
+    tokens_per_example: int
+    flops_per_token: float = 0.0
+    eval_fn: EvalFn | None = None
+    sample_fn: SampleFn | None = None
 
 
 class TrainingDiverged(ScratchError):
@@ -114,19 +135,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 class Trainer:
     """DeepSpeed training of one model (see the module docstring for the contract)."""
 
-    def __init__(self, build_model: Callable[[], nn.Module], cfg: TrainConfig, *, batches: BatchFn, loss_fn: LossFn,
-                 name: str, checkpoint_dir: Path, fingerprint_info: dict[str, Any] | None = None,
-                 tokens_per_example: int, flops_per_token: float = 0.0, eval_fn: EvalFn | None = None,
-                 sample_fn: SampleFn | None = None, tracker: Tracker | None = None) -> None:
+    def __init__(self, build_model: Callable[[], nn.Module], cfg: TrainConfig, recipe: Recipe, *, name: str,
+                 info: dict[str, Any], root: Path, tracker: Tracker | None = None) -> None:
+        checkpoint_dir = checkpoint_dir_of(name, fingerprint(info), root)  # checkpoints/<stage>/<fingerprint>/
+        fingerprint_info = info
         self.cfg, self.name = cfg, name
-        self.build_model, self.batches, self.loss_fn = build_model, batches, loss_fn
-        self.eval_fn, self.sample_fn = eval_fn, sample_fn
+        self.build_model, self.batches, self.loss_fn = build_model, recipe.batches, recipe.loss_fn
+        self.eval_fn, self.sample_fn = recipe.eval_fn, recipe.sample_fn
         self.tracker = tracker or Tracker(name, None)
         self.world: World = init_distributed()
         self.accum = cfg.grad_accum(self.world.size)
-        self.total = cfg.total_steps(tokens_per_example)
-        self.tokens_per_step = cfg.batch_size * tokens_per_example
-        self.flops_per_token = flops_per_token
+        self.total = cfg.total_steps(recipe.tokens_per_example)
+        self.tokens_per_step = cfg.batch_size * recipe.tokens_per_example
+        self.flops_per_token = recipe.flops_per_token
         self.precision = resolve_precision(cfg.precision, self.world)
         self.bf16 = self.precision == "bf16"
         self.ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep_checkpoints, rank=self.world.rank)
@@ -210,6 +231,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "peak_flops": peak, "mfu": self._mfu(tokens_per_s, peak),
             **{k.replace("/", "_"): v for k, v in self._last_eval.items()},
             "checkpoint": str(self.ckpt.folder / tag_of(self.total)),
+            "fingerprint": self.ckpt.folder.name,
         }
 
     def _due(self, done: int, every: int) -> bool:
@@ -370,6 +392,15 @@ class Trainer:
             f"  checkpoints {self.ckpt.folder}")
 
     # ---- the trained weights -------------------------------------------------------------------------------
+
+    def train(self, history_to: Path) -> tuple[dict[str, Any], nn.Module | None]:
+        """fit(), then the trained weights: (the run's summary, a plain fp32 module on rank 0 / None elsewhere); rank 0
+        also copies the logged curve to `history_to` (the stage's output folder). Collective: call it on every rank."""
+        summary = self.fit()
+        model = self.final_model()
+        if model is not None:
+            shutil.copy2(self.history_path, history_to)
+        return summary, model
 
     def final_model(self) -> nn.Module | None:
         """Rank 0: a plain fp32 module holding the trained weights; None elsewhere. Call on every rank."""

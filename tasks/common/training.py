@@ -1,7 +1,7 @@
 """The skeleton every training stage (pretrain, sft, reward, dpo) is built on, so that a stage module holds only its
 own logic: its Config, its batches, its loss, its evaluation statistic.
 
-    def main() -> None:
+    if __name__ == "__main__":
         training_main("sft", SftConfig, run, preflight, summary)
 
 `python -m tasks.<stage>` is the launcher: it loads and checks the params, calls `preflight(cfg, paths, **sections)`
@@ -11,7 +11,6 @@ then execs DeepSpeed, which starts `python -m tasks.<stage> --worker` once per r
 Inside `run`, the pieces every stage uses:
     check_models(paths, "sft", "reward")        # the upstream model folders, or one clear error naming the stage
     print_plan(stage, cfg.train, paths, tokens_per_example, what)    # "sft: 60 steps x 16 conversations ..."
-    checkpoint_folder(stage, info, root)         # checkpoints/<stage>/<fingerprint of info>/
     upstream_fingerprint({"sft": folder})        # sha256 of upstream weights/tokenizer, part of `info`
     sharded_means(engine, n, micro, names, batch_sums)   # an evaluation statistic over items split across ranks
 """
@@ -21,10 +20,10 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
-from tasks.common.checkpoint import checkpoint_dir, fingerprint
 from tasks.common.config import ROOT, ScratchError, load_section
 from tasks.common.distributed import WORKER_FLAG, all_reduce_sum, launch_command, planned_world_size
 from tasks.common.dvcio import StagePaths, file_sha256, stage_paths
@@ -37,8 +36,9 @@ if TYPE_CHECKING:
 PreflightFn = Callable[..., None]
 
 
-def training_main(stage: str, config_cls: type, run: RunFn, preflight: PreflightFn,
-                  summary: SummaryFn | None = None) -> None:
+def training_main(
+    stage: str, config_cls: type, run: RunFn, preflight: PreflightFn, summary: SummaryFn | None = None
+) -> None:
     """`python -m tasks.<stage>`: the launcher; with --worker (set by the launcher), one rank's run."""
     if WORKER_FLAG in sys.argv[1:]:
         stage_main(stage, config_cls, run, summary)
@@ -64,6 +64,7 @@ def launch(stage: str, config_cls: type, preflight: PreflightFn, root: Path = RO
 
 # ------------------------------------------------------------------------------------------------ preflight
 
+
 def check_models(paths: StagePaths, *stages: str) -> dict[str, Path]:
     """stage → its saved model folder data/<stage>/model, or a ScratchError naming the stage to run first."""
     folders = {stage: paths.of(stage) / "model" for stage in stages}
@@ -78,15 +79,14 @@ def print_plan(stage: str, train: TrainConfig, paths: StagePaths, tokens_per_exa
     world = planned_world_size(train, paths.root)
     accum = train.grad_accum(world)
     steps = train.total_steps(tokens_per_example)
-    print(f"{stage}: {steps:,} steps x {what}\n  batch {train.batch_size} = micro {train.micro_batch_size} x "
-          f"accumulation {accum} x ranks {world}", flush=True)
+    print(
+        f"{stage}: {steps:,} steps x {what}\n  batch {train.batch_size} = micro {train.micro_batch_size} x "
+        f"accumulation {accum} x ranks {world}",
+        flush=True,
+    )
 
 
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-def checkpoint_folder(stage: str, info: dict, root: Path) -> Path:
-    """checkpoints/<stage>/<fingerprint>/: a resume only ever picks up a run of the same `info`."""
-    return checkpoint_dir(stage, fingerprint(info), root)
+# ------------------------------------------------------------------------------------------------ fingerprints
 
 
 def upstream_fingerprint(folders: dict[str, Path]) -> dict[str, str]:
@@ -100,6 +100,7 @@ def upstream_fingerprint(folders: dict[str, Path]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
+
 
 def rank_share(n_items: int, micro_batch_size: int) -> list[list[int] | None]:
     """This rank's evaluation micro batches: item indices, or None for a padding pass. Every rank gets the same
@@ -116,8 +117,9 @@ def rank_share(n_items: int, micro_batch_size: int) -> list[list[int] | None]:
 BatchSums = Callable[[list[int]], "Tensor"]
 
 
-def sharded_means(engine, n_items: int, micro_batch_size: int, names: Sequence[str],
-                  batch_sums: BatchSums) -> dict[str, float]:
+def sharded_means(
+    engine, n_items: int, micro_batch_size: int, names: Sequence[str], batch_sums: BatchSums
+) -> dict[str, float]:
     """An evaluation statistic over `n_items` items split across the ranks.
 
     `batch_sums(indices)` returns a (1 + len(names),) tensor for those items: [weight, *sums] (the weight is what

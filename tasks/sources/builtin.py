@@ -26,30 +26,54 @@ Instructions, preferences, cloze
     between splits, so test prompts are held-out combinations. Constraints are programmatic (see CONSTRAINT_KINDS and
     `check_constraints`); every answer/chosen satisfies all of its constraints, every rejected breaks exactly one.
 """
+
 from __future__ import annotations
 
 import random
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from tasks.sources import world
 from tasks.sources.world import Cast, Story, StoryError
 
 LABELS: tuple[str, ...] = ("clean", "exact_dup", "near_dup", "junk")
-JUNK_KINDS: tuple[str, ...] = ("boilerplate", "symbol_soup", "repeated_lines", "bullets", "ellipsis", "too_short",
-                               "non_alpha", "lorem_ipsum")
+JUNK_KINDS: tuple[str, ...] = (
+    "boilerplate",
+    "symbol_soup",
+    "repeated_lines",
+    "bullets",
+    "ellipsis",
+    "too_short",
+    "non_alpha",
+    "lorem_ipsum",
+)
 SPLITS: tuple[str, ...] = ("train", "val", "test")
-CONSTRAINT_KINDS: tuple[str, ...] = ("name", "animal", "place", "object", "feeling", "max_sentences", "ends_with",
-                                     "title", "complete")
+CONSTRAINT_KINDS: tuple[str, ...] = (
+    "name",
+    "animal",
+    "place",
+    "object",
+    "feeling",
+    "max_sentences",
+    "ends_with",
+    "title",
+    "complete",
+)
 """name/animal/place/object/feeling: the answer names that word (whole word, any case, plural allowed);
 max_sentences: at most that many sentences (a title line is not one); ends_with: the last word of the answer;
 title: True = the first line is a title (1-12 words, no final punctuation, story below it); complete: True = the
 answer ends with a finished sentence (. ! or ?, a closing quote allowed)."""
 BROKEN_KINDS: dict[str, str] = {  # rejected kind -> the one constraint it breaks
-    "wrong_name": "name", "off_topic": "animal", "missing_place": "place", "missing_object": "object",
-    "missing_feeling": "feeling", "too_long": "max_sentences", "wrong_ending": "ends_with", "no_title": "title",
+    "wrong_name": "name",
+    "off_topic": "animal",
+    "missing_place": "place",
+    "missing_object": "object",
+    "missing_feeling": "feeling",
+    "too_long": "max_sentences",
+    "wrong_ending": "ends_with",
+    "no_title": "title",
     "truncated": "complete",
 }
 NEAR_DUP_MIN_JACCARD = 0.7
@@ -59,6 +83,7 @@ _MAX_TRIES = 50
 @dataclass(frozen=True)
 class BuiltinDoc:
     """One corpus document and its ground truth."""
+
     id: str
     """`builtin-000042`: stable for (seed, index)."""
     text: str
@@ -83,7 +108,7 @@ def word_shingles(text: str, n: int = 3) -> set[str]:
     words = _WORD.findall(text.lower())
     if len(words) < n:
         return {" ".join(words)} if words else set()
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def jaccard(a: set[str], b: set[str]) -> float:
@@ -95,8 +120,10 @@ def jaccard(a: set[str], b: set[str]) -> float:
 
 # ------------------------------------------------------------------------------------------------ corpus
 
-def generate_corpus(n_docs: int, seed: int, exact_dup_rate: float, near_dup_rate: float,
-                    junk_rate: float) -> Iterator[BuiltinDoc]:
+
+def generate_corpus(
+    n_docs: int, seed: int, exact_dup_rate: float, near_dup_rate: float, junk_rate: float
+) -> Iterator[BuiltinDoc]:
     """Yield n_docs labelled documents: clean stories, planted exact/near duplicates of earlier ones, and junk.
 
     Each rate is a fraction of n_docs (round(rate * n_docs) documents get that label). Deterministic in all
@@ -135,8 +162,10 @@ def _plan(n_docs: int, seed: int, exact_dup_rate: float, near_dup_rate: float, j
     n_exact, n_near, n_junk = (round(rate * n_docs) for rate in rates.values())
     n_clean = n_docs - n_exact - n_near - n_junk
     if n_clean < 0 or (n_clean == 0 and n_exact + n_near > 0):
-        raise ValueError(f"generate_corpus: rates {rates} leave no clean story for the duplicates to copy "
-                         f"(n_docs={n_docs}); lower them")
+        raise ValueError(
+            f"generate_corpus: rates {rates} leave no clean story for the duplicates to copy "
+            f"(n_docs={n_docs}); lower them"
+        )
     plan = ["clean"] * n_clean + ["exact_dup"] * n_exact + ["near_dup"] * n_near + ["junk"] * n_junk
     _rng("plan", seed).shuffle(plan)
     if plan and n_clean and plan[0] != "clean":
@@ -153,11 +182,36 @@ def clean_story(seed: int, index: int) -> Story:
 
 # ------------------------------------------------------------------------------------------------ near duplicates
 
-_SWAPS = {"little": "small", "small": "little", "big": "large", "said": "cried", "went": "walked", "walked": "went",
-          "ran": "hurried", "very": "really", "looked": "peeked", "saw": "spotted", "soon": "then", "tall": "high",
-          "began": "started", "started": "began", "quiet": "silent", "pretty": "lovely", "good": "nice",
-          "nice": "good", "day": "time", "found": "spotted", "all": "both", "then": "soon", "loved": "liked",
-          "liked": "loved", "wanted": "hoped", "friend": "pal", "happy": "glad", "glad": "happy"}
+_SWAPS = {
+    "little": "small",
+    "small": "little",
+    "big": "large",
+    "said": "cried",
+    "went": "walked",
+    "walked": "went",
+    "ran": "hurried",
+    "very": "really",
+    "looked": "peeked",
+    "saw": "spotted",
+    "soon": "then",
+    "tall": "high",
+    "began": "started",
+    "started": "began",
+    "quiet": "silent",
+    "pretty": "lovely",
+    "good": "nice",
+    "nice": "good",
+    "day": "time",
+    "found": "spotted",
+    "all": "both",
+    "then": "soon",
+    "loved": "liked",
+    "liked": "loved",
+    "wanted": "hoped",
+    "friend": "pal",
+    "happy": "glad",
+    "glad": "happy",
+}
 _FILLERS = ("very", "really", "just", "then", "soon", "also", "still", "quite")
 _PLAIN_WORD = re.compile(r"^[a-z]+$")
 
@@ -180,16 +234,20 @@ def near_duplicate(story: Story, rng: random.Random) -> str:
 
 def _plain_word_positions(sentences: list[str]) -> list[tuple[int, int]]:
     """(sentence, word) positions of lowercase words with no punctuation, first word of a sentence excluded."""
-    return [(s, w) for s, sentence in enumerate(sentences) for w, word in enumerate(sentence.split())
-            if w > 0 and _PLAIN_WORD.match(word)]
+    return [
+        (s, w)
+        for s, sentence in enumerate(sentences)
+        for w, word in enumerate(sentence.split())
+        if w > 0 and _PLAIN_WORD.match(word)
+    ]
 
 
 def _edit_word(sentences: list[str], rng: random.Random, change) -> list[str]:
     positions = _plain_word_positions(sentences)
     s, w = positions[rng.randrange(len(positions))]
     words = sentences[s].split()
-    words[w:w + 1] = change(words[w], rng)
-    return sentences[:s] + [" ".join(words)] + sentences[s + 1:]
+    words[w : w + 1] = change(words[w], rng)
+    return sentences[:s] + [" ".join(words)] + sentences[s + 1 :]
 
 
 def _swap(sentences, breaks, story, rng):
@@ -222,13 +280,14 @@ def _drop(sentences, breaks, story, rng):
     if len(sentences) < 10:
         return _swap(sentences, breaks, story, rng)
     i = rng.randrange(1, len(sentences) - 1)
-    return sentences[:i] + sentences[i + 1:], tuple(b - 1 if b > i else b for b in breaks)
+    return sentences[:i] + sentences[i + 1 :], tuple(b - 1 if b > i else b for b in breaks)
 
 
 _EDITS = {"swap": _swap, "insert": _insert, "delete": _delete, "rename": _rename, "drop": _drop}
 
 
 # ------------------------------------------------------------------------------------------------ junk
+
 
 def junk_document(rng: random.Random) -> tuple[str, str]:
     """(kind, text) of one junk document of a random kind."""
@@ -271,6 +330,7 @@ def _symbol_soup(rng: random.Random) -> str:
     def token() -> str:
         roll = rng.random()
         return rng.choice(hashes if roll < 0.4 else symbols if roll < 0.85 else world.OBJECTS).split()[0]
+
     lines = []
     for _ in range(rng.randint(6, 14)):
         tokens = [token() for _ in range(rng.randint(8, 16))]
@@ -288,8 +348,11 @@ def _bullets(rng: random.Random) -> str:
     mark = rng.choice(("-", "\u2022"))
     items = []
     for _ in range(rng.randint(8, 20)):
-        items.append(f"{mark} {rng.choice(world.COLORS)} {rng.choice(world.OBJECTS)}" if rng.random() < 0.5
-                     else f"{mark} {rng.choice(list(world.NAMES))} the {rng.choice(world.ANIMALS)}")
+        items.append(
+            f"{mark} {rng.choice(world.COLORS)} {rng.choice(world.OBJECTS)}"
+            if rng.random() < 0.5
+            else f"{mark} {rng.choice(list(world.NAMES))} the {rng.choice(world.ANIMALS)}"
+        )
     return "\n".join(items)
 
 
@@ -297,15 +360,23 @@ def _ellipsis(rng: random.Random) -> str:
     lines = []
     for _ in range(rng.randint(6, 14)):
         words = world.compose(world.sample_cast(rng), rng, words=None).sentences[0].split()
-        cut = " ".join(words[:rng.randint(3, max(3, len(words) - 2))]).rstrip(",")
+        cut = " ".join(words[: rng.randint(3, max(3, len(words) - 2))]).rstrip(",")
         lines.append(cut + rng.choice(("...", "\u2026")))
     return "\n".join(lines)
 
 
 def _too_short(rng: random.Random) -> str:
-    options = ("Read more", "Page not found", "Click here", "Back to top", "Next page", "No results found",
-               "Loading, please wait", f"{rng.choice(list(world.NAMES))} {rng.choice(world.ANIMALS)}",
-               f"The {rng.choice(list(world.PLACES))}")
+    options = (
+        "Read more",
+        "Page not found",
+        "Click here",
+        "Back to top",
+        "Next page",
+        "No results found",
+        "Loading, please wait",
+        f"{rng.choice(list(world.NAMES))} {rng.choice(world.ANIMALS)}",
+        f"The {rng.choice(list(world.PLACES))}",
+    )
     return rng.choice(options)
 
 
@@ -321,12 +392,15 @@ def _non_alpha(rng: random.Random) -> str:
         if form == 3:
             return f"{rng.randint(0, 100)}%"
         return f"{rng.randint(1, 999):,}"
+
     return "\n".join(" ".join(number() for _ in range(rng.randint(6, 12))) for _ in range(rng.randint(6, 15)))
 
 
-_LOREM = ("lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
-          "magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea commodo "
-          "consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla pariatur").split()
+_LOREM = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et dolore "
+    "magna aliqua enim ad minim veniam quis nostrud exercitation ullamco laboris nisi aliquip ex ea commodo "
+    "consequat duis aute irure in reprehenderit voluptate velit esse cillum fugiat nulla pariatur"
+).split()
 
 
 def _lorem_ipsum(rng: random.Random) -> str:
@@ -337,9 +411,16 @@ def _lorem_ipsum(rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-_JUNK = {"boilerplate": _boilerplate, "symbol_soup": _symbol_soup, "repeated_lines": _repeated_lines,
-         "bullets": _bullets, "ellipsis": _ellipsis, "too_short": _too_short, "non_alpha": _non_alpha,
-         "lorem_ipsum": _lorem_ipsum}
+_JUNK = {
+    "boilerplate": _boilerplate,
+    "symbol_soup": _symbol_soup,
+    "repeated_lines": _repeated_lines,
+    "bullets": _bullets,
+    "ellipsis": _ellipsis,
+    "too_short": _too_short,
+    "non_alpha": _non_alpha,
+    "lorem_ipsum": _lorem_ipsum,
+}
 
 
 # ------------------------------------------------------------------------------------------------ checker
@@ -357,15 +438,19 @@ def split_title(answer: str) -> tuple[str | None, str]:
         return None, answer.strip()
     first = _TITLE_PREFIX.sub("", lines[0].strip()).strip("*_ \t")
     body = "\n".join(lines[1:]).strip()
-    is_title = (0 < len(first.split()) <= 12 and _LETTERS.search(first) is not None
-                and first[-1] not in ".!?,;:" and _SENTENCE_END.search(body) is not None)
+    is_title = (
+        0 < len(first.split()) <= 12
+        and _LETTERS.search(first) is not None
+        and first[-1] not in ".!?,;:"
+        and _SENTENCE_END.search(body) is not None
+    )
     return (first, body) if is_title else (None, answer.strip())
 
 
 def count_sentences(text: str) -> int:
     """Sentences = runs of . ! ? (a closing quote allowed) before a space or the end, plus an unfinished tail."""
     ends = list(_SENTENCE_END.finditer(text))
-    tail = text[ends[-1].end():] if ends else text
+    tail = text[ends[-1].end() :] if ends else text
     return len(ends) + (1 if _LETTERS.search(tail) else 0)
 
 
@@ -373,7 +458,7 @@ def split_sentences(text: str) -> list[str]:
     """The sentences of a text, split the way `count_sentences` counts them (an unfinished tail included)."""
     sentences, start = [], 0
     for end in _SENTENCE_END.finditer(text):
-        sentences.append(text[start:end.end()].strip())
+        sentences.append(text[start : end.end()].strip())
         start = end.end()
     if _LETTERS.search(text[start:]):
         sentences.append(text[start:].strip())
@@ -412,17 +497,31 @@ def _mentioned(answer, title, body, word):
 
 
 _CHECKS = {
-    "name": _mentioned, "animal": _mentioned, "place": _mentioned, "object": _mentioned, "feeling": _mentioned,
+    "name": _mentioned,
+    "animal": _mentioned,
+    "place": _mentioned,
+    "object": _mentioned,
+    "feeling": _mentioned,
     "max_sentences": lambda answer, title, body, k: count_sentences(body) <= k,
     "ends_with": lambda answer, title, body, word: last_word(answer) == word.lower(),
     "title": lambda answer, title, body, wanted: (title is not None) == wanted,
     "complete": lambda answer, title, body, wanted: (_COMPLETE.search(body) is not None) == wanted,
 }
-_CHECK_TYPES = {"name": str, "animal": str, "place": str, "object": str, "feeling": str, "max_sentences": int,
-                "ends_with": str, "title": bool, "complete": bool}
+_CHECK_TYPES = {
+    "name": str,
+    "animal": str,
+    "place": str,
+    "object": str,
+    "feeling": str,
+    "max_sentences": int,
+    "ends_with": str,
+    "title": bool,
+    "complete": bool,
+}
 
 
 # ------------------------------------------------------------------------------------------------ instructions
+
 
 def split_of(animal: str, place: str) -> str:
     """The split that owns an (animal, place) pair: about 10% test, 10% val, 80% train, fixed by a hash."""
@@ -431,7 +530,8 @@ def split_of(animal: str, place: str) -> str:
 
 
 _COMBOS: dict[str, list[tuple[str, str]]] = {
-    split: [(a, p) for a in world.ANIMALS for p in world.PLACES if split_of(a, p) == split] for split in SPLITS}
+    split: [(a, p) for a in world.ANIMALS for p in world.PLACES if split_of(a, p) == split] for split in SPLITS
+}
 
 _PROMPTS = (
     "Write a story about {a_animal} named {name} who goes to the {place}.",
@@ -445,17 +545,35 @@ _PROMPTS = (
     "Tell a short tale about {a_place} visit by {name}, who is {a_animal}.",
 )
 _RULES = {
-    "object": ("The story must mention {a_object}.", "Include {a_object} in the story.",
-               "Make sure {a_object} appears in the story.", "Somewhere in the story, there should be {a_object}."),
-    "feeling": ("Show that {name} feels {feeling} at some point.", "Use the word '{feeling}'.",
-                "The story should include the feeling '{feeling}'.", "At some point, {name} should feel {feeling}."),
-    "max_sentences": ("Use at most {max_sentences} sentences.", "Keep it to {max_sentences} sentences or fewer.",
-                      "The story must not be longer than {max_sentences} sentences.",
-                      "Write no more than {max_sentences} sentences."),
-    "ends_with": ("End the story with the word '{ends_with}'.", "The last word of the story must be '{ends_with}'.",
-                  "Finish the story with the word '{ends_with}'."),
-    "title": ("Give the story a title on its own line.", "Start with a title.", "Begin with a short title line.",
-              "Put a title on the first line."),
+    "object": (
+        "The story must mention {a_object}.",
+        "Include {a_object} in the story.",
+        "Make sure {a_object} appears in the story.",
+        "Somewhere in the story, there should be {a_object}.",
+    ),
+    "feeling": (
+        "Show that {name} feels {feeling} at some point.",
+        "Use the word '{feeling}'.",
+        "The story should include the feeling '{feeling}'.",
+        "At some point, {name} should feel {feeling}.",
+    ),
+    "max_sentences": (
+        "Use at most {max_sentences} sentences.",
+        "Keep it to {max_sentences} sentences or fewer.",
+        "The story must not be longer than {max_sentences} sentences.",
+        "Write no more than {max_sentences} sentences.",
+    ),
+    "ends_with": (
+        "End the story with the word '{ends_with}'.",
+        "The last word of the story must be '{ends_with}'.",
+        "Finish the story with the word '{ends_with}'.",
+    ),
+    "title": (
+        "Give the story a title on its own line.",
+        "Start with a title.",
+        "Begin with a short title line.",
+        "Put a title on the first line.",
+    ),
 }
 _EXTRAS = tuple(_RULES)
 
@@ -463,6 +581,7 @@ _EXTRAS = tuple(_RULES)
 @dataclass
 class _Case:
     """One instruction: its cast and story seed (to retell it with one thing broken), constraints, prompt, answer."""
+
     cast: Cast
     story_seed: int
     constraints: dict
@@ -499,8 +618,11 @@ def _instruction_case(rng: random.Random, split: str) -> _Case:
             if extra not in extras:
                 continue
             constraints[extra] = {
-                "object": cast.obj, "feeling": rng.choice((cast.neg, cast.pos)),
-                "max_sentences": len(story.sentences) + rng.randint(0, 2), "ends_with": cast.ending, "title": True,
+                "object": cast.obj,
+                "feeling": rng.choice((cast.neg, cast.pos)),
+                "max_sentences": len(story.sentences) + rng.randint(0, 2),
+                "ends_with": cast.ending,
+                "title": True,
             }[extra]
         constraints["complete"] = True
         title = world.title_for(cast, random.Random(story_seed + 1)) if "title" in constraints else None
@@ -511,10 +633,16 @@ def _instruction_case(rng: random.Random, split: str) -> _Case:
 
 
 def _prompt(rng: random.Random, cast: Cast, constraints: dict) -> str:
-    values = {"name": cast.hero.name, "animal": cast.hero.animal, "a_animal": world.article(cast.hero.animal),
-              "place": cast.place, "a_place": world.article(cast.place),
-              "at_place": f"{world.PLACES[cast.place][0]} the {cast.place}",
-              "a_object": world.article(cast.obj), **{k: v for k, v in constraints.items() if isinstance(v, str | int)}}
+    values = {
+        "name": cast.hero.name,
+        "animal": cast.hero.animal,
+        "a_animal": world.article(cast.hero.animal),
+        "place": cast.place,
+        "a_place": world.article(cast.place),
+        "at_place": f"{world.PLACES[cast.place][0]} the {cast.place}",
+        "a_object": world.article(cast.obj),
+        **{k: v for k, v in constraints.items() if isinstance(v, str | int)},
+    }
     head = rng.choice(_PROMPTS).format_map(values)
     rules = [rng.choice(_RULES[k]).format_map(values) for k in _EXTRAS if k in constraints]
     rng.shuffle(rules)
@@ -532,12 +660,15 @@ def generate_instructions(n: int, seed: int, split: str) -> Iterator[dict]:
     _check_split(split, "generate_instructions")
     for i in range(n):
         case = _instruction_case(_rng("instructions", split, seed, i), split)
-        yield {"id": f"builtin-instr-{split}-{i:06d}",
-               "messages": [{"role": "user", "content": case.prompt}, {"role": "assistant", "content": case.answer}],
-               "constraints": dict(case.constraints)}
+        yield {
+            "id": f"builtin-instr-{split}-{i:06d}",
+            "messages": [{"role": "user", "content": case.prompt}, {"role": "assistant", "content": case.answer}],
+            "constraints": dict(case.constraints),
+        }
 
 
 # ------------------------------------------------------------------------------------------------ preferences
+
 
 def generate_preferences(n: int, seed: int, split: str) -> Iterator[dict]:
     """Yield n preference pairs {"id", "prompt", "chosen", "rejected", "constraints", "broken"}.
@@ -550,16 +681,25 @@ def generate_preferences(n: int, seed: int, split: str) -> Iterator[dict]:
         rng = _rng("preferences", split, seed, i)
         for _ in range(_MAX_TRIES):
             case = _instruction_case(rng, split)
-            kinds = [k for k, c in BROKEN_KINDS.items() if c in case.constraints
-                     and not (k == "truncated" and "ends_with" in case.constraints)]
+            kinds = [
+                k
+                for k, c in BROKEN_KINDS.items()
+                if c in case.constraints and not (k == "truncated" and "ends_with" in case.constraints)
+            ]
             broken = rng.choice(kinds)
             rejected = _reject(case, broken, rng)
             if rejected is None:
                 continue
             failed = [k for k, ok in check_constraints(rejected, case.constraints)["per_constraint"].items() if not ok]
             if failed == [BROKEN_KINDS[broken]]:
-                yield {"id": f"builtin-pref-{split}-{i:06d}", "prompt": case.prompt, "chosen": case.answer,
-                       "rejected": rejected, "constraints": dict(case.constraints), "broken": broken}
+                yield {
+                    "id": f"builtin-pref-{split}-{i:06d}",
+                    "prompt": case.prompt,
+                    "chosen": case.answer,
+                    "rejected": rejected,
+                    "constraints": dict(case.constraints),
+                    "broken": broken,
+                }
                 break
         else:
             raise RuntimeError(f"generate_preferences: could not break pair {i} cleanly; a bug in the story world")
@@ -610,11 +750,12 @@ def _truncate(story: Story, rng: random.Random) -> Story:
     candidates = [i for i in range(n // 2, n) if len(story.sentences[i].split()) >= 4]
     i = rng.choice(candidates)
     words = story.sentences[i].split()
-    cut = " ".join(words[:rng.randint(2, len(words) - 2)]).rstrip(",;:\"")
+    cut = " ".join(words[: rng.randint(2, len(words) - 2)]).rstrip(',;:"')
     return Story(story.sentences[:i] + [cut], [], [], story.slots, tuple(b for b in story.breaks if b <= i))
 
 
 # ------------------------------------------------------------------------------------------------ cloze
+
 
 def generate_cloze(n: int, seed: int, split: str = "test") -> Iterator[dict]:
     """Yield n story-cloze items {"id", "context", "choices", "label"}.
@@ -640,8 +781,9 @@ def _cloze_item(rng: random.Random) -> tuple[str, list[str], int] | None:
     """(context, choices, label), or None when this draw cannot make four clean choices (the caller redraws)."""
     cast = world.sample_cast(rng)
     story = world.compose(cast, rng, words=(60, 180))
-    context = Story(story.sentences[:-1], [], [], story.slots, tuple(b for b in story.breaks
-                                                                     if b < len(story.sentences) - 1)).text
+    context = Story(
+        story.sentences[:-1], [], [], story.slots, tuple(b for b in story.breaks if b < len(story.sentences) - 1)
+    ).text
     template = rng.choice(world.CLOZE_ENDINGS)
     kinds = list(world.CLOZE_SLOTS[template])
     values = story.slots
@@ -671,7 +813,24 @@ def _unmentioned(rng: random.Random, pool, context: str) -> str:
     return rng.choice([x for x in pool if not world.mentions(context, x)])
 
 
-__all__ = ["BROKEN_KINDS", "CONSTRAINT_KINDS", "JUNK_KINDS", "LABELS", "SPLITS", "BuiltinDoc", "check_constraints",
-           "clean_story", "count_sentences", "generate_cloze", "generate_corpus", "generate_instructions",
-           "generate_preferences", "jaccard", "near_duplicate", "split_of", "split_sentences", "split_title",
-           "word_shingles"]
+__all__ = [
+    "BROKEN_KINDS",
+    "CONSTRAINT_KINDS",
+    "JUNK_KINDS",
+    "LABELS",
+    "SPLITS",
+    "BuiltinDoc",
+    "check_constraints",
+    "clean_story",
+    "count_sentences",
+    "generate_cloze",
+    "generate_corpus",
+    "generate_instructions",
+    "generate_preferences",
+    "jaccard",
+    "near_duplicate",
+    "split_of",
+    "split_sentences",
+    "split_title",
+    "word_shingles",
+]

@@ -1,8 +1,7 @@
 """The alignment stages' examples (sft, reward, dpo, evaluate): loaded from their sources with a counted quarantine,
 split into train and validation, and the builtin held-out prompts with the checker of their answers.
 
-    loaded = load_instruction_data(cfg.sources, root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed,
-                                   cfg.val_fraction)               # or load_preference_data(...)
+    loaded = load_instruction_data(cfg, root)                      # or load_preference_data: cfg is AlignmentData
     train = loaded.keep_encoded("train", encode, why_not)          # encodings; a None encoding is quarantined
     loaded.counts()                                                # rows_in = train + val + quarantined
 
@@ -13,12 +12,14 @@ validation by a salted hash of their id (`val_fraction`), stable across runs.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from tasks.common.config import ScratchError
 from tasks.common.split import Split
+from tasks.common.train_config import AlignmentData
 from tasks.sources import builtin
 from tasks.sources.builtin import check_constraints
 from tasks.sources.instructions import load_instructions, load_preferences
@@ -71,9 +72,14 @@ class Loaded:
 
     def counts(self) -> dict:
         reasons = Counter(_reason_key(q["reason"]) for q in self.quarantine)
-        return {"rows_in": len(self.train) + len(self.val) + len(self.quarantine), "train_examples": len(self.train),
-                "val_examples": len(self.val), "quarantined": len(self.quarantine),
-                "quarantined_by_reason": dict(sorted(reasons.items())), "per_source": self.per_source}
+        return {
+            "rows_in": len(self.train) + len(self.val) + len(self.quarantine),
+            "train_examples": len(self.train),
+            "val_examples": len(self.val),
+            "quarantined": len(self.quarantine),
+            "quarantined_by_reason": dict(sorted(reasons.items())),
+            "per_source": self.per_source,
+        }
 
 
 def _reason_key(reason: str) -> str:
@@ -85,8 +91,15 @@ def _reason_key(reason: str) -> str:
 LoaderFn = Callable[..., Iterator[tuple[dict | None, Any]]]
 
 
-def _load(loader: LoaderFn, sources: list[str], root: Path, builtin_train: int, builtin_val: int, seed: int,
-          val_fraction: float) -> Loaded:
+def _load(
+    loader: LoaderFn,
+    sources: list[str],
+    root: Path,
+    builtin_train: int,
+    builtin_val: int,
+    seed: int,
+    val_fraction: float,
+) -> Loaded:
     """Every source in order: builtin splits drawn directly, file rows split by id hash, bad rows quarantined."""
     if not sources:
         raise ScratchError("sources: list at least one source (e.g. builtin:instructions)")
@@ -95,8 +108,10 @@ def _load(loader: LoaderFn, sources: list[str], root: Path, builtin_train: int, 
     for spec in sources:
         out.per_source.setdefault(spec, {"train": 0, "val": 0, "quarantined": 0})
         if spec.startswith("builtin:"):
-            parts = [("train", loader([spec], root, builtin_train, seed, "train")),
-                     ("val", loader([spec], root, builtin_val, seed, "val"))]
+            parts = [
+                ("train", loader([spec], root, builtin_train, seed, "train")),
+                ("val", loader([spec], root, builtin_val, seed, "val")),
+            ]
         else:
             parts = [(None, loader([spec], root, 0, seed))]
         for fixed_split, rows in parts:
@@ -110,24 +125,29 @@ def _load(loader: LoaderFn, sources: list[str], root: Path, builtin_train: int, 
     return out
 
 
-def load_instruction_data(sources: list[str], root: Path, builtin_train: int, builtin_val: int, seed: int,
-                          val_fraction: float) -> Loaded:
+def load_instruction_data(cfg: AlignmentData, root: Path) -> Loaded:
     """SFT examples {"id", "messages", "constraints"?} of every source, split and quarantined."""
-    return _load(load_instructions, sources, root, builtin_train, builtin_val, seed, val_fraction)
+    return _load(
+        load_instructions, cfg.sources, root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed, cfg.val_fraction
+    )
 
 
-def load_preference_data(sources: list[str], root: Path, builtin_train: int, builtin_val: int, seed: int,
-                         val_fraction: float) -> Loaded:
+def load_preference_data(cfg: AlignmentData, root: Path) -> Loaded:
     """Preference pairs {"id", "prompt_messages", "chosen", "rejected", "constraints"?}, split and quarantined."""
-    return _load(load_preferences, sources, root, builtin_train, builtin_val, seed, val_fraction)
+    return _load(
+        load_preferences, cfg.sources, root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed, cfg.val_fraction
+    )
 
 
 # ------------------------------------------------------------------------------------------------ held-out prompts
 
+
 def held_out_prompts(n: int, seed: int) -> list[dict]:
     """n builtin "test" instructions: prompt messages and the constraints their answers are checked against."""
-    return [{"id": ex["id"], "prompt_messages": ex["messages"][:-1], "constraints": ex["constraints"]}
-            for ex in builtin.generate_instructions(n, seed, "test")]
+    return [
+        {"id": ex["id"], "prompt_messages": ex["messages"][:-1], "constraints": ex["constraints"]}
+        for ex in builtin.generate_instructions(n, seed, "test")
+    ]
 
 
 def constraint_scores(answers: Sequence[str], constraints: Sequence[dict]) -> dict:
@@ -141,15 +161,26 @@ def constraint_scores(answers: Sequence[str], constraints: Sequence[dict]) -> di
             met[kind] += ok
             total[kind] += 1
     n = max(len(answers), 1)
-    return {"satisfied": satisfied / n, "constraint_rate": sum(met.values()) / max(sum(total.values()), 1),
-            "per_constraint": {k: met[k] / total[k] for k in sorted(total)}}
+    return {
+        "satisfied": satisfied / n,
+        "constraint_rate": sum(met.values()) / max(sum(total.values()), 1),
+        "per_constraint": {k: met[k] / total[k] for k in sorted(total)},
+    }
 
 
 def check_answers(held_out: list[dict], texts: list[str], finished: list[bool]) -> tuple[dict, list[dict]]:
     """Scores of the answers `texts` to `held_out`, and their rows for a samples file."""
     scores = constraint_scores(texts, [h["constraints"] for h in held_out])
-    rows = [{"id": h["id"], "prompt": h["prompt_messages"][-1]["content"], "answer": t, "finished": f,
-             "constraints": h["constraints"]} for h, t, f in zip(held_out, texts, finished, strict=True)]
+    rows = [
+        {
+            "id": h["id"],
+            "prompt": h["prompt_messages"][-1]["content"],
+            "answer": t,
+            "finished": f,
+            "constraints": h["constraints"],
+        }
+        for h, t, f in zip(held_out, texts, finished, strict=True)
+    ]
     return scores, rows
 
 

@@ -3,16 +3,17 @@
 Each reader yields `Record`s: either a document (`text` set) or a quarantined record (`reason` set) with the
 place it came from (`path:line`, `path#doc`, `path@row`), so nothing is dropped without a count and a location.
 """
+
 from __future__ import annotations
 
 import glob
-import os
 import gzip
 import json
+import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from tasks.common.config import ScratchError
 
@@ -22,10 +23,10 @@ BINARY_SNIFF_BYTES = 8192
 
 @dataclass(frozen=True)
 class Record:
-    location: str            # "path:line", "path#doc", "path@row"
+    location: str  # "path:line", "path#doc", "path@row"
     text: str | None = None  # the document, when valid
     reason: str | None = None  # why it was quarantined, when not
-    count: int = 1           # records this entry stands for (a whole unreadable file may be many)
+    count: int = 1  # records this entry stands for (a whole unreadable file may be many)
     excerpt: str = ""
 
 
@@ -47,8 +48,10 @@ def expand(spec: str, root: Path) -> tuple[list[Path], list[Path]]:
         found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     elif path.is_file():
         if suffix_of(path) not in SUFFIXES:
-            raise ScratchError(f"data.sources: {spec!r}: unsupported file type {suffix_of(path) or '(none)'} "
-                               f"(use {', '.join(SUFFIXES)})")
+            raise ScratchError(
+                f"data.sources: {spec!r}: unsupported file type {suffix_of(path) or '(none)'} "
+                f"(use {', '.join(SUFFIXES)})"
+            )
         return [path], []
     else:
         raise ScratchError(f"data.sources: {spec!r}: no such file or folder ({path})")
@@ -95,8 +98,9 @@ def read_txt(path: Path, separator: str, keep_tail: bool) -> Iterator[Record]:
             if not piece.strip():
                 return  # the file ends with a separator: nothing after it
             if not keep_tail:
-                yield Record(location, reason="unterminated tail (no separator after the last document)",
-                             excerpt=_excerpt(piece))
+                yield Record(
+                    location, reason="unterminated tail (no separator after the last document)", excerpt=_excerpt(piece)
+                )
                 return
         yield _text_record(location, piece)
 
@@ -139,8 +143,9 @@ def _json_record(location: str, raw: bytes, text_field: str) -> Record:
         return Record(location, reason=f"missing text field {text_field!r}", excerpt=line[:80])
     text = obj[text_field]
     if not isinstance(text, str):
-        return Record(location, reason=f"text field {text_field!r} is {type(text).__name__}, not a string",
-                      excerpt=line[:80])
+        return Record(
+            location, reason=f"text field {text_field!r} is {type(text).__name__}, not a string", excerpt=line[:80]
+        )
     if not text.strip():
         return Record(location, reason="empty document")
     return Record(location, text=text)
@@ -149,14 +154,18 @@ def _json_record(location: str, raw: bytes, text_field: str) -> Record:
 def read_parquet(path: Path, text_field: str) -> Iterator[Record]:
     """Documents from a Parquet column, batch by batch; nulls and empty strings quarantined by row."""
     import pyarrow.parquet as pq
+
     try:
         file = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for a file that is not Parquet
         yield Record(str(path), reason=f"unreadable Parquet file: {e}")
         return
     if text_field not in file.schema_arrow.names:
-        yield Record(str(path), reason=f"missing text column {text_field!r} (has {file.schema_arrow.names})",
-                     count=file.metadata.num_rows)
+        yield Record(
+            str(path),
+            reason=f"missing text column {text_field!r} (has {file.schema_arrow.names})",
+            count=file.metadata.num_rows,
+        )
         return
     row = 0
     for batch in file.iter_batches(columns=[text_field], batch_size=4096):

@@ -3,10 +3,11 @@
 `<name>` is a Hub dataset id (needs the network) or a local folder: one written by `Dataset.save_to_disk`, or a
 folder of data files in the Hub layout. Offline, a Hub id fails with a clear error instead of a traceback.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tasks.common.config import ScratchError
 from tasks.sources.files import Record
@@ -38,10 +39,11 @@ def load(spec: str, root: Path):
             return datasets.load_dataset(str(local), split=split)
         return datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError, ...)
-        hint = " (the network or the Hub is unreachable, or HF_DATASETS_OFFLINE=1 is set)" \
-            if not local.is_dir() else ""
-        raise ScratchError(f"data.sources: {spec!r}: could not load split {split!r}{hint}: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        hint = " (the network or the Hub is unreachable, or HF_DATASETS_OFFLINE=1 is set)" if not local.is_dir() else ""
+        raise ScratchError(
+            f"data.sources: {spec!r}: could not load split {split!r}{hint}: "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def read(spec: str, root: Path, text_field: str) -> Iterator[Record]:

@@ -18,13 +18,15 @@ Sources (a list in the stage's params):
                      last assistant turn (the two must share everything before it)
 A row that fits no format, or breaks the contract, is a quarantined `Record` with its file and line, never a crash.
 """
+
 from __future__ import annotations
 
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tasks.common.config import ScratchError
 from tasks.sources.files import Record, relative_location
@@ -34,6 +36,7 @@ HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
 
 # ------------------------------------------------------------------------------------------------ rows from files
+
 
 def read_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
     """(location, parsed row or None, reason if unparseable) for every row of a .json array or JSON Lines file."""
@@ -73,6 +76,7 @@ def resolve(spec: str, root: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ instructions
 
+
 def to_instruction(row: Any) -> tuple[list[dict] | None, str | None]:
     """(messages, None) for a row in any supported instruction format, or (None, reason)."""
     if not isinstance(row, dict):
@@ -90,8 +94,12 @@ def to_instruction(row: Any) -> tuple[list[dict] | None, str | None]:
 def instruction_examples(row: Any) -> list[tuple[list[dict] | None, str | None]]:
     """Self-Instruct rows hold several instances: one example each; every other format is one example."""
     if isinstance(row, dict) and "instruction" in row and isinstance(row.get("instances"), list):
-        return [_pair(_join(row.get("instruction"), inst.get("input", "")), inst.get("output"))
-                if isinstance(inst, dict) else (None, "instance is not an object") for inst in row["instances"]]
+        return [
+            _pair(_join(row.get("instruction"), inst.get("input", "")), inst.get("output"))
+            if isinstance(inst, dict)
+            else (None, "instance is not an object")
+            for inst in row["instances"]
+        ]
     return [to_instruction(row)]
 
 
@@ -102,8 +110,9 @@ def _join(instruction: Any, extra: Any) -> Any:
 
 
 def _pair(prompt: Any, answer: Any) -> tuple[list[dict] | None, str | None]:
-    return check_messages([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-                          final_role="assistant")
+    return check_messages(
+        [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], final_role="assistant"
+    )
 
 
 def check_messages(messages: Any, final_role: str) -> tuple[list[dict] | None, str | None]:
@@ -124,12 +133,14 @@ def check_messages(messages: Any, final_role: str) -> tuple[list[dict] | None, s
     return clean, None
 
 
-def load_instructions(sources: list[str], root: Path, builtin_n: int, seed: int,
-                      split: str = "train") -> Iterator[tuple[dict | None, Record | None]]:
+def load_instructions(
+    sources: list[str], root: Path, builtin_n: int, seed: int, split: str = "train"
+) -> Iterator[tuple[dict | None, Record | None]]:
     """(example, None) or (None, quarantined Record) for every row of every source, in order."""
     for spec in sources:
         if spec == "builtin:instructions":
             from tasks.sources import builtin
+
             for ex in builtin.generate_instructions(builtin_n, seed, split):
                 yield ex, None
             continue
@@ -144,6 +155,7 @@ def load_instructions(sources: list[str], root: Path, builtin_n: int, seed: int,
 
 
 # ------------------------------------------------------------------------------------------------ preferences
+
 
 def to_preference(row: Any) -> tuple[dict | None, str | None]:
     """{prompt_messages, chosen, rejected} from a prompt/chosen/rejected row or an HH-RLHF transcript pair."""
@@ -170,7 +182,7 @@ def to_preference(row: Any) -> tuple[dict | None, str | None]:
 
 
 def parse_hh(transcript: str) -> list[dict]:
-    """"\\n\\nHuman: a\\n\\nAssistant: b" → [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
+    """ "\\n\\nHuman: a\\n\\nAssistant: b" → [{"role": "user", "content": "a"}, {"role": "assistant", ...}]."""
     parts = HH_TURN.split(transcript)
     turns = []
     for speaker, content in zip(parts[1::2], parts[2::2]):
@@ -191,15 +203,25 @@ def split_hh(chosen: str, rejected: str) -> tuple[list[dict] | None, str, str, s
     return messages, c_turns[-1]["content"], r_turns[-1]["content"], None
 
 
-def load_preferences(sources: list[str], root: Path, builtin_n: int, seed: int,
-                     split: str = "train") -> Iterator[tuple[dict | None, Record | None]]:
+def load_preferences(
+    sources: list[str], root: Path, builtin_n: int, seed: int, split: str = "train"
+) -> Iterator[tuple[dict | None, Record | None]]:
     """(pair, None) or (None, quarantined Record) for every row of every source, in order."""
     for spec in sources:
         if spec == "builtin:preferences":
             from tasks.sources import builtin
+
             for p in builtin.generate_preferences(builtin_n, seed, split):
-                yield {"id": p["id"], "prompt_messages": [{"role": "user", "content": p["prompt"]}],
-                       "chosen": p["chosen"], "rejected": p["rejected"], "constraints": p["constraints"]}, None
+                yield (
+                    {
+                        "id": p["id"],
+                        "prompt_messages": [{"role": "user", "content": p["prompt"]}],
+                        "chosen": p["chosen"],
+                        "rejected": p["rejected"],
+                        "constraints": p["constraints"],
+                    },
+                    None,
+                )
             continue
         if spec.startswith("builtin:"):
             raise ScratchError(f"{spec!r}: unknown builtin preference source (known: builtin:preferences)")
