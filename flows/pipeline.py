@@ -35,6 +35,7 @@ from prefect import flow, get_run_logger, task
 
 from tasks.common import tracking
 from tasks.common.config import INHERITED, ROOT, ScratchError, load_all, params_file
+from tasks.common.dvcio import pipeline_stages
 
 
 class StageFailed(RuntimeError):
@@ -51,13 +52,8 @@ class StageFailed(RuntimeError):
         self.tail = tail or []
 
 
-def stage_order(dvc_file: Path = ROOT / "dvc.yaml") -> list[str]:
-    """The stages in pipeline order: the one place that order lives is dvc.yaml."""
-    return list((yaml.safe_load(dvc_file.read_text()) or {}).get("stages", {}))
-
-
 def select_stages(stages: list[str] | str | None) -> list[str]:
-    order = stage_order()
+    order = pipeline_stages()
     if not stages:
         return order
     wanted = stages.split(",") if isinstance(stages, str) else list(stages)

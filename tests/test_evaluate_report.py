@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from tasks.common.report import build_report, curves, pipeline_stages
+from tasks.common.dvcio import pipeline_stages
+from tasks.common.report import build_report, curves
 from tasks.common.tracking import Tracker, setup_mlflow
 from tests.conftest import ROOT
 from tests.evaluate_fixtures import evaluation

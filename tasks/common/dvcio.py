@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tasks.common.config import ROOT, ScratchError
 
 
@@ -39,6 +41,12 @@ class StagePaths:
 
 def stage_paths(stage: str, root: Path = ROOT) -> StagePaths:
     return StagePaths(root=root, out=root / "data" / stage, metrics=root / "metrics" / f"{stage}.json")
+
+
+def pipeline_stages(root: Path = ROOT) -> list[str]:
+    """The stages in pipeline order, as <root>/dvc.yaml lists them (the one place that order lives); [] without one."""
+    file = root / "dvc.yaml"
+    return list((yaml.safe_load(file.read_text()) or {}).get("stages", {})) if file.is_file() else []
 
 
 def fresh_dir(path: Path) -> Path:

@@ -25,10 +25,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tasks.common import tracking
 from tasks.common.console import fmt
+from tasks.common.dvcio import pipeline_stages
 from tasks.common.tracking import PARENT_ENV, Tracker, git_commit, tracking_uri
 
 REPORT_DIR = "reports"
@@ -43,12 +42,6 @@ MAX_PANELS = 6
 def read_metrics(root: Path, stage: str) -> dict | None:
     file = root / "metrics" / f"{stage}.json"
     return json.loads(file.read_text()) if file.is_file() else None
-
-
-def pipeline_stages(root: Path) -> list[str]:
-    """The stages in pipeline order, as <root>/dvc.yaml lists them (the one place that order lives); [] without one."""
-    file = root / "dvc.yaml"
-    return list((yaml.safe_load(file.read_text()) or {}).get("stages", {})) if file.is_file() else []
 
 
 def stage_runs(stages: list[str], parent_run_id: str | None = None) -> tuple[dict[str, Any], str]:
