@@ -205,6 +205,12 @@ _FIELD_TYPES: dict[str, type] = {
     "dropout": float,
 }
 
+
+def _llama3_shaped(**shape: Any) -> ModelConfig:
+    """A Llama-3-family shape (32 query heads over 8 KV heads, RoPE base 500k) with a 32k vocabulary."""
+    return ModelConfig(**{"vocab_size": 32000, "n_heads": 32, "n_kv_heads": 8, "rope_theta": 500000.0, **shape})
+
+
 # Sizes. vocab_size is the default only; the pipeline overrides it with the tokenizer's vocabulary.
 PRESETS: dict[str, ModelConfig] = {
     # unit tests: ~100k params, GQA, everything exercised, fast
@@ -216,26 +222,7 @@ PRESETS: dict[str, ModelConfig] = {
     # GPT-2-small-sized Llama (~110M with a 32k vocab)
     "125m": ModelConfig(vocab_size=32000, n_layers=12, d_model=768, n_heads=12, n_kv_heads=12, max_seq_len=1024),
     # Llama-3.2-1B-shaped (~1.0B with a 32k vocab)
-    "1b": ModelConfig(
-        vocab_size=32000,
-        n_layers=16,
-        d_model=2048,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_hidden=8192,
-        max_seq_len=2048,
-        rope_theta=500000.0,
-    ),
+    "1b": _llama3_shaped(n_layers=16, d_model=2048, ffn_hidden=8192, max_seq_len=2048),
     # Llama-3-8B-shaped body with a 32k vocab (~7.2B, untied as in Llama)
-    "7b": ModelConfig(
-        vocab_size=32000,
-        n_layers=32,
-        d_model=4096,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_hidden=14336,
-        max_seq_len=4096,
-        rope_theta=500000.0,
-        tie_embeddings=False,
-    ),
+    "7b": _llama3_shaped(n_layers=32, d_model=4096, ffn_hidden=14336, max_seq_len=4096, tie_embeddings=False),
 }

@@ -14,6 +14,7 @@ temperature=0 is greedy. top_k keeps the k most likely tokens, top_p the smalles
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -47,14 +48,20 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def _check_args(
-    model: Llama,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-) -> None:
+@dataclass(frozen=True)
+class _Sampling:
+    """How generate() and stream() draw each token (see sample_next); seed None means the global RNG."""
+
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int | None
+
+    def next_token(self, logits: Tensor, generator: torch.Generator | None) -> Tensor:
+        return sample_next(logits, self.temperature, self.top_k, self.top_p, generator)
+
+
+def _check_args(model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: _Sampling) -> None:
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     for i, p in enumerate(prompts):
@@ -69,6 +76,7 @@ def _check_args(
             f"longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) exceeds "
             f"ModelConfig.max_seq_len={model.cfg.max_seq_len}"
         )
+    temperature, top_k, top_p = sampling.temperature, sampling.top_k, sampling.top_p
     if max_new_tokens < 0 or temperature < 0:
         raise ValueError(f"max_new_tokens ({max_new_tokens}) and temperature ({temperature}) must be >= 0")
     if top_k is not None and top_k < 1:
@@ -79,16 +87,10 @@ def _check_args(
 
 @torch.inference_mode()
 def _token_steps(
-    model: Llama,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    seed: int | None,
+    model: Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampling: _Sampling
 ) -> Iterator[Tensor]:
     """Yield the next token of every row, (B,), max_new_tokens times (or until the caller stops)."""
-    _check_args(model, prompts, max_new_tokens, temperature, top_k, top_p)
+    _check_args(model, prompts, max_new_tokens, sampling)
     device = model.tok_emb.weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
     total = P + max_new_tokens
@@ -98,7 +100,7 @@ def _token_steps(
         idx[row, P - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
         mask[row, : P - len(prompt)] = 0
     padded = any(len(p) != P for p in prompts)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = None if sampling.seed is None else torch.Generator(device=device).manual_seed(sampling.seed)
     cache = KVCache.for_model(model, batch_size=B, max_len=total)
     weights = model.decode_weights()
 
@@ -107,7 +109,7 @@ def _token_steps(
     try:
         logits, _ = model(idx, kv_cache=cache, start_pos=0, attention_mask=mask[:, :P] if padded else None)
         for pos in range(P, total):
-            token = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
+            token = sampling.next_token(logits[:, -1, :], generator)  # (B,)
             yield token
             if pos + 1 < total:
                 logits = model.decode_step(token[:, None], cache, pos, mask[:, : pos + 1] if padded else None, weights)
@@ -129,7 +131,7 @@ def generate(
     stops = set(stop_tokens)
     out: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
-    steps = _token_steps(model, prompts, max_new_tokens, temperature, top_k, top_p, seed)
+    steps = _token_steps(model, prompts, max_new_tokens, _Sampling(temperature, top_k, top_p, seed))
     for token in steps:
         for row, t in enumerate(token.tolist()):
             if done[row]:
@@ -156,7 +158,7 @@ def stream(
 ) -> Iterator[int]:
     """Yield new tokens of one prompt as they are decoded; stops before the first stop token."""
     stops = set(stop_tokens)
-    steps = _token_steps(model, [prompt], max_new_tokens, temperature, top_k, top_p, seed)
+    steps = _token_steps(model, [prompt], max_new_tokens, _Sampling(temperature, top_k, top_p, seed))
     try:
         for token in steps:
             t = int(token[0])

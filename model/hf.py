@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -65,10 +66,25 @@ _TOP_NAMES = {
     "norm.weight": "model.norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
-_OURS_LAYER = re.compile(r"^blocks\.(\d+)\.(.+)$")
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_HF_TO_OURS_LAYER = {v: k for k, v in _LAYER_NAMES.items()}
-_HF_TO_OURS_TOP = {v: k for k, v in _TOP_NAMES.items()}
+
+
+class _Naming(NamedTuple):
+    """One direction of the name tables: `layer` splits a per-layer name into (index, rest), `rest` is renamed
+    through `layer_names` and put under `layers_prefix`; every other tensor is renamed through `top_names`."""
+
+    layer: re.Pattern[str]
+    layer_names: dict[str, str]
+    layers_prefix: str
+    top_names: dict[str, str]
+
+
+_TO_HF = _Naming(re.compile(r"^blocks\.(\d+)\.(.+)$"), _LAYER_NAMES, "model.layers", _TOP_NAMES)
+_FROM_HF = _Naming(
+    re.compile(r"^model\.layers\.(\d+)\.(.+)$"),
+    {v: k for k, v in _LAYER_NAMES.items()},
+    "blocks",
+    {v: k for k, v in _TOP_NAMES.items()},
+)
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -77,35 +93,39 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def to_hf_names(state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
     """Our state_dict -> HF LlamaForCausalLM names; drops lm_head when embeddings are tied."""
-    out: dict[str, Tensor] = {}
-    for name, tensor in state.items():
-        if name.startswith(("rope_cos", "rope_sin")):
-            continue
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        match = _OURS_LAYER.match(name)
-        if match and match.group(2) in _LAYER_NAMES:
-            out[f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"] = tensor
-        elif name in _TOP_NAMES:
-            out[_TOP_NAMES[name]] = tensor
-        else:
-            raise KeyError(f"no HF name for parameter {name!r}; model/hf.py's name table is out of date")
-    return out
+    weights = {name: t for name, t in state.items() if not name.startswith(("rope_cos", "rope_sin"))}
+    return _rename(
+        weights, cfg, _TO_HF, lambda name: f"no HF name for parameter {name!r}; model/hf.py's name table is out of date"
+    )
 
 
 def from_hf_names(tensors: dict[str, Tensor], cfg: ModelConfig, source: str = "state") -> dict[str, Tensor]:
     """HF LlamaForCausalLM names -> ours. Unknown names raise; lm_head is ignored when embeddings are tied."""
+    weights = {name: t for name, t in tensors.items() if not name.endswith("rotary_emb.inv_freq")}
+    return _rename(
+        weights,
+        cfg,
+        _FROM_HF,
+        lambda name: f"{source}: tensor {name!r} is not part of a plain Llama (bias, adapter, other arch?)",
+    )
+
+
+def _rename(
+    tensors: dict[str, Tensor], cfg: ModelConfig, naming: _Naming, unknown: Callable[[str], str]
+) -> dict[str, Tensor]:
+    """`tensors` under the names of the other side; lm_head is dropped when embeddings are tied, and a name that
+    neither table knows raises KeyError(unknown(name))."""
     out: dict[str, Tensor] = {}
     for name, tensor in tensors.items():
-        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and cfg.tie_embeddings):
+        if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        match = _HF_LAYER.match(name)
-        if match and match.group(2) in _HF_TO_OURS_LAYER:
-            out[f"blocks.{match.group(1)}.{_HF_TO_OURS_LAYER[match.group(2)]}"] = tensor
-        elif name in _HF_TO_OURS_TOP:
-            out[_HF_TO_OURS_TOP[name]] = tensor
+        match = naming.layer.match(name)
+        if match and match.group(2) in naming.layer_names:
+            out[f"{naming.layers_prefix}.{match.group(1)}.{naming.layer_names[match.group(2)]}"] = tensor
+        elif name in naming.top_names:
+            out[naming.top_names[name]] = tensor
         else:
-            raise KeyError(f"{source}: tensor {name!r} is not part of a plain Llama (bias, adapter, other arch?)")
+            raise KeyError(unknown(name))
     return out
 
 

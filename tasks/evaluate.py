@@ -54,7 +54,7 @@ from tokenizers import Tokenizer
 from tasks.common import chat
 from tasks.common.config import ROOT, ScratchError, check
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json, write_jsonl
-from tasks.common.report import build_report
+from tasks.common.report import MODEL_METRICS, build_report
 from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import SamplingConfig
@@ -681,17 +681,11 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     """A table of the models side by side (loss, bpb, satisfaction, benchmark accuracy), win rates, what was skipped,
     and where the report card is."""
     labels = m["models"]
-    rows = [
-        ("val loss", "val_loss"),
-        ("val bpb", "val_bpb"),
-        ("satisfaction", "satisfaction"),
-        ("all satisfied", "all_satisfied"),
-    ]
     lines = [f"{'':<16}" + "".join(f"{label:>10}" for label in labels)]
     lines += [
         f"{name:<16}" + "".join(f"{m[label][key]:>10.3f}" for label in labels)
-        for name, key in rows
-        if all(key in m[label] for label in labels)
+        for key, _, name in MODEL_METRICS
+        if name and all(key in m[label] for label in labels)
     ]
     for bench in sorted({b for label in labels for b in m[label]["bench"]}):
         lines.append(

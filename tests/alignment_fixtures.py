@@ -152,6 +152,22 @@ def smoke_train(**changes):
     return TrainConfig(**{"batch_size": 4, "micro_batch_size": 2, "warmup_steps": 1, "log_every": 1, **changes})
 
 
+def hh_rlhf_smoke(val_fraction: float) -> dict:
+    """Stage config changes for a 2-step run on the 1812 HH-RLHF harmless-base test rows alone (no builtin rows);
+    skips the test when the shared data folder is absent."""
+    from tests.conftest import shared
+
+    hh = shared("hh-rlhf-harmless-base") / "harmless-base_test_rows0000-1811.jsonl.gz"
+    return dict(
+        sources=[str(hh)],
+        builtin_train=0,
+        builtin_val=0,
+        val_fraction=val_fraction,
+        max_len=192,
+        train=smoke_train(max_steps=2, lr=1e-4),
+    )
+
+
 EVAL = dict(prompts=32, prompt_seed=4242, seed=0, max_new_tokens=160, temperature=0.7, top_p=0.95, batch_size=32)
 
 

@@ -19,6 +19,15 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SCRATCHLM_PROGRESS", "off")
 
+CONVERSATION = [
+    {"role": "system", "content": "You tell short stories."},
+    {"role": "user", "content": "Tell me about a cat."},
+    {"role": "assistant", "content": "The cat sat in the sun. It was happy."},
+    {"role": "user", "content": "And a dog?"},
+    {"role": "assistant", "content": "The dog ran to the park!"},
+]
+"""A two-turn chat with a system prompt, for the chat format (test_tokenizer) and SFT masks (test_alignment)."""
+
 
 def shared(folder: str) -> Path:
     """A folder of ../shared/data, or skip the test naming it."""

@@ -16,14 +16,7 @@ from tasks.common import chat
 from tasks.common.train_config import AlignmentData, SamplingConfig
 from tasks.sources import builtin, examples
 from tests.alignment_fixtures import make_tokenizer
-
-CONVERSATION = [
-    {"role": "system", "content": "Be brief."},
-    {"role": "user", "content": "Name a colour."},
-    {"role": "assistant", "content": "Blue is a colour."},
-    {"role": "user", "content": "Another one?"},
-    {"role": "assistant", "content": "Red."},
-]
+from tests.conftest import CONVERSATION
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +38,12 @@ def test_sft_mask_covers_exactly_the_assistant_answers_and_their_end_tokens(tok)
     assert example.ids == tok.tok.encode(chat.render_chat(CONVERSATION), add_special_tokens=False).ids
     trained = [t for t, m in zip(example.ids, example.mask) if m]
     end = tok.end_id
-    assert tok.tok.decode(trained, skip_special_tokens=False) == "Blue is a colour.<|end|>Red.<|end|>"
+    answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]  # the two replies
+    assert tok.tok.decode(trained, skip_special_tokens=False) == "".join(f"{a}<|end|>" for a in answers)
     assert trained.count(end) == 2
     untrained = tok.tok.decode([t for t, m in zip(example.ids, example.mask) if not m], skip_special_tokens=False)
-    for prompt_text in ("Be brief.", "Name a colour.", "Another one?", "<|user|>", "<|assistant|>", "<|system|>"):
+    prompts = [m["content"] for m in CONVERSATION if m["role"] != "assistant"]  # system, user, user
+    for prompt_text in (*prompts, "<|user|>", "<|assistant|>", "<|system|>"):
         assert prompt_text in untrained
 
 

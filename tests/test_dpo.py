@@ -16,13 +16,12 @@ from tasks.common.train_config import SamplingConfig
 from tests.alignment_fixtures import (
     cached_stage,
     dpo_config,
+    hh_rlhf_smoke,
     reward_config,
     run_stage,
     sft_config,
-    smoke_train,
     stage_root,
 )
-from tests.conftest import shared
 
 
 def small_batch() -> al.PairBatch:
@@ -64,20 +63,11 @@ def test_dpo_raises_constraint_satisfaction_over_its_sft_start(tmp_path_factory)
 
 @pytest.mark.slow
 def test_dpo_runs_on_hh_rlhf_pairs(tmp_path, tmp_path_factory):
-    hh = shared("hh-rlhf-harmless-base") / "harmless-base_test_rows0000-1811.jsonl.gz"
+    hh = hh_rlhf_smoke(val_fraction=0.01)
     cached_stage(tmp_path_factory, "sft", sft_config())
     world, _ = cached_stage(tmp_path_factory, "reward", reward_config())
     root = stage_root(tmp_path, world, "sft", "reward")
-    cfg = dpo_config(
-        sources=[str(hh)],
-        builtin_train=0,
-        builtin_val=0,
-        val_fraction=0.01,
-        max_len=192,
-        sampling=SamplingConfig(prompts=0),
-        train=smoke_train(max_steps=2, lr=1e-4),
-    )
-    m = run_stage("dpo", cfg, root)
+    m = run_stage("dpo", dpo_config(**hh, sampling=SamplingConfig(prompts=0)), root)
     assert m["rows_in"] == 1812 and m["rows_in"] == m["train_examples"] + m["val_examples"] + m["quarantined"]
     assert m["steps"] == 2 and "val_kl" in m and "win_rate" not in m
     assert (root / "data" / "dpo" / "model" / "model.safetensors").is_file()

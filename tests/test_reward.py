@@ -13,8 +13,7 @@ from tasks import reward
 from tasks.common import alignment as al
 from tasks.common.train_config import AlignmentData
 from tasks.sources import examples
-from tests.alignment_fixtures import cached_stage, reward_config, run_stage, sft_config, smoke_train, stage_root
-from tests.conftest import shared
+from tests.alignment_fixtures import cached_stage, hh_rlhf_smoke, reward_config, run_stage, sft_config, stage_root
 
 
 def bt_loss_by_hand(chosen: list[float], rejected: list[float]) -> float:
@@ -71,18 +70,10 @@ def test_reward_model_ranks_held_out_builtin_pairs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_reward_runs_on_hh_rlhf_transcripts(tmp_path, tmp_path_factory):
-    hh = shared("hh-rlhf-harmless-base") / "harmless-base_test_rows0000-1811.jsonl.gz"
+    hh = hh_rlhf_smoke(val_fraction=0.02)
     world, _ = cached_stage(tmp_path_factory, "sft", sft_config())
     root = stage_root(tmp_path, world, "sft")
-    cfg = reward_config(
-        sources=[str(hh)],
-        builtin_train=0,
-        builtin_val=0,
-        val_fraction=0.02,
-        max_len=192,
-        train=smoke_train(max_steps=2, lr=1e-4),
-    )
-    m = run_stage("reward", cfg, root)
+    m = run_stage("reward", reward_config(**hh), root)
     assert m["rows_in"] == 1812 and m["rows_in"] == m["train_examples"] + m["val_examples"] + m["quarantined"]
     assert m["val_examples"] > 10 and m["steps"] == 2 and 0.0 <= m["accuracy"] <= 1.0
     assert m["truncated"] > 0 and m["accuracy_by_broken"] == {}

@@ -19,7 +19,7 @@ from tasks.common.dvcio import read_jsonl_gz, shard_name, stage_paths, write_jso
 from tasks.common.split import Split, is_validation, load_split
 from tasks.common.tracking import Tracker
 from tasks.sources import files
-from tests.conftest import ROOT, shared
+from tests.conftest import CONVERSATION, ROOT, shared
 
 WORDS = (
     "the cat dog sun moon tree river happy little big ran jumped saw found played with under over and "
@@ -158,14 +158,6 @@ def test_typed_endoftext_is_text_not_the_separator(plain):
 
 # ------------------------------------------------------------------------------------------------ chat format
 
-TWO_TURNS = [
-    {"role": "system", "content": "You tell short stories."},
-    {"role": "user", "content": "Tell me about a cat."},
-    {"role": "assistant", "content": "The cat sat in the sun. It was happy."},
-    {"role": "user", "content": "And a dog?"},
-    {"role": "assistant", "content": "The dog ran to the park!"},
-]
-
 
 def test_folder_has_the_hf_files(trained):
     folder = trained / "data" / "tokenizer"
@@ -185,10 +177,10 @@ def test_autotokenizer_chat_template_renders_render_chat(hf):
         "<|assistant|>\nThe cat sat in the sun. It was happy.<|end|>\n<|user|>\nAnd a dog?<|end|>\n"
         "<|assistant|>\nThe dog ran to the park!<|end|>\n"
     )
-    assert chat.render_chat(TWO_TURNS) == expected
-    assert hf.apply_chat_template(TWO_TURNS, tokenize=False) == expected
-    prompt = hf.apply_chat_template(TWO_TURNS[:4], tokenize=False, add_generation_prompt=True)
-    assert prompt == chat.render_chat(TWO_TURNS[:4], add_generation_prompt=True)
+    assert chat.render_chat(CONVERSATION) == expected
+    assert hf.apply_chat_template(CONVERSATION, tokenize=False) == expected
+    prompt = hf.apply_chat_template(CONVERSATION[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt == chat.render_chat(CONVERSATION[:4], add_generation_prompt=True)
     assert prompt.endswith("<|user|>\nAnd a dog?<|end|>\n<|assistant|>\n")
     assert (hf.eos_token, hf.pad_token, hf.eos_token_id, hf.pad_token_id) == (chat.EOT, chat.PAD, 0, 1)
 
@@ -206,18 +198,18 @@ def test_render_chat_equals_the_jinja_template_for_any_content(hf, turns, gen):
 
 
 def test_encode_chat_masks_exactly_the_assistant_tokens(plain, hf):
-    ids, mask = chat.encode_chat(hf, TWO_TURNS)
-    assert (ids, mask) == chat.encode_chat(plain, TWO_TURNS)
+    ids, mask = chat.encode_chat(hf, CONVERSATION)
+    assert (ids, mask) == chat.encode_chat(plain, CONVERSATION)
     assert len(ids) == len(mask) and set(mask) == {0, 1}
     # ordinary content: the same ids as tokenizing the rendered string, which is what SFT will train on
-    assert ids == hf(chat.render_chat(TWO_TURNS), add_special_tokens=False)["input_ids"]
+    assert ids == hf(chat.render_chat(CONVERSATION), add_special_tokens=False)["input_ids"]
     trained = hf.decode([i for i, m in zip(ids, mask) if m])
     assert trained == "The cat sat in the sun. It was happy.<|end|>The dog ran to the park!<|end|>"
     end = chat.special_ids(hf)[chat.END]
     ends = [m for i, m in zip(ids, mask) if i == end]
     assert ends == [0, 0, 1, 0, 1]  # system, user, assistant, user, assistant
-    prompt_ids, prompt_mask = chat.encode_chat(hf, TWO_TURNS[:4], add_generation_prompt=True)
-    assert hf.decode(prompt_ids) == chat.render_chat(TWO_TURNS[:4], add_generation_prompt=True)
+    prompt_ids, prompt_mask = chat.encode_chat(hf, CONVERSATION[:4], add_generation_prompt=True)
+    assert hf.decode(prompt_ids) == chat.render_chat(CONVERSATION[:4], add_generation_prompt=True)
     assert prompt_ids == ids[: len(prompt_ids)] and prompt_mask == mask[: len(prompt_ids)]
     assert prompt_mask[-2:] == [0, 0]  # the generation prompt itself is never trained on
 

@@ -186,19 +186,25 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
 
 
+MODEL_METRICS = [  # (key in metrics/evaluate.json, the report card's name, the closing summary's, None = not there)
+    ("val_loss", "validation loss (nats/token)", "val loss"),
+    ("val_ppl", "perplexity", None),
+    ("val_bpb", "bits per byte", "val bpb"),
+    ("satisfaction", "constraint satisfaction (share of constraints met)", "satisfaction"),
+    ("all_satisfied", "answers meeting every constraint", "all satisfied"),
+]
+
+
 def models_section(ev: dict | None, out: Path) -> list[str]:
     lines = ["## Models", ""]
     if not ev:
         return lines + ["_No evaluation yet (metrics/evaluate.json is missing: run `dvc repro evaluate`)._", ""]
     labels = ev["models"]
-    keys = [
-        ("validation loss (nats/token)", "val_loss"),
-        ("perplexity", "val_ppl"),
-        ("bits per byte", "val_bpb"),
-        ("constraint satisfaction (share of constraints met)", "satisfaction"),
-        ("answers meeting every constraint", "all_satisfied"),
+    rows = [
+        [name, *[ev[m].get(key, "-") for m in labels]]
+        for key, name, _ in MODEL_METRICS
+        if any(key in ev[m] for m in labels)
     ]
-    rows = [[name, *[ev[m].get(key, "-") for m in labels]] for name, key in keys if any(key in ev[m] for m in labels)]
     lines += _table(["", *labels], rows) + [""]
     first = ev[labels[0]]
     lines += [

@@ -168,16 +168,21 @@ def read_parquet(path: Path, text_field: str) -> Iterator[Record]:
         )
         return
     row = 0
+    column = f"text column {text_field!r}"
     for batch in file.iter_batches(columns=[text_field], batch_size=4096):
         for text in batch.column(0).to_pylist():
-            location = f"{path}@{row}"
-            if not isinstance(text, str):
-                yield Record(location, reason=f"text column {text_field!r} is {type(text).__name__}")
-            elif not text.strip():
-                yield Record(location, reason="empty document")
-            else:
-                yield Record(location, text=text)
+            yield value_record(f"{path}@{row}", text, column)
             row += 1
+
+
+def value_record(location: str, value: object, what: str) -> Record:
+    """A document from a table cell or dataset field (`what` names it in the reason): a non-string value (a null,
+    a number) and a blank one are quarantined."""
+    if not isinstance(value, str):
+        return Record(location, reason=f"{what} is {type(value).__name__}")
+    if not value.strip():
+        return Record(location, reason="empty document")
+    return Record(location, text=value)
 
 
 def _excerpt(raw: bytes) -> str:

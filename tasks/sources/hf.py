@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tasks.common.config import ScratchError
-from tasks.sources.files import Record
+from tasks.sources.files import Record, value_record
 
 
 def parse(spec: str) -> tuple[str, str]:
@@ -49,14 +49,10 @@ def load(spec: str, root: Path):
 def read(spec: str, root: Path, text_field: str) -> Iterator[Record]:
     """Documents of an HF dataset split; rows without a usable text field are quarantined by row number."""
     dataset = load(spec, root)
+    field = f"text field {text_field!r}"
     for row, example in enumerate(dataset):
-        location = f"{spec}@{row}"
         text = example.get(text_field)
         if text is None:
-            yield Record(location, reason=f"missing text field {text_field!r}")
-        elif not isinstance(text, str):
-            yield Record(location, reason=f"text field {text_field!r} is {type(text).__name__}")
-        elif not text.strip():
-            yield Record(location, reason="empty document")
+            yield Record(f"{spec}@{row}", reason=f"missing {field}")
         else:
-            yield Record(location, text=text)
+            yield value_record(f"{spec}@{row}", text, field)

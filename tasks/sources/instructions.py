@@ -24,7 +24,7 @@ from __future__ import annotations
 import gzip
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,21 +137,38 @@ def load_instructions(
     sources: list[str], root: Path, builtin_n: int, seed: int, split: str = "train"
 ) -> Iterator[tuple[dict | None, Record | None]]:
     """(example, None) or (None, quarantined Record) for every row of every source, in order."""
-    for spec in sources:
-        if spec == "builtin:instructions":
-            from tasks.sources import builtin
 
-            for ex in builtin.generate_instructions(builtin_n, seed, split):
-                yield ex, None
-            continue
-        if spec.startswith("builtin:"):
-            raise ScratchError(f"{spec!r}: unknown builtin instruction source (known: builtin:instructions)")
-        path = resolve(spec, root)
+    def builtin_examples() -> Iterator[dict]:
+        from tasks.sources import builtin
+
+        return builtin.generate_instructions(builtin_n, seed, split)
+
+    def file_examples(path: Path) -> Iterator[tuple[dict | None, Record | None]]:
         for location, row, reason in read_rows(path):
             examples = [(None, reason)] if reason else instruction_examples(row)
             for k, (messages, why) in enumerate(examples):
                 rid = relative_location(location if len(examples) == 1 else f"{location}/{k}", root)
                 yield ({"id": rid, "messages": messages}, None) if messages else (None, Record(rid, reason=why))
+
+    return _load_sources(sources, root, "instruction", builtin_examples, file_examples)
+
+
+def _load_sources(
+    sources: list[str],
+    root: Path,
+    kind: str,
+    builtin_examples: Callable[[], Iterable[dict]],
+    file_examples: Callable[[Path], Iterator[tuple[dict | None, Record | None]]],
+) -> Iterator[tuple[dict | None, Record | None]]:
+    """Every source in order: `builtin:<kind>s` through builtin_examples(), a file through file_examples(path)."""
+    for spec in sources:
+        if spec == f"builtin:{kind}s":
+            for ex in builtin_examples():
+                yield ex, None
+            continue
+        if spec.startswith("builtin:"):
+            raise ScratchError(f"{spec!r}: unknown builtin {kind} source (known: builtin:{kind}s)")
+        yield from file_examples(resolve(spec, root))
 
 
 # ------------------------------------------------------------------------------------------------ preferences
@@ -207,26 +224,23 @@ def load_preferences(
     sources: list[str], root: Path, builtin_n: int, seed: int, split: str = "train"
 ) -> Iterator[tuple[dict | None, Record | None]]:
     """(pair, None) or (None, quarantined Record) for every row of every source, in order."""
-    for spec in sources:
-        if spec == "builtin:preferences":
-            from tasks.sources import builtin
 
-            for p in builtin.generate_preferences(builtin_n, seed, split):
-                yield (
-                    {
-                        "id": p["id"],
-                        "prompt_messages": [{"role": "user", "content": p["prompt"]}],
-                        "chosen": p["chosen"],
-                        "rejected": p["rejected"],
-                        "constraints": p["constraints"],
-                    },
-                    None,
-                )
-            continue
-        if spec.startswith("builtin:"):
-            raise ScratchError(f"{spec!r}: unknown builtin preference source (known: builtin:preferences)")
-        path = resolve(spec, root)
+    def builtin_pairs() -> Iterator[dict]:
+        from tasks.sources import builtin
+
+        for p in builtin.generate_preferences(builtin_n, seed, split):
+            yield {
+                "id": p["id"],
+                "prompt_messages": [{"role": "user", "content": p["prompt"]}],
+                "chosen": p["chosen"],
+                "rejected": p["rejected"],
+                "constraints": p["constraints"],
+            }
+
+    def file_pairs(path: Path) -> Iterator[tuple[dict | None, Record | None]]:
         for location, row, reason in read_rows(path):
             pair, why = (None, reason) if reason else to_preference(row)
             rid = relative_location(location, root)
             yield ({"id": rid, **pair}, None) if pair else (None, Record(rid, reason=why))
+
+    return _load_sources(sources, root, "preference", builtin_pairs, file_pairs)
