@@ -21,13 +21,17 @@ Writes  MLflow: in this stage's run, a logged model `model` (pyfunc from code: t
                                                smoke_test (the logged model's answer to its input example)}
         metrics/register.json                  version and the evaluation numbers it was registered with
 Checks  the model folder and its evaluation must exist; MLflow must be on (SCRATCHLM_NO_MLFLOW=1 is an error here);
-        the logged model is loaded back and answers its input example before the alias moves.
+        before anything is logged the folder is loaded as the pyfunc loads it (every weight finite) and generates a
+        few tokens from each input example row; the logged model is loaded back from MLflow and answers its input
+        example before it is registered. A model that fails either is one error line naming the file or the
+        logged model and what failed, and no version is created.
 Scale   the model is logged once per run; on an MLflow server (MLFLOW_TRACKING_URI) with S3/MinIO artifacts the
         same code uploads there. Serving scales with MLflow's own options (workers, Docker images, KServe).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
@@ -141,7 +145,9 @@ def input_example() -> tuple:
 
 
 def log_and_register(folder: Path, cfg: RegisterConfig, run_id: str, tags: dict[str, str]):
-    """Log the pyfunc into run `run_id`, register it, tag the version; returns (ModelVersion, model_uri)."""
+    """Log the pyfunc into run `run_id`, load it back (`smoke_test`), then register it and tag the version; returns
+    (ModelVersion, logged model uri, the smoke test's answer). A logged model that fails to load or answer is never
+    registered."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -155,22 +161,108 @@ def log_and_register(folder: Path, cfg: RegisterConfig, run_id: str, tags: dict[
             input_example=input_example(),
             pip_requirements=pip_requirements(),
         )
+    sample = smoke_test(info.model_uri)
     version = mlflow.register_model(info.model_uri, cfg.model_name, tags=tags)
     for key, value in tags.items():  # register_model's tags land on the version; set again for older servers
         client.set_model_version_tag(cfg.model_name, version.version, key, value)
-    return version, info.model_uri
+    return version, info.model_uri, sample
 
 
 def smoke_test(model_uri: str) -> str:
-    """Load the logged model back as MLflow will serve it and generate from its input example."""
+    """Load the logged model back as MLflow will serve it and generate from its input example (before it is
+    registered: a failure is a ScratchError naming the logged model)."""
     import mlflow
 
     frame, params = input_example()
-    out = mlflow.pyfunc.load_model(model_uri).predict(frame.iloc[:1], params=params)
-    text = out[0]["text"] if isinstance(out, list) else str(out)
+    try:
+        out = mlflow.pyfunc.load_model(model_uri).predict(frame.iloc[:1], params=params)
+    except Exception as e:
+        raise ScratchError(
+            f"{model_uri}: the logged model does not load back or answer its input example ({one_line(e)}); "
+            "nothing was registered"
+        ) from e
+    text = out[0].get("text") if isinstance(out, list) and out and isinstance(out[0], dict) else None
     if not isinstance(text, str):
-        raise ScratchError(f"{model_uri}: the logged model answered {out!r}, not text")
+        raise ScratchError(
+            f"{model_uri}: the logged model answered {str(out)[:200]!r}, not text; nothing was registered"
+        )
     return text
+
+
+# ------------------------------------------------------------------------------------------------ verification
+
+VERIFY_NEW_TOKENS = 4
+"""Tokens generated per input example row when the model folder is verified before logging."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of the message`, shortened: what a one-line error says of an exception."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """model.safetensors, or the shards its index names (what model.hf.load reads)."""
+    index = folder / "model.safetensors.index.json"
+    if (folder / "model.safetensors").is_file() or not index.is_file():
+        return [folder / "model.safetensors"]
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [index]
+    return [folder / shard for shard in shards]
+
+
+def broken_file(folder: Path) -> Path:
+    """The first file of `folder` that does not read on its own (config.json, the weights, tokenizer.json), else
+    the folder: names what to fix when the folder as a whole does not load. Headers only, no tensor is read."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    from model.hf import load_config
+
+    checks = [(folder / "config.json", lambda f: load_config(f.parent))]
+    checks += [(f, lambda f: safe_open(str(f), "pt").keys()) for f in weight_files(folder)]
+    checks += [(folder / "tokenizer.json", lambda f: Tokenizer.from_file(str(f)))]
+    for file, read in checks:
+        try:
+            read(file)
+        except Exception:
+            return file
+    return folder
+
+
+def verify_model(folder: Path, stage: str) -> str:
+    """Load `folder` as the registered pyfunc will (tasks/common/pyfunc.py: load_folder), check every weight is
+    finite and generate a few tokens from each input example row; returns the first row's text. Any failure is a
+    ScratchError naming the file (or folder) and what failed: such a model is never logged or registered."""
+    import torch
+
+    from tasks.common.pyfunc import ScratchLMModel
+
+    fix = f"nothing was registered; restore it (dvc checkout data/{stage}) or rebuild it (dvc repro {stage})"
+    try:
+        pyfunc = ScratchLMModel().load_folder(folder)
+    except Exception as e:
+        file = broken_file(folder)
+        reason = one_line(e).replace(f"{file}: ", "").replace(f"{folder}: ", "")
+        raise ScratchError(f"{file}: the {stage} model does not load ({reason}); {fix}") from e
+    bad = [name for name, p in pyfunc.model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        files = weight_files(folder)
+        where = files[0] if len(files) == 1 else folder
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise ScratchError(f"{where}: the {stage} model has NaN or infinite weights ({bad[0]}{more}); {fix}")
+    frame, params = input_example()
+    try:
+        out = pyfunc.predict(None, frame, params={**params, "max_new_tokens": VERIFY_NEW_TOKENS})
+    except Exception as e:
+        raise ScratchError(f"{folder}: the {stage} model loads but does not generate ({one_line(e)}); {fix}") from e
+    texts = [row.get("text") if isinstance(row, dict) else None for row in out]
+    if len(texts) != len(frame) or not all(isinstance(t, str) for t in texts):
+        raise ScratchError(f"{folder}: the {stage} model answered {str(out)[:200]!r}, not text; {fix}")
+    return texts[0]
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -181,7 +273,7 @@ def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
         raise ScratchError("register needs MLflow (unset SCRATCHLM_NO_MLFLOW); the model registry lives there")
     folder = model_folder(paths, cfg.model_stage)
     evaluation = model_evaluation(paths.root, cfg.model_stage)
-    out = fresh_dir(paths.out)
+    verify_model(folder, cfg.model_stage)  # before anything is logged: a broken model never becomes a version
     pipeline_run = os.environ.get(PARENT_ENV) or tracker.run_id  # run alone (dvc repro), the stage is the pipeline
     tags = {
         **lineage_tags(cfg.model_stage, paths.root),
@@ -193,8 +285,7 @@ def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
     import mlflow
 
     client = mlflow.MlflowClient()
-    version, logged_uri = log_and_register(folder, cfg, tracker.run_id, tags)
-    sample = smoke_test(f"models:/{cfg.model_name}/{version.version}")
+    version, logged_uri, sample = log_and_register(folder, cfg, tracker.run_id, tags)
     client.set_registered_model_alias(cfg.model_name, cfg.alias, version.version)
     client.update_registered_model(
         cfg.model_name,
@@ -215,6 +306,7 @@ def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
         "git_commit": tags["git_commit"],
         "smoke_test": sample,
     }
+    out = fresh_dir(paths.out)  # only now: a refused model leaves the previous registered.json in place
     write_json(out / "registered.json", record)
     tracker.log_artifact(out / "registered.json", "register")
     if (paths.root / "dvc.lock").is_file():

@@ -7,6 +7,11 @@
   once DVC has locked the stage, its `dvc.lock` hashes (the flow adds those after the stage ends).
 - Metrics are namespaced (`ingest/docs_out`, `train/loss`); params are the stage's params section, flattened.
 - Only rank 0 writes (`RANK` unset or 0): other DeepSpeed ranks get a tracker that does nothing.
+- A server is probed before anything else (`check_server`, called by `setup_mlflow`, so by every stage's run and
+  the flow's parent run): one GET with a 5 s timeout, and a server that does not answer is one `ScratchError` line
+  naming the URI, instead of MLflow's own retries (7 with backoff, about 4 minutes) and a long traceback. MLflow's
+  retry settings (`MLFLOW_HTTP_REQUEST_MAX_RETRIES`, `..._TIMEOUT`) are left as they are: once a run is open they
+  ride out a server restart, which is cheaper than rerunning a training stage.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import contextlib
 import json
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
-from tasks.common.config import ROOT
+from tasks.common.config import ROOT, ScratchError
 from tasks.common.console import is_rank_zero
 
 EXPERIMENT = os.environ.get("SCRATCHLM_EXPERIMENT", "scratchlm")
@@ -31,8 +38,93 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns.db'}"
 
 
+PROBE_TIMEOUT_S = 5.0
+"""How long the reachability probe of a tracking server waits (to connect, then for the answer)."""
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+_answered: set[str] = set()  # servers that answered in this process (probed once)
+
+
+def check_server(uri: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """Make sure an http(s) tracking server answers within `timeout` seconds; a ScratchError (one line) if not.
+
+    One GET of `<uri>/health`, no retries. Any HTTP answer counts (401/403/404 included: authentication and the
+    API are MLflow's to report) except 502/503/504, a proxy whose server behind it is down. TLS follows MLflow's
+    own variables (MLFLOW_TRACKING_INSECURE_TLS, MLFLOW_TRACKING_SERVER_CERT_PATH, MLFLOW_TRACKING_CLIENT_CERT_PATH)
+    and proxies the usual HTTP(S)_PROXY / NO_PROXY, as MLflow's client does. Other stores (SQLite, files,
+    databricks) are not probed.
+    """
+    uri = uri or tracking_uri()
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or uri in _answered:
+        return
+    import requests
+
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("1", "true"):
+        verify = False
+    try:
+        answer = requests.get(
+            uri.rstrip("/") + "/health",
+            timeout=(timeout, timeout),
+            verify=verify,
+            cert=os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None,
+            allow_redirects=False,
+        )
+    except requests.RequestException as e:
+        raise ScratchError(unreachable(uri, probe_failure(e, timeout, parts.hostname or uri))) from None
+    if answer.status_code in (502, 503, 504):
+        raise ScratchError(unreachable(uri, f"HTTP {answer.status_code} {answer.reason or ''}".strip()))
+    _answered.add(uri)
+
+
+def unreachable(uri: str, reason: str) -> str:
+    """The one line for a tracking server that does not answer: the URI, why, and what to do."""
+    parts = urlsplit(uri)
+    if (parts.hostname or "") in LOOPBACK:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        start = f"start it (mlflow server --host {parts.hostname} --port {port})"
+    else:
+        start = "start it (mlflow server ...) and check that this machine can reach it,"
+    return (
+        f"MLflow tracking server {uri} is unreachable ({reason}); {start} "
+        f"or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+    )
+
+
+def probe_failure(error: BaseException, timeout: float, host: str) -> str:
+    """A few words for why a request failed: `connection refused`, `no answer within 5 s`, ...
+
+    requests wraps urllib3's error, which wraps the socket's: the innermost OS error says it best."""
+    import requests
+
+    if isinstance(error, requests.Timeout):
+        return f"no answer within {timeout:g} s"
+    found: list[BaseException] = []
+    stack, seen = [error], set()
+    while stack:
+        e = stack.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        found.append(e)
+        nested = [*e.args, getattr(e, "reason", None), e.__cause__, e.__context__]
+        stack += [x for x in nested if isinstance(x, BaseException)]
+    for e in found:
+        if isinstance(e, socket.gaierror):
+            return f"cannot resolve {host}: {e.strerror}"
+    for e in reversed(found):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror[:1].lower() + e.strerror[1:]
+    if isinstance(error, requests.exceptions.SSLError):
+        return "TLS handshake failed"
+    return type(error).__name__
+
+
 def setup_mlflow():
-    """Point MLflow at the configured store and make sure the experiment exists; return the mlflow module."""
+    """Point MLflow at the configured store and make sure the experiment exists; return the mlflow module.
+
+    A tracking server that does not answer is a ScratchError within seconds (`check_server`)."""
+    check_server()
     import logging
 
     import mlflow
