@@ -14,7 +14,10 @@ Writes  data/ingest/shard-UUUUU-PPPP.jsonl.gz   {"id", "text", "source"}, one un
         metrics/ingest.json                     docs in / out / quarantined (by reason), bytes, per source
 Checks  a missing path or a malformed source entry fails before any work. Bad records (invalid UTF-8,
         malformed JSON, missing or non-string text, empty documents, binary files, a cut-off .txt tail) are
-        quarantined and counted: docs_in = docs_out + quarantined, always.
+        quarantined and counted: docs_in = docs_out + quarantined, always. A read error mid-file (a corrupt
+        Parquet row group, a truncated or corrupt .jsonl.gz, an I/O error) keeps every document before it and is
+        one quarantined record saying where reading stopped (a Parquet row group counts its unread rows; the
+        next row groups are still read); the other files are read as usual. A run that fails leaves no shards.
 Scale   sources are split into units (one per file) and read in parallel on `data.parallel` (a local
         process pool, or Prefect task mapping on a Dask cluster).
 """
@@ -129,7 +132,7 @@ def ingest_unit(unit: Unit, data: DataConfig, cfg: IngestConfig, out_dir: Path, 
     """Read one unit into its own shards (`shard-<unit>-<part>`), returning counts and quarantined records."""
     result = UnitResult(unit.index, unit.source)
     writer = _UnitShards(out_dir, unit.index, cfg.docs_per_shard)
-    for rid, rec, label in records(unit, data, cfg, root):
+    for rid, rec, label in _guarded(unit, records(unit, data, cfg, root), root):
         if rec.text is not None:
             writer.write({"id": rid, "text": rec.text, "source": unit.source})
             result.docs_out += 1
@@ -141,7 +144,7 @@ def ingest_unit(unit: Unit, data: DataConfig, cfg: IngestConfig, out_dir: Path, 
             result.reasons[_reason_key(rec.reason)] += rec.count
             result.quarantine.append(
                 {
-                    "location": rec.location,
+                    "location": rid,  # for files, relative to the project like the documents' ids
                     "reason": rec.reason,
                     "count": rec.count,
                     "excerpt": rec.excerpt[: cfg.quarantine_excerpt_chars],
@@ -149,6 +152,38 @@ def ingest_unit(unit: Unit, data: DataConfig, cfg: IngestConfig, out_dir: Path, 
             )
     writer.close()
     return result
+
+
+def _guarded(
+    unit: Unit, triples: Iterator[tuple[str, files.Record, dict | None]], root: Path
+) -> Iterator[tuple[str, files.Record, dict | None]]:
+    """A file unit's records, with any error its reader did not expect turned into one quarantined record for the
+    rest of the file (after every record read before it), so one bad file never ends the stage. The readers
+    quarantine the faults they know (tasks/sources/files.py); this is the net under them."""
+    if unit.kind != "file":
+        yield from triples
+        return
+    read = 0
+    while True:
+        try:
+            triple = next(triples)
+        except StopIteration:
+            return
+        except Exception as e:
+            message = str(e).strip().splitlines()
+            where = files.relative_location(unit.path, root)
+            yield (
+                where,
+                files.Record(
+                    where,
+                    reason=f"unreadable file (after {read} records; the rest of the file is unreadable): "
+                    f"{type(e).__name__}: {message[0] if message else ''}",
+                ),
+                None,
+            )
+            return
+        read += 1
+        yield triple
 
 
 def _reason_key(reason: str | None) -> str:
@@ -185,17 +220,27 @@ class _UnitShards:
 def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
     units, skipped = plan_units(data, paths.root)
     out = fresh_dir(paths.out)
-    results = run_units(units, data, cfg, out, paths.root)
-    write_jsonl(out / "quarantine.jsonl", (row for r in results for row in r.quarantine))
-    write_jsonl(out / "labels.jsonl", (row for r in results for row in r.labels))
-    metrics = {**summarise(results), "skipped_files": skipped}
-    if metrics["docs_out"] == 0:
-        raise ScratchError(
-            f"data.sources: no valid documents in {data.sources} "
-            f"({metrics['quarantined']} quarantined, see {out / 'quarantine.jsonl'})"
-        )
+    try:
+        results = run_units(units, data, cfg, out, paths.root)
+        write_jsonl(out / "quarantine.jsonl", (row for r in results for row in r.quarantine))
+        write_jsonl(out / "labels.jsonl", (row for r in results for row in r.labels))
+        metrics = {**summarise(results), "skipped_files": skipped}
+        if metrics["docs_out"] == 0:
+            raise ScratchError(
+                f"data.sources: no valid documents in {data.sources} "
+                f"({metrics['quarantined']} quarantined, see {out / 'quarantine.jsonl'})"
+            )
+    except BaseException:
+        remove_shards(out)  # a failed run leaves no shards a following stage would read as complete
+        raise
     tracker.log_artifact(out / "quarantine.jsonl", "ingest")
     return metrics
+
+
+def remove_shards(out: Path) -> None:
+    """Delete the document shards (and half-written temporaries) in `out`; quarantine.jsonl stays to be read."""
+    for path in [*out.glob("shard-*.jsonl.gz"), *out.glob(".shard-*")]:
+        path.unlink(missing_ok=True)
 
 
 def run_units(units: list[Unit], data: DataConfig, cfg: IngestConfig, out: Path, root: Path) -> list[UnitResult]:

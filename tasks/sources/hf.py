@@ -47,12 +47,29 @@ def load(spec: str, root: Path):
 
 
 def read(spec: str, root: Path, text_field: str) -> Iterator[Record]:
-    """Documents of an HF dataset split; rows without a usable text field are quarantined by row number."""
+    """Documents of an HF dataset split; rows without a usable text field are quarantined by row number. A read
+    error while iterating (a corrupt local file, a dropped connection while streaming) keeps every row before it
+    and quarantines the rest of the split as one record."""
     dataset = load(spec, root)
     field = f"text field {text_field!r}"
-    for row, example in enumerate(dataset):
+    rows = iter(dataset)
+    row = 0
+    while True:
+        try:
+            example = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets / pyarrow / fsspec raise many types
+            message = str(e).strip().splitlines()
+            yield Record(
+                f"{spec}@{row}",
+                reason=f"read error (at row {row}; the rest of the split is unreadable): "
+                f"{type(e).__name__}: {message[0] if message else ''}",
+            )
+            return
         text = example.get(text_field)
         if text is None:
             yield Record(f"{spec}@{row}", reason=f"missing {field}")
         else:
             yield value_record(f"{spec}@{row}", text, field)
+        row += 1

@@ -21,7 +21,6 @@ A row that fits no format, or breaks the contract, is a quarantined `Record` wit
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common.config import ScratchError
-from tasks.sources.files import Record, relative_location
+from tasks.sources.files import Record, jsonl_lines, relative_location
 
 ROLES = ("system", "user", "assistant")
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
@@ -43,7 +42,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
     name = path.name.lower()
     if name.endswith(".json"):
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ScratchError(f"{path}: not a valid JSON file: {e}") from None
         if not isinstance(rows, list):
@@ -53,18 +52,17 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
         return
     if not (name.endswith(".jsonl") or name.endswith(".jsonl.gz")):
         raise ScratchError(f"{path}: unsupported file type (use .json, .jsonl or .jsonl.gz)")
-    opener = gzip.open if name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            location = f"{path}:{line_no}"
-            try:
-                yield location, json.loads(raw.decode("utf-8")), None
-            except UnicodeDecodeError as e:
-                yield location, None, f"invalid UTF-8 at byte {e.start}"
-            except json.JSONDecodeError as e:
-                yield location, None, f"malformed JSON: {e.msg} at column {e.colno}"
+    for item in jsonl_lines(path):
+        if isinstance(item, Record):  # a binary file, or the unreadable rest of a corrupt / truncated one
+            yield item.location, None, item.reason
+            continue
+        location, raw = item
+        try:
+            yield location, json.loads(raw.decode("utf-8")), None
+        except UnicodeDecodeError as e:
+            yield location, None, f"invalid UTF-8 at byte {e.start}"
+        except json.JSONDecodeError as e:
+            yield location, None, f"malformed JSON: {e.msg} at column {e.colno}"
 
 
 def resolve(spec: str, root: Path) -> Path:
