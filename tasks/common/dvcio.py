@@ -4,6 +4,12 @@ Layout (one name per stage everywhere): `data/<stage>/` holds a stage's outputs,
 DVC metrics. Documents are gzip JSON Lines shards `shard-00000.jsonl.gz` of `{"id", "text", "source"}`.
 Writes go to a temporary name and are renamed into place, so a killed stage never leaves a half-written output
 that looks complete.
+
+A run builds its outputs in a staging folder, `data/.staging/<stage>.<host>-<pid>/` (`out/` and `<stage>.json`),
+and `Staging.commit` swaps them in only when the stage succeeded: data/<stage>/ and metrics/<stage>.json always
+hold the last good output, whatever happened to the run since (an error, a full disk, kill -9). A run that failed
+with a user error leaves what it wrote in `data/.failed/<stage>/`, so the files its error line names can be read;
+the next run of the stage removes it, and the folders of runs that died (their process is gone).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -50,7 +57,8 @@ def pipeline_stages(root: Path = ROOT) -> list[str]:
 
 
 def fresh_dir(path: Path) -> Path:
-    """Empty `path` (DVC removes outs before a run; this makes direct runs behave the same)."""
+    """Empty `path`: a stage's `paths.out` is its own staging folder (`Staging`), so this never touches the last
+    good output in data/<stage>/."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -69,6 +77,135 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+STAGING_ENV = "SCRATCHLM_STAGING_ID"
+"""The id of a run's staging folder; the training launcher sets it, so that every rank derives the same folder."""
+
+
+def staging_id() -> str:
+    """`<host>-<pid>` of this process: unique among live runs, and tells whether the run that owns a folder died."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Where one run of a stage writes (`paths`) until `commit` swaps it in as data/<stage>/ + metrics/<stage>.json.
+
+    Only the process that publishes the outputs (rank 0) calls `begin`, `commit` and `discard`; the others only
+    read `paths` (the same folder on every rank, from STAGING_ENV).
+    """
+
+    stage: str
+    final: StagePaths
+    folder: Path  # data/.staging/<stage>.<id>/
+
+    @classmethod
+    def of(cls, stage: str, final: StagePaths, run_id: str | None = None) -> Staging:
+        run_id = run_id or os.environ.get(STAGING_ENV) or staging_id()
+        return cls(stage, final, final.root / "data" / ".staging" / f"{stage}.{run_id}")
+
+    @property
+    def paths(self) -> StagePaths:
+        """What the stage's `run` sees: its out and metrics inside the staging folder, upstream folders as they are."""
+        return StagePaths(root=self.final.root, out=self.folder / "out", metrics=self.folder / self.final.metrics.name)
+
+    @property
+    def failed(self) -> Path:
+        """data/.failed/<stage>/: what the last run that failed with a user error had written."""
+        return self.final.root / "data" / ".failed" / self.stage
+
+    def begin(self) -> None:
+        """Remove what earlier runs of the stage left (a failed output, the folders of runs that died), then create
+        the empty staging folder. Raises OSError when data/ is not writable: nothing has been touched then."""
+        remove_tree(self.failed)
+        remove_dead_staging(self.folder.parent, self.stage, self.final.out)
+        remove_tree(self.folder)
+        self.paths.out.mkdir(parents=True)
+
+    def commit(self) -> None:
+        """Swap the staged outputs in: metrics copied beside metrics/<stage>.json, data/<stage>/ renamed aside, the
+        staged out renamed in, the metrics renamed in, the old folder deleted. A failure at any step puts the
+        previous output back and re-raises; the renames are within data/ and within metrics/, so nothing is copied.
+        """
+        out, metrics = self.final.out, self.final.metrics
+        aside = self.folder.with_name(f"{self.folder.name}.previous")  # outside the folder `discard` deletes
+        metrics.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{metrics.name}.", dir=metrics.parent)
+        os.close(fd)
+        moved = swapped = False
+        try:
+            shutil.copyfile(self.paths.metrics, tmp)
+            if out.exists() or out.is_symlink():
+                os.rename(out, aside)
+                moved = True
+            os.rename(self.paths.out, out)
+            swapped = True
+            os.replace(tmp, metrics)
+        except BaseException:
+            try:
+                if swapped:
+                    os.rename(out, self.paths.out)
+                if moved:
+                    os.rename(aside, out)
+            except OSError as e:
+                raise RuntimeError(f"{out}: could not put the previous output back; it is in {aside}") from e
+            raise
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        remove_tree(aside)
+        remove_tree(self.folder)
+
+    def discard(self, keep: bool = False) -> Path | None:
+        """Delete the staging folder; with `keep`, move what the run wrote to data/.failed/<stage>/ first (when it
+        wrote anything) and return that folder. The published output is never touched."""
+        kept = None
+        if keep and self.paths.out.is_dir() and any(self.paths.out.iterdir()):
+            with contextlib.suppress(OSError):
+                remove_tree(self.failed)
+                self.failed.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(self.paths.out, self.failed)
+                kept = self.failed
+        remove_tree(self.folder)
+        return kept
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a folder (or file) if it exists; errors are ignored (what is left is cleaned up by a later run)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def remove_dead_staging(folder: Path, stage: str, out: Path | None = None) -> None:
+    """Delete the staging folders of `stage` whose run died (killed, crashed): same host, process gone. A run killed
+    in the middle of its swap may have left the previous output renamed aside (`<name>.previous`) and `out` missing:
+    that output goes back to `out`."""
+    host = socket.gethostname()
+    for path in sorted(folder.glob(f"{stage}.*")) if folder.is_dir() else []:
+        name = path.name[len(stage) + 1 :]
+        aside = name.endswith(".previous")
+        owner, _, pid = name.removesuffix(".previous").rpartition("-")
+        if owner != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        if aside and out is not None and not (out.exists() or out.is_symlink()):
+            with contextlib.suppress(OSError):  # when it cannot go back, it stays where it is
+                os.rename(path, out)
+            continue
+        remove_tree(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json(path: Path, obj: Any) -> Path:

@@ -10,12 +10,21 @@ three is named after a params.yaml section (`data`, `model`) and receives it, lo
 `def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig)`. `summary(metrics, paths)`
 (optional) gives the sentences of the stage's closing screen (tasks/common/console.py). A `ScratchError` (bad
 params, bad input a user can fix) is printed as one `error: ...` line and exits 2, which the Prefect flow surfaces
-verbatim.
+verbatim; so is a full disk or a folder that cannot be written (`filesystem_fault`).
+
+Nothing a run does reaches data/<stage>/ or metrics/<stage>.json before it has succeeded: `run` gets a `paths`
+whose `out` and `metrics` are a staging folder (tasks/common/dvcio.py: Staging), swapped in at the end. A failure
+(an error, a full disk, an interrupt, kill -9) leaves the last good output and its metrics as they were, under
+each entry point: `python -m tasks.<stage>`, `dvc repro` (the outs are `persist: true` in dvc.yaml, so DVC does not
+delete them before the command runs) and the Prefect flow (a `dvc repro` per stage).
 """
 
 from __future__ import annotations
 
+import errno
 import inspect
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -23,7 +32,7 @@ from typing import Any
 
 from tasks.common.config import ScratchError, as_dict, load_section
 from tasks.common.console import closing_summary, is_rank_zero
-from tasks.common.dvcio import StagePaths, stage_paths, write_json
+from tasks.common.dvcio import StagePaths, Staging, stage_paths, write_json
 from tasks.common.tracking import flatten, stage_run, tracking_uri
 
 RunFn = Callable[..., dict | None]
@@ -58,6 +67,10 @@ class user_errors:
         if isinstance(error, ScratchError):
             print(f"error: {self.stage}: {error}", file=sys.stderr, flush=True)
             sys.exit(2)
+        fault = filesystem_fault(error) if isinstance(error, Exception) else None
+        if fault:
+            print(f"error: {self.stage}: {fault}", file=sys.stderr, flush=True)
+            sys.exit(2)
         if isinstance(error, KeyboardInterrupt):
             print(f"error: {self.stage}: interrupted", file=sys.stderr, flush=True)
             sys.exit(130)
@@ -73,21 +86,118 @@ def sections_for(fn: Callable) -> dict[str, Any]:
 
 
 def execute(stage: str, config_cls: type, run: RunFn) -> dict | None:
-    """Load the section, run the stage inside its MLflow child run, write metrics/<stage>.json."""
+    """Load the section, run the stage inside its MLflow child run on a staging folder, then swap its outputs in as
+    data/<stage>/ and metrics/<stage>.json; on any failure the previous ones stay as they were."""
     cfg = load_section(stage, config_cls)
     sections = sections_for(run)
-    paths = stage_paths(stage)
+    staging = Staging.of(stage, stage_paths(stage))
     started = time.perf_counter()
-    with stage_run(stage, as_dict(cfg)) as tracker:
-        metrics = run(cfg, paths, tracker, **sections)
+    with stage_run(stage, as_dict(cfg)) as tracker, published(staging, is_rank_zero()) as publish:
+        metrics = run(cfg, staging.paths, tracker, **sections)
         if metrics is None:  # non-zero ranks of a training stage
             return None
         metrics = {**metrics, "seconds": round(time.perf_counter() - started, 2)}
-        write_json(paths.metrics, metrics)
+        write_json(staging.paths.metrics, metrics)
         tracker.log_metrics(flat_numbers(metrics))
-        tracker.log_artifact(paths.metrics, "metrics")
+        tracker.log_artifact(staging.paths.metrics, "metrics")
+        publish()
     metrics["_run_id"] = tracker.run_id
     return metrics
+
+
+class published:
+    """`with published(staging, main) as publish:` the block writes into `staging.paths`; `publish()` swaps them in.
+
+    On the publishing process (`main`: rank 0) the staging folder is created on entry and removed on exit, whatever
+    happened; a block that ends without `publish()` publishes nothing. A ScratchError keeps what the run wrote in
+    data/.failed/<stage>/ and its message names that folder instead of the staging one (which is gone); a full disk
+    or an unwritable folder becomes a ScratchError saying what to do and that the previous output is unchanged.
+    Other ranks touch no folder, but get the same one-line errors.
+    """
+
+    def __init__(self, staging: Staging, main: bool) -> None:
+        self.staging, self.main, self.done = staging, main, False
+
+    def __enter__(self) -> Callable[[], None]:
+        if self.main:
+            try:
+                self.staging.begin()
+            except OSError as e:
+                self._reraise(e)
+        return self._publish
+
+    def _publish(self) -> None:
+        if self.main:
+            self.staging.commit()
+            self.done = True
+
+    def __exit__(self, kind: type | None, error: BaseException | None, _tb: Any) -> bool:
+        if not self.main or self.done:
+            return False
+        if isinstance(error, ScratchError):  # its own message; what the run wrote is kept unless the disk is full
+            kept = self.staging.discard(keep=fault_of(error)[0] not in DISK_FULL)
+            staged, text = str(self.staging.paths.out), str(error)
+            if staged in text and len(error.args) == 1:  # the same error (its type kept), naming a folder that exists
+                error.args = (text.replace(staged, str(kept or self.staging.final.out)),)
+            return False
+        self.staging.discard()
+        fault = filesystem_fault(error, self._shown) if isinstance(error, Exception) else None
+        if fault:
+            raise ScratchError(f"{fault} ({self._unchanged()})") from None
+        return False
+
+    def _reraise(self, error: OSError) -> None:
+        fault = filesystem_fault(error, self._shown)
+        if fault:
+            raise ScratchError(f"{fault} ({self._unchanged()})") from None
+        raise error
+
+    def _shown(self, path: str) -> str:
+        """A path as the error line shows it: relative to the project, the staging folder as the stage's own."""
+        text = str(path)
+        for staged, final in (
+            (self.staging.paths.out, self.staging.final.out),
+            (self.staging.paths.metrics, self.staging.final.metrics),
+        ):
+            text = text.replace(str(staged), str(final))
+        text = ATOMIC_TMP.sub(r"\1", text)  # `.name.x1y2z3w4`, atomic_path's temporary: the file it stands for
+        return text.removeprefix(f"{self.staging.final.root}{os.sep}")
+
+    def _unchanged(self) -> str:
+        final = self.staging.final
+        return f"{self._shown(str(final.out))}/ and {self._shown(str(final.metrics))} are unchanged"
+
+
+ATOMIC_TMP = re.compile(r"(?<=/)\.([^/]+)\.[a-z0-9_]{8}$")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+def filesystem_fault(error: BaseException | None, shown: Callable[[str], str] = str) -> str | None:
+    """What to tell the user about an error caused by a full disk or a folder that cannot be written (or read), for
+    an error line; None for anything else."""
+    code, filename = fault_of(error)
+    if code is None:
+        return None
+    reason = os.strerror(code).lower()
+    where = shown(filename) if filename else None
+    if code in DISK_FULL:
+        return f"{reason}{f' writing {where}' if where else ''}: free some space and rerun"
+    return f"{where + ': ' if where else ''}{reason}: fix the permissions and rerun"
+
+
+def fault_of(error: BaseException | None) -> tuple[int | None, str | None]:
+    """(errno, file) of the full-disk or permission OSError behind `error`, else (None, None). Follows the causes,
+    as Python prints them: libraries wrap OSErrors in their own (safetensors, torch: by message only)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL + NOT_ALLOWED:
+            return error.errno, os.fsdecode(error.filename) if error.filename else None
+        if "No space left on device" in str(error):
+            return errno.ENOSPC, None
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return None, None
 
 
 def flat_numbers(d: dict) -> dict[str, float]:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from tasks.common.config import ROOT, ScratchError, load_section
 from tasks.common.distributed import WORKER_FLAG, all_reduce_sum, launch_command, planned_world_size
-from tasks.common.dvcio import StagePaths, file_sha256, stage_paths
+from tasks.common.dvcio import STAGING_ENV, StagePaths, file_sha256, stage_paths, staging_id
 from tasks.common.stage import RunFn, SummaryFn, sections_for, stage_main, user_errors
 from tasks.common.train_config import TrainConfig
 
@@ -49,12 +49,14 @@ def training_main(
 def launch(stage: str, config_cls: type, preflight: PreflightFn, root: Path = ROOT) -> None:
     """Check the params and inputs once (`preflight`), then exec the DeepSpeed launcher on `tasks.<stage> --worker`.
 
-    Errors a user can fix print one `error: <stage>: ...` line and exit 2, before any rank starts.
+    Errors a user can fix print one `error: <stage>: ...` line and exit 2, before any rank starts. The ranks get
+    this process's staging id (tasks/common/dvcio.py: Staging): exec keeps the pid, so the folder is the run's.
     """
     with user_errors(stage):
         cfg = load_section(stage, config_cls)
         preflight(cfg, stage_paths(stage, root), **sections_for(preflight))
         train: TrainConfig = cfg.train
+        os.environ[STAGING_ENV] = staging_id()  # one staging folder for every rank (and host), owned by this process
         cmd, env = launch_command(f"tasks.{stage}", train, root)
     where = f"hostfile {train.hostfile}" if train.hostfile else f"{train.ranks} rank(s) on this host"
     device = "CPU (gloo)" if env.get("DS_ACCELERATOR") == "cpu" else "GPU (nccl)"
