@@ -614,7 +614,7 @@ def run(cfg: EvaluateConfig, paths: StagePaths, tracker: Tracker) -> dict:
     tracker.log_artifact(out / "samples.md", "evaluate")
     tracker.log_artifact(out / "lm_eval", "evaluate/lm_eval")
     if cfg.report:
-        report = build_report(paths.root, evaluation=metrics, tracker=tracker)
+        report = build_report(paths.root, evaluation=metrics, tracker=tracker, evaluate_out=out)
         metrics["report"] = str(report.relative_to(paths.root))
     return metrics
 

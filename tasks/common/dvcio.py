@@ -32,6 +32,10 @@ import yaml
 
 from tasks.common.config import ROOT, ScratchError
 
+# read once at import (os.umask can only be read by setting it), before any thread starts
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 @dataclass(frozen=True)
 class StagePaths:
@@ -71,6 +75,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp creates 0600; an output is as readable as any file the user writes
     try:
         yield Path(tmp)
         os.replace(tmp, path)

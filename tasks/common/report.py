@@ -379,8 +379,8 @@ def tokenizer_section(root: Path, out: Path) -> list[str]:
     return lines
 
 
-def samples_section(root: Path) -> list[str]:
-    file = root / "data" / "evaluate" / "samples.md"
+def samples_section(evaluate_out: Path) -> list[str]:
+    file = evaluate_out / "samples.md"
     if not file.is_file():
         return []
     # one heading level down, so the samples sit under the report's title
@@ -403,8 +403,10 @@ def build_report(
     tracker: Tracker | None = None,
     out: Path | None = None,
     parent_run_id: str | None = None,
+    evaluate_out: Path | None = None,
 ) -> Path:
-    """Write <root>/reports/report.md and its PNGs; log the folder to `tracker`'s run. Returns the .md path."""
+    """Write <root>/reports/report.md and its PNGs; log the folder to `tracker`'s run. Returns the .md path.
+    `evaluate_out`: the evaluate stage's output folder (its staging folder while the stage runs; data/evaluate)."""
     out = out or root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("*.png"):
@@ -428,7 +430,7 @@ def build_report(
         + training_section(root, out, parent_run_id)
         + funnel_section(root, out)
         + tokenizer_section(root, out)
-        + samples_section(root)
+        + samples_section(evaluate_out or root / "data" / "evaluate")
         + skipped_section(ev)
     )
     report = out / "report.md"

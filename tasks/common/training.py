@@ -28,6 +28,7 @@ from tasks.common.config import ROOT, ScratchError, load_section
 from tasks.common.distributed import WORKER_FLAG, all_reduce_sum, launch_command, planned_world_size
 from tasks.common.dvcio import STAGING_ENV, StagePaths, file_sha256, stage_paths, staging_id
 from tasks.common.stage import RunFn, SummaryFn, sections_for, stage_main, user_errors
+from tasks.common.tracking import check_server
 from tasks.common.train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ def launch(stage: str, config_cls: type, preflight: PreflightFn, root: Path = RO
     with user_errors(stage):
         cfg = load_section(stage, config_cls)
         preflight(cfg, stage_paths(stage, root), **sections_for(preflight))
+        check_server()  # a tracking server that is down fails here, in seconds, not in rank 0 after the launch
         train: TrainConfig = cfg.train
         os.environ[STAGING_ENV] = staging_id()  # one staging folder for every rank (and host), owned by this process
         cmd, env = launch_command(f"tasks.{stage}", train, root)
