@@ -14,13 +14,20 @@ A training stage runs in two halves:
     config = deepspeed_config(train, world, precision)         # the DeepSpeed JSON
     peak = peak_flops(world, precision != "fp32", override=train.peak_flops)  # FLOP/s for MFU
 
+Rendezvous. On one host (MASTER_ADDR a loopback address: the launcher's choice without a hostfile) rank 0 serves
+torch's TCPStore from a socket bound to that address and gloo binds the loopback interface, so nothing of a
+training job listens beyond this machine (torch's TCPStore otherwise binds every interface, whatever MASTER_ADDR
+says). With a hostfile naming other hosts, MASTER_ADDR is the first host's address and torch's default applies.
+
 CPU (no CUDA device, or DS_ACCELERATOR=cpu): gloo, the host's cores
 split between its ranks (one OpenMP thread per rank on a 2-core host: two threads in one process collapse as soon
 as another job takes a core, 1,300 vs 4,300 tokens/s for the small preset at load ~4). GPU: NCCL. Either way the
 optimizer is torch.optim.AdamW, built by the trainer; no DeepSpeed C++ op is JIT-built.
 """
+
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import math
@@ -44,19 +51,34 @@ WORKER_FLAG = "--worker"
 # Dense bf16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first. fp32 runs are measured
 # against the same peak (the usual MFU convention); give `peak_flops` in the params for anything else.
 GPU_PEAK_BF16: list[tuple[str, float]] = [
-    ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 70e12),
-    ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("H800", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("V100", 125e12),
+    ("T4", 65e12),
 ]
 
 
 # ------------------------------------------------------------------------------------------------ launcher side
+
 
 def cpu_only() -> bool:
     """True when training runs on CPU ranks: DS_ACCELERATOR=cpu, or no CUDA device at all."""
     if os.environ.get("DS_ACCELERATOR") == "cpu":
         return True
     import torch
+
     return not torch.cuda.is_available()
 
 
@@ -87,9 +109,12 @@ def planned_world_size(train: TrainConfig, root: Path = ROOT) -> int:
     return train.ranks
 
 
+LOOPBACK = "127.0.0.1"
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((LOOPBACK, 0))
         return s.getsockname()[1]
 
 
@@ -99,7 +124,7 @@ def launch_command(module: str, train: TrainConfig, root: Path = ROOT) -> tuple[
     if train.hostfile:
         cmd += ["--hostfile", str(root / train.hostfile)]
     else:
-        cmd += ["--num_gpus", str(train.ranks)]
+        cmd += ["--num_gpus", str(train.ranks), "--master_addr", LOOPBACK]  # one host: the rendezvous stays local
     cmd += ["--master_port", str(free_port()), "--no_local_rank", "--module", module, WORKER_FLAG]
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
@@ -114,7 +139,14 @@ def launch_command(module: str, train: TrainConfig, root: Path = ROOT) -> tuple[
     return cmd, env
 
 
-REMOTE_ENV = ("SCRATCHLM_", "DS_ACCELERATOR", "TORCH_EXTENSIONS_DIR", "HF_", "TOKENIZERS_PARALLELISM", "OMP_NUM_THREADS")
+REMOTE_ENV = (
+    "SCRATCHLM_",
+    "DS_ACCELERATOR",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_",
+    "TOKENIZERS_PARALLELISM",
+    "OMP_NUM_THREADS",
+)
 
 
 def write_remote_env(env: dict[str, str], path: Path) -> Path:
@@ -130,20 +162,23 @@ def torch_extensions_dir() -> str:
     """A JIT-build folder of this environment's own: two venvs sharing ~/.cache/torch_extensions rebuild
     DeepSpeed's ops for each other on every start."""
     import hashlib
+
     venv = hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]
     return str(Path.home() / ".cache" / "scratchlm" / "torch_extensions" / venv)
 
 
 # ------------------------------------------------------------------------------------------------ worker side
 
+
 @dataclass(frozen=True)
 class World:
     """This process's place among the DeepSpeed ranks."""
+
     rank: int
     local_rank: int
     size: int
     local_size: int
-    device: "torch.device"
+    device: torch.device
     backend: str
 
     @property
@@ -177,8 +212,16 @@ def init_distributed() -> World:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
     if "RANK" not in os.environ:  # started without a launcher: be rank 0 of 1
-        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        os.environ.update(
+            {
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(free_port()),
+            }
+        )
     on_cpu = os.environ["DS_ACCELERATOR"] == "cpu"
     backend = "gloo" if on_cpu else "nccl"
     if on_cpu:
@@ -187,7 +230,15 @@ def init_distributed() -> World:
         if os.environ.get("WORLD_SIZE") == "1":
             # a world of one needs no rendezvous: an in-memory store cannot lose a race for a TCP port
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        deepspeed.init_distributed(dist_backend=backend)
+        elif (address := loopback_master()) is not None:
+            if on_cpu:
+                _bind_gloo_to_loopback()
+            from deepspeed.constants import default_pg_timeout  # what deepspeed.init_distributed would use
+
+            rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            store = loopback_store(address, int(os.environ["MASTER_PORT"]), rank, size, default_pg_timeout)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=default_pg_timeout)
+        deepspeed.init_distributed(dist_backend=backend)  # adopts a process group that is already there
     rank, size = dist.get_rank(), dist.get_world_size()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", size)))
@@ -202,11 +253,74 @@ def init_distributed() -> World:
     return World(rank, local_rank, size, local_size, device, backend)
 
 
+def loopback_master() -> str | None:
+    """MASTER_ADDR as an IP address when it is a loopback one (127.0.0.0/8, ::1, localhost); else None."""
+    host = os.environ.get("MASTER_ADDR", "")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            return None  # a host name: another machine, or this one by a name others can reach
+        address = ipaddress.ip_address(LOOPBACK)
+    return str(address) if address.is_loopback else None
+
+
+def loopback_store(address: str, port: int, rank: int, size: int, timeout: Any) -> Any:
+    """torch's TCPStore for a one-host rendezvous. Rank 0 serves it from a socket it binds to `address` itself:
+    given only a host and port, the store's server binds every interface (*:port), reachable from the network."""
+    import torch.distributed as dist
+
+    if rank != 0:
+        return dist.TCPStore(address, port, size, is_master=False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as torch's own server does
+        listener.bind((address, port))
+        listener.listen(max(128, size))
+    except OSError as e:
+        listener.close()
+        raise ScratchError(
+            f"rendezvous: cannot listen on {address}:{port} ({e.strerror}); another program took "
+            f"the port the launcher picked, run the stage again"
+        ) from None
+    # the store owns the descriptor from here on (and closes it with the server)
+    return dist.TCPStore(
+        address, port, size, is_master=True, timeout=timeout, multi_tenant=True, master_listen_fd=listener.detach()
+    )
+
+
+def _bind_gloo_to_loopback() -> None:
+    """Make gloo's own rank-to-rank sockets listen on the loopback interface (GLOO_SOCKET_IFNAME; gloo otherwise
+    binds the address this host's name resolves to). Left alone when set, or when no loopback interface is found."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    name = loopback_interface()
+    if name:
+        os.environ["GLOO_SOCKET_IFNAME"] = name
+
+
+def loopback_interface() -> str | None:
+    """The name of this host's loopback network interface (`lo` on Linux, `lo0` on macOS), or None."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
+    for name in names:
+        try:  # Linux: IFF_LOOPBACK (0x8) in the interface flags
+            if int(Path(f"/sys/class/net/{name}/flags").read_text(), 16) & 0x8:
+                return name
+        except (OSError, ValueError):
+            continue
+    return next((n for n in ("lo", "lo0") if n in names), None)
+
+
 def _skip_shared_memory_op() -> None:
     """Skip DeepSpeed's CPU shared-memory all-reduce op: it serves only `inference_all_reduce` (tensor-parallel
     inference; training reduces through the gloo process group), and building it probes every op builder and
     JIT-compiles C++ (~45 s on a fresh machine, minutes under load)."""
     import importlib
+
     ds_comm = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm.torch is torch
     if hasattr(ds_comm, "build_shm_op"):
         ds_comm.build_shm_op = lambda: None
@@ -218,13 +332,15 @@ def resolve_precision(precision: str, world: World) -> str:
     `auto` = bf16 on a GPU that supports it; on CPU, autocast when the cores have native bf16 (AVX512-BF16 or
     AMX; ~2-4x faster than fp32 there), else fp32."""
     import torch
+
     if precision == "auto":
         if world.on_cpu:
             return "autocast" if cpu_has_native_bf16() else "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if precision != "fp32" and not world.on_cpu and not torch.cuda.is_bf16_supported():
-        raise ScratchError(f"train.precision: {precision} needs bf16, which {torch.cuda.get_device_name()} lacks; "
-                           f"use fp32 or auto")
+        raise ScratchError(
+            f"train.precision: {precision} needs bf16, which {torch.cuda.get_device_name()} lacks; use fp32 or auto"
+        )
     return precision
 
 
@@ -255,7 +371,7 @@ def deepspeed_config(train: TrainConfig, world: World, precision: str) -> dict[s
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": False},
-        "steps_per_print": 10**9,      # the trainer logs; DeepSpeed's own progress lines would interleave
+        "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own progress lines would interleave
         "wall_clock_breakdown": False,
         "dump_state": False,
     }
@@ -264,9 +380,10 @@ def deepspeed_config(train: TrainConfig, world: World, precision: str) -> dict[s
     return config
 
 
-def all_reduce_sum(tensor: "torch.Tensor") -> "torch.Tensor":
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over every rank in place (a no-op for a world of one) and return it."""
     import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
@@ -274,11 +391,24 @@ def all_reduce_sum(tensor: "torch.Tensor") -> "torch.Tensor":
 
 def barrier() -> None:
     import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself in a world of one."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 # ------------------------------------------------------------------------------------------------ peak FLOP/s
+
 
 def peak_flops(world: World, bf16: bool, override: float = 0.0) -> float:
     """Peak FLOP/s of the whole job, the denominator of MFU.
@@ -292,6 +422,7 @@ def peak_flops(world: World, bf16: bool, override: float = 0.0) -> float:
     if override:
         return override * world.size
     import torch
+
     name = torch.cuda.get_device_name(world.device)
     for fragment, flops in GPU_PEAK_BF16:
         if fragment in name:
@@ -308,6 +439,7 @@ def measured_cpu_peak(bf16: bool, size: int = 1024, seconds: float = 0.5) -> flo
     """Best matmul FLOP/s of this host on all its cores: measured briefly on every call and kept as the best ever
     seen in ~/.cache/scratchlm/peak_flops.json, so a measurement taken on a busy machine does not stick."""
     import torch
+
     cores = usable_cores()
     dtype = torch.bfloat16 if bf16 else torch.float32
     key = f"{platform.machine()}|{_cpu_model()}|cores={cores}|{dtype}|n={size}"

@@ -26,9 +26,10 @@ checkpoints, resume and a NaN guard. A stage brings its model, its batches and i
         root=paths.root,
         tracker=tracker)             # the stage's MLflow tracker (a no-op on ranks other than 0)
     summary, model = trainer.train(paths.out / "history.jsonl")
-                                     # fit() (resumes from `latest` when present) then final_model(): the run's
-                                     #    headline numbers and, on rank 0, a plain fp32 module with the trained weights
-                                     #    (ZeRO shards gathered); None on other ranks. Collective: call it on every rank.
+                                     # fit() (resumes from the newest checkpoint that verifies) then final_model():
+                                     #    the run's headline numbers and, on rank 0, a plain fp32 module with the
+                                     #    trained weights (ZeRO shards gathered); None on other ranks. Collective:
+                                     #    call it on every rank.
 
 What a stage plugs in, e.g.
     pretrain  batches = random windows of the token memmap;  loss = engine(x, y)[1]
@@ -46,14 +47,16 @@ Loop. Per step: for each micro batch, loss_fn → engine.backward; the losses ar
 ranks (one all-reduce) and a non-finite loss stops training before the optimizer step (`TrainingDiverged`, the
 last good checkpoint untouched); then engine.step(): clipping, torch.optim.AdamW (built here, `build_optimizer`,
 and wrapped by DeepSpeed), and the LR schedule `TrainConfig.lr_factor` (linear warmup then cosine to
-`min_lr_ratio`) as a LambdaLR that DeepSpeed steps. The logged train/lr is read from the optimizer. Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu
-to MLflow and history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn
-and samples; every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler,
-RNG states, step) and an atomic move of `latest`. Only the rank-0 process writes logs.
+`min_lr_ratio`) as a LambdaLR that DeepSpeed steps. The logged train/lr is read from the optimizer.
+Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu to MLflow and
+history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn and samples;
+every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler, RNG states,
+step), its manifest, and an atomic move of `latest`. Only the rank-0 process writes logs.
 
 Test hooks: SCRATCHLM_TEST_NAN_STEP=N makes the loss of step N NaN (how the guard is tested);
 SCRATCHLM_TEST_HANG_STEP=N makes rank 0 stop dead after step N, so a test can SIGKILL a run that is surely mid-way.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,9 +65,10 @@ import os
 import shutil
 import sysconfig
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import deepspeed
 import torch
@@ -74,8 +78,16 @@ from tasks.common.checkpoint import Checkpoints, fingerprint, tag_of
 from tasks.common.checkpoint import checkpoint_dir as checkpoint_dir_of
 from tasks.common.config import ConfigError, ScratchError
 from tasks.common.console import progress, progress_write
-from tasks.common.distributed import (World, all_reduce_sum, barrier, deepspeed_config, format_flops,
-                                      init_distributed, peak_flops, resolve_precision)
+from tasks.common.distributed import (
+    World,
+    all_reduce_sum,
+    barrier,
+    deepspeed_config,
+    format_flops,
+    init_distributed,
+    peak_flops,
+    resolve_precision,
+)
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import BatchIndex, TrainConfig
 
@@ -121,22 +133,34 @@ def optim_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     if hasattr(model, "optim_groups"):
         return model.optim_groups(weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     """The optimizer of every training stage: torch's AdamW over the model's decay groups. DeepSpeed wraps it (ZeRO
     partitions its states over the ranks; bf16 keeps fp32 master weights in it) and steps it."""
-    return torch.optim.AdamW(optim_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    return torch.optim.AdamW(
+        optim_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
+    )
 
 
 class Trainer:
     """DeepSpeed training of one model (see the module docstring for the contract)."""
 
-    def __init__(self, build_model: Callable[[], nn.Module], cfg: TrainConfig, recipe: Recipe, *, name: str,
-                 info: dict[str, Any], root: Path, tracker: Tracker | None = None) -> None:
+    def __init__(
+        self,
+        build_model: Callable[[], nn.Module],
+        cfg: TrainConfig,
+        recipe: Recipe,
+        *,
+        name: str,
+        info: dict[str, Any],
+        root: Path,
+        tracker: Tracker | None = None,
+    ) -> None:
         checkpoint_dir = checkpoint_dir_of(name, fingerprint(info), root)  # checkpoints/<stage>/<fingerprint>/
         fingerprint_info = info
         self.cfg, self.name = cfg, name
@@ -165,8 +189,9 @@ class Trainer:
             model.compile()  # in place: parameter names, checkpoints and exports stay those of the eager model
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, self.total))
-        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                                    config=self.ds_config, dist_init_required=False)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
+        )
         self._metric_keys: list[str] | None = None
         self._last_eval: dict[str, float] = {}
         self._last_eval_step = -1
@@ -193,8 +218,12 @@ class Trainer:
             if self._due(done, self.cfg.log_every):
                 row = self._train_row(loss, lr, grad_norm, metrics, window, peak)
                 self._log(done, row)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{row['train/lr']:.2e}",
-                                tok_s=f"{row['train/tokens_per_s']:,.0f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    lr=f"{row['train/lr']:.2e}",
+                    tok_s=f"{row['train/tokens_per_s']:,.0f}",
+                    refresh=False,
+                )
                 window = [0, 0.0]
             if self._due(done, self.cfg.eval_every):
                 self._evaluate(done)
@@ -209,12 +238,18 @@ class Trainer:
             self._save(self.total)
         return self._summary(start, train_seconds, row, peak)
 
-    def _train_row(self, loss: float, lr: float, grad_norm: float, metrics: dict[str, float], window: list,
-                   peak: float) -> dict[str, float]:
+    def _train_row(
+        self, loss: float, lr: float, grad_norm: float, metrics: dict[str, float], window: list, peak: float
+    ) -> dict[str, float]:
         tokens_per_s = window[0] * self.tokens_per_step / max(window[1], 1e-9)
-        return {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                "train/tokens_per_s": tokens_per_s, "train/mfu": self._mfu(tokens_per_s, peak),
-                **{f"train/{k}": v for k, v in metrics.items()}}
+        return {
+            "train/loss": loss,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": tokens_per_s,
+            "train/mfu": self._mfu(tokens_per_s, peak),
+            **{f"train/{k}": v for k, v in metrics.items()},
+        }
 
     def _mfu(self, tokens_per_s: float, peak: float) -> float:
         return self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan
@@ -223,12 +258,22 @@ class Trainer:
         trained = self.total - start
         tokens_per_s = trained * self.tokens_per_step / train_seconds if train_seconds else math.nan
         return {
-            "steps": self.total, "steps_this_run": trained, "resumed_from_step": start,
-            "tokens": self.total * self.tokens_per_step, "tokens_per_step": self.tokens_per_step,
-            "world_size": self.world.size, "grad_accum": self.accum, "micro_batch_size": self.cfg.micro_batch_size,
-            "zero_stage": self.cfg.zero_stage, "precision": self.precision, "compiled": self.cfg.compile,
-            "train_loss": last_row.get("train/loss", math.nan), "train_seconds": round(train_seconds, 2),
-            "tokens_per_s": tokens_per_s, "peak_flops": peak, "mfu": self._mfu(tokens_per_s, peak),
+            "steps": self.total,
+            "steps_this_run": trained,
+            "resumed_from_step": start,
+            "tokens": self.total * self.tokens_per_step,
+            "tokens_per_step": self.tokens_per_step,
+            "world_size": self.world.size,
+            "grad_accum": self.accum,
+            "micro_batch_size": self.cfg.micro_batch_size,
+            "zero_stage": self.cfg.zero_stage,
+            "precision": self.precision,
+            "compiled": self.cfg.compile,
+            "train_loss": last_row.get("train/loss", math.nan),
+            "train_seconds": round(train_seconds, 2),
+            "tokens_per_s": tokens_per_s,
+            "peak_flops": peak,
+            "mfu": self._mfu(tokens_per_s, peak),
             **{k.replace("/", "_"): v for k, v in self._last_eval.items()},
             "checkpoint": str(self.ckpt.folder / tag_of(self.total)),
             "fingerprint": self.ckpt.folder.name,
@@ -274,8 +319,10 @@ class Trainer:
         if self._metric_keys is None:
             self._metric_keys = keys
         elif keys != self._metric_keys:
-            raise ValueError(f"{self.name}: loss_fn returned metrics {keys}, earlier {self._metric_keys}; "
-                             f"return the same names every call")
+            raise ValueError(
+                f"{self.name}: loss_fn returned metrics {keys}, earlier {self._metric_keys}; "
+                f"return the same names every call"
+            )
         value = loss.detach().double().cpu()
         values = [value, (~torch.isfinite(value)).double()]
         values += [torch.as_tensor(metrics[k]).detach().double().cpu().reshape(()) for k in keys]
@@ -291,10 +338,15 @@ class Trainer:
 
     def _diverged(self, done: int, what: str) -> None:
         latest = self.ckpt.latest_tag()
-        kept = (f"The last good checkpoint {self.ckpt.folder / latest} is kept and a rerun resumes from it"
-                if latest else f"no checkpoint was written yet (checkpoint_every={self.cfg.checkpoint_every})")
-        raise TrainingDiverged(f"step {done}: {what}; training stopped before the optimizer step. {kept}; "
-                               f"lower train.lr or raise train.warmup_steps to get past it")
+        kept = (
+            f"The last good checkpoint {self.ckpt.folder / latest} is kept and a rerun resumes from it"
+            if latest
+            else f"no checkpoint was written yet (checkpoint_every={self.cfg.checkpoint_every})"
+        )
+        raise TrainingDiverged(
+            f"step {done}: {what}; training stopped before the optimizer step. {kept}; "
+            f"lower train.lr or raise train.warmup_steps to get past it"
+        )
 
     # ---- evaluation and samples ----------------------------------------------------------------------------
 
@@ -335,7 +387,8 @@ class Trainer:
     # ---- checkpoints, resume, logs -------------------------------------------------------------------------
 
     def _resume(self) -> int:
-        """Load `latest` when resuming is on; the number of steps already done."""
+        """Load the newest checkpoint that verifies against its manifest when resuming is on (tasks/common/
+        checkpoint.py: a damaged or planted one is skipped with one line); the number of steps already done."""
         if self.world.is_main and not self.cfg.resume and self.ckpt.folder.exists():
             shutil.rmtree(self.ckpt.folder)
         barrier()
@@ -344,8 +397,10 @@ class Trainer:
         state = self.ckpt.load(self.engine) if self.cfg.resume else None
         start = int(state["step"]) if state else 0
         if start > self.total:
-            raise ScratchError(f"{self.ckpt.folder}: the checkpoint is at step {start}, past this budget's "
-                               f"{self.total} steps; delete the folder to start over")
+            raise ScratchError(
+                f"{self.ckpt.folder}: the checkpoint is at step {start}, past this budget's "
+                f"{self.total} steps; delete the folder to start over"
+            )
         if self.world.is_main:
             self._restore_history(start)
         self._last_ckpt_step = start if state else -1
@@ -364,9 +419,14 @@ class Trainer:
             self.tracker.log_metrics({k: v for k, v in r.items() if "/" in k}, step=r["step"])
 
     def _save(self, done: int) -> None:
-        state = {"step": done, "tokens": done * self.tokens_per_step, "seed": self.cfg.seed,
-                 "world_size": self.world.size, "total_steps": self.total,
-                 "fingerprint": self.ckpt.folder.name}
+        state = {
+            "step": done,
+            "tokens": done * self.tokens_per_step,
+            "seed": self.cfg.seed,
+            "world_size": self.world.size,
+            "total_steps": self.total,
+            "fingerprint": self.ckpt.folder.name,
+        }
         self.ckpt.save(self.engine, done, state)
         self._last_ckpt_step = done
 
@@ -389,7 +449,8 @@ class Trainer:
             f"  batch {c.batch_size} = micro {c.micro_batch_size} x accumulation {self.accum} x ranks "
             f"{self.world.size}; ZeRO {c.zero_stage}, {self.precision}{', compiled' if c.compile else ''}, "
             f"{self.world.backend} on {self.world.device.type}; peak {format_flops(peak)}\n"
-            f"  checkpoints {self.ckpt.folder}")
+            f"  checkpoints {self.ckpt.folder}"
+        )
 
     # ---- the trained weights -------------------------------------------------------------------------------
 
@@ -422,12 +483,17 @@ def check_cpu_compile_toolchain() -> None:
     of deep inside the first training step."""
     from torch._inductor.cpp_builder import get_cpp_compiler
     from torch._inductor.exc import InvalidCxxCompiler
+
     try:
         get_cpp_compiler()  # inductor's own search (config.cpp.cxx: $CXX, then g++ / clang++ on PATH)
     except InvalidCxxCompiler as e:
-        raise ConfigError(f"train.compile: torch.compile on CPU needs a C++ compiler ({e}); install g++ (e.g. "
-                          f"apt-get install g++) or set compile: false") from None
+        raise ConfigError(
+            f"train.compile: torch.compile on CPU needs a C++ compiler ({e}); install g++ (e.g. "
+            f"apt-get install g++) or set compile: false"
+        ) from None
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.is_file():
-        raise ConfigError(f"train.compile: torch.compile on CPU needs the Python headers ({headers} not found); "
-                          f"install them (e.g. apt-get install python3-dev) or set compile: false")
+        raise ConfigError(
+            f"train.compile: torch.compile on CPU needs the Python headers ({headers} not found); "
+            f"install them (e.g. apt-get install python3-dev) or set compile: false"
+        )
