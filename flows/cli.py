@@ -3,29 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shlex
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from tasks.common.config import ROOT, ScratchError
+from tasks.common.config import ROOT, ScratchError, params_file
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run the pipeline flow (all stages, or --stages) and summarise what ran and where it went."""
-    from flows.pipeline import StageFailed, build_llm, parse_overrides
+    from flows.pipeline import StageFailed, build_llm, parse_overrides, project_lock
 
     started = time.perf_counter()
-    overrides = parse_overrides(args.set or [])
-    try:
-        result = build_llm(
-            stages=args.stages.split(",") if args.stages else None, overrides=overrides, force=args.force
-        )
-    except StageFailed as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 1
+    # the project is this run's until it ends, taken before params.yaml is touched: a second run is refused at once;
+    # build_llm takes it again (re-entrant) for its other callers (python -m flows.pipeline, a Prefect deployment)
+    with project_lock(command_line(args)), terminate_as_interrupt():
+        overrides = parse_overrides(args.set or [])
+        try:
+            result = build_llm(
+                stages=args.stages.split(",") if args.stages else None, overrides=overrides, force=args.force
+            )
+        except StageFailed as e:
+            print(f"\nerror: {str(e).removeprefix('error: ')}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"\nerror: interrupted; {params_file().name} is as it was before the run", file=sys.stderr)
+            return 130
     print_run_summary(result, time.perf_counter() - started)
     return 0
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The command as the user typed it, for the lock file (`scratchlm run --stages ingest --set ...`)."""
+    argv = getattr(args, "argv", None)
+    return shlex.join(["scratchlm", *argv]) if argv is not None else shlex.join(["scratchlm", *sys.argv[1:]])
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (`kill <pid>`) ends the block as Ctrl-C does, so the run unwinds: params.yaml restored, lock freed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"terminated by signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def print_run_summary(result: dict, seconds: float) -> None:
@@ -53,14 +86,15 @@ def next_steps() -> list[str]:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """Run one stage through `dvc repro --single-item` (no Prefect), streaming its output."""
-    from flows.pipeline import StageFailed, run_dvc_stage, select_stages
+    from flows.pipeline import StageFailed, project_lock, run_dvc_stage, select_stages
 
-    stage = select_stages([args.name])[0]
-    try:
-        result = run_dvc_stage(stage, force=args.force, log=print)
-    except StageFailed as e:
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 1
+    with project_lock(command_line(args)):  # a stage run by hand during a `scratchlm run` would mix with it
+        stage = select_stages([args.name])[0]
+        try:
+            result = run_dvc_stage(stage, force=args.force, log=print)
+        except StageFailed as e:
+            print(f"\nerror: {str(e).removeprefix('error: ')}", file=sys.stderr)
+            return 1
     verb = "ran" if result.ran else "skipped (up to date; --force to rerun)"
     print(f"\n{stage}: {verb} in {result.seconds:.1f}s; outputs in data/{stage}/, metrics in metrics/{stage}.json")
     return 0
@@ -68,7 +102,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 def cmd_params(args: argparse.Namespace) -> int:
     """Print every params.yaml key with its type and documentation; --check only validates."""
-    from tasks.common.config import describe, load_all, read_params, section_class
+    from tasks.common.config import describe, read_params, section_class
+    from tasks.common.params_check import load_all
 
     load_all()
     if args.check:
@@ -151,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     load_extra_commands()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except ScratchError as e:

@@ -7,8 +7,11 @@ Runbook
     prefect deployment run build_llm/scratchlm       # through a deployment (see infra/prefect.yaml)
 
 What happens
-    1. the overrides are written into params.yaml (as `dvc exp run -S` does) and every section is validated,
-       so a typo fails before any stage runs;
+    0. the run takes the project's run lock (`.scratchlm/run.lock`, `project_lock`) for its whole
+       duration, before params.yaml is touched: a second run is refused at once, naming the holder (exit 2);
+    1. the overrides are written into params.yaml (as `dvc exp run -S` does) and the whole configuration is
+       validated (`load_all`), so a typo or an impossible model fails before any stage runs; a run that fails or
+       is interrupted puts params.yaml back byte for byte, a run that succeeds keeps them (dvc.lock records them);
     2. an MLflow parent run opens; its id goes to each stage as SCRATCHLM_PARENT_RUN_ID;
     3. each stage, in dvc.yaml order, runs as a Prefect task calling `dvc repro --single-item <stage>`: DVC decides
        whether it is stale, the stage opens its own child run, and its output streams into the Prefect logs;
@@ -20,22 +23,31 @@ Prefect never holds hyperparameters (params.yaml does) and never caches (DVC doe
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import fcntl
+import io
+import json
 import os
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, task
 
 from tasks.common import tracking
-from tasks.common.config import INHERITED, ROOT, ScratchError, load_all, params_file
+from tasks.common.config import INHERITED, ROOT, ScratchError, params_file
 from tasks.common.dvcio import pipeline_stages
+from tasks.common.params_check import load_all
 
 
 class StageFailed(RuntimeError):
@@ -63,32 +75,197 @@ def select_stages(stages: list[str] | str | None) -> list[str]:
     return [s for s in order if s in wanted]
 
 
+# ------------------------------------------------------------------------------------------------ run lock
+
+LOCK_FILE = Path(".scratchlm") / "run.lock"
+"""The project's run lock, relative to the repository root (a folder that ignores itself in git)."""
+
+
+class ProjectBusy(ScratchError):
+    """Another process holds the project's run lock (exit 2, like every error a user resolves)."""
+
+
+_held: dict[Path, list] = {}  # lock path → [file descriptor, depth]: re-entrant within one process
+_held_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def project_lock(command: str | None = None, root: Path | None = None) -> Iterator[Path]:
+    """Own the project for the duration of the block: an exclusive `flock` on `<root>/.scratchlm/run.lock`.
+
+    The lock file names the holder (pid, host, command, start time) for whoever is refused; the kernel drops the
+    lock when the process ends, however it ends (kill -9 included), so a crash never leaves a stale lock behind.
+    Re-entrant in one process (`scratchlm run` takes it, then build_llm again). Refused at once, no waiting: raises
+    ProjectBusy naming the holder.
+    """
+    path = ((root or ROOT) / LOCK_FILE).resolve()
+    with _held_guard:
+        if path in _held:
+            _held[path][1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _held_guard:
+                _held[path][1] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ignore = path.parent / ".gitignore"
+    if not ignore.exists():
+        ignore.write_text("# scratchlm's run lock: never committed\n*\n")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise ProjectBusy(f"another scratchlm run holds the project ({holder}); wait for it or stop it") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": command or current_command(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        with _held_guard:
+            _held[path] = [fd, 1]
+        yield path
+    finally:
+        with _held_guard:
+            _held.pop(path, None)
+        os.ftruncate(fd, 0)  # an unheld lock names nobody
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    """The holder as the lock file names it, e.g. "pid 1234, `scratchlm run ...`, started 22:14:05"."""
+    record = None
+    for _ in range(20):
+        try:
+            record = json.loads(os.pread(fd, 65536, 0).decode())
+            break
+        except ValueError:  # empty or half-written: the holder took the lock a moment ago
+            time.sleep(0.05)
+    if not isinstance(record, dict):
+        return "pid unknown"
+    parts = [f"pid {record.get('pid', '?')}"]
+    if record.get("host") and record["host"] != socket.gethostname():
+        parts[0] += f" on {record['host']}"
+    if record.get("command"):
+        parts.append(f"`{record['command']}`")
+    try:
+        started = datetime.datetime.fromisoformat(record["started"])
+        same_day = started.date() == datetime.datetime.now(started.tzinfo).date()
+        parts.append(f"started {started.strftime('%H:%M:%S' if same_day else '%Y-%m-%d %H:%M:%S')}")
+    except (KeyError, TypeError, ValueError):
+        pass
+    return ", ".join(parts)
+
+
+def current_command() -> str:
+    """This process's command line: `scratchlm ...` for the entry point, else `python <argv>`."""
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if name == "scratchlm":
+        return shlex.join(["scratchlm", *sys.argv[1:]])
+    return shlex.join(["python", *sys.argv])
+
+
 # ------------------------------------------------------------------------------------------------ overrides
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """`["a.b=3", "c=x"]` → {"a.b": 3, "c": "x"}; values are parsed as YAML scalars/lists."""
+    """`["a.b=3", "c=x"]` → {"a.b": 3, "c": "x"}; values are YAML 1.2 scalars/lists, as `dvc exp run -S` reads
+    them (`3e-4` is a float, `yes` a string); a value that is not YAML is one ScratchError line."""
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError
+
+    reader = YAML(typ="safe", pure=True)
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise ScratchError(f"--set {pair!r}: expected section.key=value")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            out[key.strip()] = reader.load(value) if value.strip() else ""
+        except YAMLError as e:
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+            raise ScratchError(
+                f"--set {pair!r}: the value is not valid YAML ({problem}); quote it, e.g. --set '{key}=\"...\"', "
+                f"or write a list as [a, b]"
+            ) from None
     return out
 
 
-def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> None:
-    """Write dotted-key overrides into params.yaml (comments kept) and validate; restore the file on error."""
+@dataclass(frozen=True)
+class ParamsEdit:
+    """What apply_overrides did to a params file: its bytes before and after, to put it back (`undo`)."""
+
+    path: Path
+    before: bytes
+    after: bytes
+
+    def undo(self, log=print) -> bool:
+        """Put the file back as it was, unless someone changed it since (then say so and leave it)."""
+        current = self.path.read_bytes() if self.path.is_file() else None
+        if current == self.before:
+            return True
+        if current != self.after:
+            log(f"warning: {self.path} changed during the run; left as it is (not restored)")
+            return False
+        write_atomic(self.path, self.before)
+        return True
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` in one rename (a crash leaves the old or the new file, never half of one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def same_style(old: Any, value: Any) -> Any:
+    """`value` as a flow-style (`[a, b]`, `{k: v}`) ruamel node when the node it replaces was one."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    kind = {list: CommentedSeq, dict: CommentedMap}.get(type(value))
+    if kind is None or not isinstance(old, (CommentedSeq, CommentedMap)) or not old.fa.flow_style():
+        return value
+    new = kind(value)
+    new.fa.set_flow_style()
+    return new
+
+
+def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> ParamsEdit | None:
+    """Write dotted-key overrides into params.yaml (comments kept) and validate the whole configuration; on an
+    error the file is put back byte for byte. Returns the edit (None when there was nothing to write), for the
+    caller to undo should the run fail."""
     path = path or params_file()
     if not overrides:
         load_all(path)
-        return
+        return None
     from ruamel.yaml import YAML
 
-    rt = YAML()
+    rt = YAML()  # round trip: comments, quotes and flow style kept; the file's own layout as far as ruamel can
     rt.preserve_quotes = True
-    original = path.read_text()
-    doc = rt.load(original)
+    rt.width = 120
+    rt.indent(mapping=2, sequence=4, offset=2)
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    original = path.read_bytes()
+    doc = rt.load(original.decode())
     for key, value in overrides.items():
         node, parts = doc, key.split(".")
         # `<stage>.train.lr` may name a key the stage does not override yet: it inherits it from the `train`
@@ -102,14 +279,17 @@ def apply_overrides(overrides: dict[str, Any], path: Path | None = None) -> None
             node = node[part]
         if parts[-1] not in node and not inherited:
             raise ScratchError(f"override {key!r}: unknown key {parts[-1]!r} in {path.name}")
-        node[parts[-1]] = value
-    with open(path, "w") as f:
-        rt.dump(doc, f)
+        node[parts[-1]] = same_style(node.get(parts[-1]), value)
+    buffer = io.BytesIO()
+    rt.dump(doc, buffer)
+    edit = ParamsEdit(path, original, buffer.getvalue())
+    write_atomic(path, edit.after)
     try:
         load_all(path)
-    except ScratchError:
-        path.write_text(original)
+    except BaseException:
+        edit.undo()
         raise
+    return edit
 
 
 # ------------------------------------------------------------------------------------------------ stage task
@@ -272,14 +452,25 @@ def build_llm(
     """
     logger = get_run_logger()
     selected = select_stages(stages)
-    apply_overrides(overrides or {})
+    with project_lock():  # re-entrant: `scratchlm run` holds it already; python/Prefect callers take it here
+        edit = apply_overrides(overrides or {})
+        try:
+            return _run_stages(selected, overrides or {}, force, logger)
+        except BaseException:  # failed, interrupted, killed by SIGTERM (flows/cli.py): params.yaml as it was
+            if edit is not None and edit.undo(log=logger.warning):
+                logger.warning(f"{edit.path.name}: the run's overrides taken back out (the run did not finish)")
+            raise
+
+
+def _run_stages(selected: list[str], overrides: dict[str, Any], force: bool, logger) -> dict[str, Any]:
+    """The flow's body, under the run lock with the overrides in place: the parent run, then each stage."""
     mlflow = tracking.setup_mlflow()
     with mlflow.start_run(
         run_name="build_llm", tags={"scratchlm.pipeline": "build_llm", "git_commit": tracking.git_commit()}
     ) as parent:
         parent_id = parent.info.run_id
         mlflow.log_params(
-            {"stages": ",".join(selected), "force": force, **{f"override.{k}": v for k, v in (overrides or {}).items()}}
+            {"stages": ",".join(selected), "force": force, **{f"override.{k}": v for k, v in overrides.items()}}
         )
         logger.info(f"MLflow parent run {parent_id} in {tracking.tracking_uri()}; stages: {', '.join(selected)}")
         results = [stage_task(stage, force=force, parent_run_id=parent_id) for stage in selected]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tasks.common.config import ConfigError, DataConfig, describe, load_all, load_section
+from tasks.common.config import ConfigError, DataConfig, describe, load_section
+from tasks.common.params_check import load_all
 from tests.conftest import ROOT
 
 
@@ -156,7 +157,7 @@ def test_checking_params_loads_neither_deepspeed_nor_mlflow():
     import sys
 
     code = (
-        "import sys; from tasks.common.config import load_all; load_all(); "
+        "import sys; from tasks.common.params_check import load_all; load_all(); "
         "print(sorted(m for m in ('deepspeed', 'mlflow', 'lm_eval', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

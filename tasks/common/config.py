@@ -17,7 +17,15 @@ the same keys mean in params.yaml.
 
 Loading is strict and happens before any work: an unknown key, a missing key, a wrong type or an impossible value
 raises `ConfigError` naming the file and the dotted key, e.g.
-`params.yaml: pretrain.lr: expected float, got str ('fast')`.
+`params.yaml: pretrain.lr: expected float, got str ('fast')`. `load_all` (tasks/common/params_check.py, which no
+stage imports: it builds the model's config) also checks what spans sections
+(`check_all`: the model preset and overrides, sequence lengths against the model's context, warmup against a
+max_steps budget), so `scratchlm params --check` and the flow's first step catch what a stage would only find late.
+
+Numbers are read as YAML 1.2 reads them (what `dvc exp run -S` and ruamel write): PyYAML's YAML 1.1 leaves
+`3e-4`, `1e6` and `1.0e6` as strings, and a float field takes such a string as the float it spells; an int field
+takes a float that is exactly a whole number (`1e6`, `4.5e6`, `1000000.0`: DVC writes `-S max_tokens=1e6` as
+`1000000.0`) and refuses any other (`2.5`, `1e-3`).
 """
 
 from __future__ import annotations
@@ -28,10 +36,13 @@ import difflib
 import functools
 import importlib
 import inspect
+import math
 import os
+import re
 import textwrap
 import types
 import typing
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -123,6 +134,17 @@ class ModelSection:
     """Explicit ModelConfig fields that replace the preset's (e.g. {n_layers: 6, max_seq_len: 512}).
     vocab_size always comes from the trained tokenizer."""
 
+    def __post_init__(self) -> None:
+        # every ModelConfig field is a number or a bool: a YAML 1.2 float PyYAML left a string (`norm_eps: 1e-6`)
+        # is that number, a whole one (`max_seq_len: 1e3`) an int (ModelConfig widens an int for its float fields)
+        numbers = {
+            k: v if whole_number(v) is None else whole_number(v)
+            for k, v in ((k, yaml12_float(v)) for k, v in self.overrides.items() if isinstance(v, str))
+            if v is not None
+        }
+        if numbers:
+            object.__setattr__(self, "overrides", {**self.overrides, **numbers})
+
 
 BASE_SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelSection}
 EXTRA_SECTIONS: dict[str, str] = {
@@ -186,17 +208,6 @@ def load_section(name: str, cls: type[T] | None = None, path: Path | str | None 
         raise ConfigError(f"{path.name}: missing section {name!r}")
     cls = cls or section_class(name)
     return build(cls, inherit(cls, raw, name, path), f"{path.name}: {name}")
-
-
-def load_all(path: Path | str | None = None) -> dict[str, Any]:
-    """Load and validate every section (what `scratchlm params --check` and the flow run first)."""
-    path = Path(path or params_file())
-    raw = read_params(path)
-    out = {}
-    for name in raw:
-        cls = section_class_for_file(name, path)
-        out[name] = build(cls, inherit(cls, raw, name, path), f"{path.name}: {name}")
-    return out
 
 
 def inherited_fields(cls: type) -> list[str]:
@@ -275,10 +286,11 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
-    if origin is Literal:
-        if value not in args:
+    if origin is Literal:  # `true` is not the 1 of Literal[0, 1, 2, 3], though True == 1
+        matches = [a for a in args if a == value and isinstance(a, bool) == isinstance(value, bool)]
+        if not matches:
             raise ConfigError(f"{where}: must be one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
+        return matches[0]
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if origin in (list, tuple):
@@ -296,18 +308,49 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} ({value!r})")
         return value
     if tp is float:
+        if isinstance(value, str) and yaml12_float(value) is not None:
+            return yaml12_float(value)  # `3e-4`: a float in YAML 1.2, a string to PyYAML
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected float, got {type(value).__name__} ({value!r})")
         return float(value)
     if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = whole_number(value)  # also `1000000.0`: what DVC writes for `-S max_tokens=1e6`
+        if number is None:
             raise ConfigError(f"{where}: expected int, got {type(value).__name__} ({value!r})")
-        return value
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected str, got {type(value).__name__} ({value!r})")
         return value
     raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+_YAML12_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+"""A float in the YAML 1.2 core schema (https://yaml.org/spec/1.2.2/#1023-core-schema)."""
+
+
+def yaml12_float(text: str) -> float | None:
+    """The float a string spells when YAML 1.2 reads it as one and PyYAML (YAML 1.1) left it a string (`3e-4`,
+    `1e6`, `1.0e6`), else None. Digits alone are not one: a string "10" was quoted (both YAMLs read 10 as an int)."""
+    if not _YAML12_FLOAT.fullmatch(text) or text.lstrip("+-").isdigit():
+        return None
+    lowered = text.lower()
+    return float(lowered.replace(".", "") if lowered.endswith((".inf", ".nan")) else text)
+
+
+def whole_number(value: Any) -> int | None:
+    """`value` as an int when it is exactly a whole number: an int, a float such as 1000000.0 (up to 2**53, where
+    floats stop being exact), or a YAML 1.2 float string such as `1e6` (exactly, via Decimal); else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() and abs(value) <= 2**53 else None
+    if isinstance(value, str) and yaml12_float(value) is not None and math.isfinite(yaml12_float(value)):
+        exact = Decimal(value)
+        return int(exact) if exact == exact.to_integral_value() else None
+    return None
 
 
 def _closest(word: str, options: list[str]) -> str:
