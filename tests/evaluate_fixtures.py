@@ -5,10 +5,13 @@ independent of a full pipeline run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer
 
@@ -188,6 +191,16 @@ def registry_project(root: Path, monkeypatch, metrics: dict | None = None) -> Pa
     monkeypatch.delenv("SCRATCHLM_NO_MLFLOW", raising=False)
     monkeypatch.chdir(root)
     return root
+
+
+@contextlib.contextmanager
+def registered(tmp_path_factory, name: str) -> Iterator[tuple[Path, dict]]:
+    """A project with one good version registered by the register stage (@challenger on it), MLflow pointed at its
+    SQLite store for the duration: (root, registered.json)."""
+    root = tmp_path_factory.mktemp(name)
+    with pytest.MonkeyPatch.context() as mp:
+        registry_project(root, mp)
+        yield root, run_register(root)
 
 
 def run_register(root: Path) -> dict:

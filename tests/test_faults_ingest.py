@@ -17,31 +17,16 @@ import pytest
 
 from tasks import filter as quality
 from tasks import ingest
-from tasks.common.config import DataConfig, build, read_params
-from tasks.common.dvcio import read_docs, stage_paths
-from tasks.common.tracking import Tracker
 from tasks.sources import files, hf, instructions
-from tests.conftest import ROOT
+from tests.test_ingest import run_ingest as run_ingest_with
 
 INLINE = {"parallel": {"runner": "local", "workers": 1, "dask_address": ""}}
 POOL = {"parallel": {"runner": "local", "workers": 2, "dask_address": ""}}
 
 
 def run_ingest(tmp_path: Path, sources: list[str], data: dict | None = None) -> tuple[dict, list[dict], list[dict]]:
-    """The stage on `sources` with the repository's params (inline unless `data` says otherwise); the counts must
-    add up whatever the input."""
-    params = read_params(ROOT / "params.yaml")
-    section = build(DataConfig, {**params["data"], "sources": sources, **INLINE, **(data or {})}, "data")
-    paths = stage_paths("ingest", root=tmp_path)
-    metrics = ingest.run(
-        build(ingest.IngestConfig, params["ingest"], "ingest"), paths, Tracker("ingest", None), section
-    )
-    docs = list(read_docs(paths.out))
-    quarantine = [json.loads(line) for line in (paths.out / "quarantine.jsonl").read_text().splitlines()]
-    assert metrics["docs_in"] == metrics["docs_out"] + metrics["quarantined"]
-    assert metrics["docs_out"] == len(docs)
-    assert metrics["quarantined"] == sum(q["count"] for q in quarantine)
-    return metrics, docs, quarantine
+    """The stage on `sources` (inline unless `data` says otherwise); the counts must add up whatever the input."""
+    return run_ingest_with(tmp_path, sources, {**INLINE, **(data or {})})
 
 
 def jsonl_rows(n: int, prefix: str = "document") -> list[bytes]:

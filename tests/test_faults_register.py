@@ -13,7 +13,7 @@ import pytest
 
 from tasks.common.config import ScratchError
 from tasks.register import verify_model
-from tests.evaluate_fixtures import registry_project, run_register, tiny_model, train_tokenizer
+from tests.evaluate_fixtures import registered, run_register, tiny_model, train_tokenizer
 
 FIX = r"nothing was registered; restore it \(dvc checkout data/dpo\) or rebuild it \(dvc repro dpo\)"
 
@@ -84,11 +84,8 @@ def test_a_model_that_loads_but_cannot_generate_is_refused(good_model, tmp_path)
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A project with one good version registered (@challenger on it), MLflow pointed at its SQLite store."""
-    root = tmp_path_factory.mktemp("faults_register")
-    with pytest.MonkeyPatch.context() as mp:
-        registry_project(root, mp)
-        record = run_register(root)
-        yield root, record
+    with registered(tmp_path_factory, "faults_register") as project:
+        yield project
 
 
 def versions() -> list[str]:

@@ -10,7 +10,7 @@ import pytest
 
 from tasks.common.config import ScratchError
 from tasks.common.promotion import PromoteConfig, check_gates
-from tests.evaluate_fixtures import evaluation, registry_project, run_register
+from tests.evaluate_fixtures import evaluation, registered
 
 NAME = "scratchlm"
 
@@ -18,11 +18,8 @@ NAME = "scratchlm"
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """v1 registered by the register stage (passes the gates); the flow and the test share the store."""
-    root = tmp_path_factory.mktemp("promote")
-    with pytest.MonkeyPatch.context() as mp:
-        registry_project(root, mp)
-        record = run_register(root)
-        yield root, record
+    with registered(tmp_path_factory, "promote") as project:
+        yield project
 
 
 def challenger(tags_from: dict, **changes: float) -> str:
