@@ -319,6 +319,10 @@ def prepare_benchmarks(
                 kept.append(row)
             else:
                 too_long += 1
+        if not kept:  # lm-eval fails on an empty task: say why instead
+            skipped[f"benchmark:{name}"] = f"no item fits the model's context of {max_len} tokens ({too_long} too long)"
+            print(f"evaluate: skipping {name}: {skipped[f'benchmark:{name}']}")
+            continue
         files[name] = write_jsonl(out / f"{name}.jsonl", kept)
         counts[name] = {"items": len(kept), "too_long_for_context": too_long, "source": source}
     return files, counts
@@ -559,7 +563,9 @@ def evaluate_model(
     samples = fixed_samples(model, tok, cfg)
     lap("samples")
     del model
-    bench = run_lm_eval(m.folder, files, cfg.lm_eval_tasks, cfg.limit, cfg.batch_size, device, cfg.sampling.seed)
+    bench = {"scores": {}, "results": {}, "items": {}}  # no benchmark to run (none asked for, or none fits)
+    if files or cfg.lm_eval_tasks:
+        bench = run_lm_eval(m.folder, files, cfg.lm_eval_tasks, cfg.limit, cfg.batch_size, device, cfg.sampling.seed)
     metrics["bench"] = bench["scores"]
     write_json(out / "lm_eval" / f"{m.label}.json", {"results": bench["results"], "items": bench["items"]})
     lap("lm_eval")

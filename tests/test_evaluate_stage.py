@@ -4,6 +4,7 @@ the report card; missing models fail or are skipped with the reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import math
@@ -148,6 +149,10 @@ def test_missing_model_fails_or_is_skipped(tmp_path, project, monkeypatch):
     assert m["models"] == ["base"] and "data/sft/model" in m["skipped"]["model:sft"]
     assert m["model_stages"] == {"base": "pretrain"} and "report" not in m
     assert m["win_rate"] == {} and set(m["skipped"]) >= {"win_rate:sft_vs_base", "win_rate:dpo_vs_sft"}
+
+    # no benchmark asked for: the stage runs without lm-eval instead of ending in its traceback
+    m = run(dataclasses.replace(cfg, benchmarks=[]), paths, Tracker("evaluate", None))
+    assert m["base"]["bench"] == {}
 
 
 def test_config_rejects_unknown_benchmark_and_bad_pairs():
