@@ -319,12 +319,12 @@ def prepare_benchmarks(
                 kept.append(row)
             else:
                 too_long += 1
+        counts[name] = {"items": len(kept), "too_long_for_context": too_long, "source": source}
         if not kept:  # lm-eval fails on an empty task: say why instead
             skipped[f"benchmark:{name}"] = f"no item fits the model's context of {max_len} tokens ({too_long} too long)"
             print(f"evaluate: skipping {name}: {skipped[f'benchmark:{name}']}")
             continue
         files[name] = write_jsonl(out / f"{name}.jsonl", kept)
-        counts[name] = {"items": len(kept), "too_long_for_context": too_long, "source": source}
     return files, counts
 
 
