@@ -145,9 +145,8 @@ def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
 
     world = init_distributed()
     up = al.upstream_of("sft", cfg, paths, "pretrain")
-    tok = up.tok
     loaded = load_instruction_data(cfg, paths.root)
-    data = encode_all(loaded, tok, up.max_len)
+    data = encode_all(loaded, up.tok, up.max_len)
     if world.is_main:
         write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
     info = {
@@ -167,12 +166,12 @@ def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
         lengths,
         cfg.train.batch_size,
         cfg.train.seed,
-        lambda exs: al.collate_sft(exs, tok.pad_id),
+        lambda exs: al.collate_sft(exs, up.tok.pad_id),
         "training conversations",
     )
-    evaluation = ResponseLoss(data.val, cfg.train.micro_batch_size, tok.pad_id) if data.val else None
+    evaluation = ResponseLoss(data.val, cfg.train.micro_batch_size, up.tok.pad_id) if data.val else None
     # samples at intermediate evaluations only: the end report samples every held-out prompt anyway
-    samples = HeldOutSamples(tok, cfg.sampling) if cfg.sampling.prompts and cfg.train.eval_every else None
+    samples = HeldOutSamples(up.tok, cfg.sampling) if cfg.sampling.prompts and cfg.train.eval_every else None
     recipe = Recipe(
         batches, response_loss, mean_len, up.model_cfg.flops_per_token(mean_len), eval_fn=evaluation, sample_fn=samples
     )
@@ -185,7 +184,7 @@ def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     metrics = {**summary, **al.data_metrics(loaded, data.truncated, up.max_len), "mean_train_tokens": mean_len}
     if cfg.sampling.prompts:
         base = load(up.model_dir) if cfg.eval_base else None
-        metrics.update(satisfaction_report(model, base, tok, cfg.sampling, paths.out / "samples.jsonl"))
+        metrics.update(satisfaction_report(model, base, up.tok, cfg.sampling, paths.out / "samples.jsonl"))
         tracker.log_artifact(paths.out / "samples.jsonl", "sft")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "sft")
     return metrics

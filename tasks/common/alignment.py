@@ -409,7 +409,10 @@ def pair_batches(pairs: list[PairExample], train: TrainConfig, pad_id: int) -> t
     through the model (both rows), for tokens/s and the budget."""
     lengths = [pair_length(e) for e in pairs]
     per_pair = round(2 * sum(lengths) / max(len(lengths), 1))
-    collate = lambda exs: collate_pairs(exs, pad_id).as_dict()  # noqa: E731
+
+    def collate(examples: list[PairExample]) -> dict:
+        return collate_pairs(examples, pad_id).as_dict()
+
     return StepBatches(pairs, lengths, train.batch_size, train.seed, collate, "training pairs"), per_pair
 
 

@@ -74,8 +74,7 @@ import deepspeed
 import torch
 from torch import Tensor, nn
 
-from tasks.common.checkpoint import Checkpoints, fingerprint, tag_of
-from tasks.common.checkpoint import checkpoint_dir as checkpoint_dir_of
+from tasks.common.checkpoint import Checkpoints, checkpoint_dir, fingerprint, tag_of
 from tasks.common.config import ConfigError, ScratchError
 from tasks.common.console import progress, progress_write
 from tasks.common.distributed import (
@@ -161,8 +160,7 @@ class Trainer:
         root: Path,
         tracker: Tracker | None = None,
     ) -> None:
-        checkpoint_dir = checkpoint_dir_of(name, fingerprint(info), root)  # checkpoints/<stage>/<fingerprint>/
-        fingerprint_info = info
+        folder = checkpoint_dir(name, fingerprint(info), root)  # checkpoints/<stage>/<fingerprint>/
         self.cfg, self.name = cfg, name
         self.build_model, self.batches, self.loss_fn = build_model, recipe.batches, recipe.loss_fn
         self.eval_fn, self.sample_fn = recipe.eval_fn, recipe.sample_fn
@@ -174,9 +172,9 @@ class Trainer:
         self.flops_per_token = recipe.flops_per_token
         self.precision = resolve_precision(cfg.precision, self.world)
         self.bf16 = self.precision == "bf16"
-        self.ckpt = Checkpoints(checkpoint_dir, keep=cfg.keep_checkpoints, rank=self.world.rank)
-        self.fingerprint_info = fingerprint_info or {}
-        self.history_path = Path(checkpoint_dir) / "history.jsonl"
+        self.ckpt = Checkpoints(folder, keep=cfg.keep_checkpoints, rank=self.world.rank)
+        self.fingerprint_info = info
+        self.history_path = folder / "history.jsonl"
         self.ds_config = deepspeed_config(cfg, self.world, self.precision)
 
         model = build_model().to(self.world.device)
