@@ -11,7 +11,8 @@ What happens
        from the MLflow model registry by alias (aliases only: the deprecated registry stages are never used);
     2. the gates in params.yaml (`promote:` section, tasks/common/promotion.py) are checked against the versions'
        `eval.*` tags: bits per byte at most X, constraint satisfaction at least Y, no benchmark worse than the
-       champion's by more than Z (and, if set, reward-model win rates);
+       champion's by more than Z (and, if set, reward-model win rates), and the degeneration of the answers to the
+       held-out prompts: fluency under the base model, repeated lines, made-up words, distinct-2;
     3. all pass → `@champion` moves to the challenger (the old champion keeps `@previous_champion` for a roll
        back); any fails → nothing moves and the flow says which gate failed and why. Either way the verdict is
        tagged on the challenger version (`promotion`, `promotion.<gate>`).
@@ -60,7 +61,7 @@ def print_verdict(name: str, challenger, champion, gates: list[Gate], promoted: 
         + (f"v{champion.version} (@{CHAMPION})" if champion else "no champion yet")
     )
     for g in gates:
-        print(f"  {'pass' if g.passed else 'FAIL'}  {g.name:<20} {g.detail}")
+        print(f"  {'pass' if g.passed else 'FAIL'}  {g.name:<22} {g.detail}")
     failed = [g.name for g in gates if not g.passed]
     if failed:
         print(f"  refused: gate{'s' if len(failed) > 1 else ''} {', '.join(failed)} failed; @{CHAMPION} unchanged")

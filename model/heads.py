@@ -1,10 +1,14 @@
-"""RewardModel: a Llama backbone with a scalar head read at each sequence's last real token.
+"""RewardModel: a Llama backbone with a scalar head read at each sequence's last real token; PolicyWithValue: a
+Llama policy whose backbone also feeds a per-token value head (PPO's critic).
 
     rm = RewardModel.from_backbone(load("out/sft/model"))       # SFT weights + a fresh head
     rewards = rm(idx, attention_mask)                             # (B,) one scalar per sequence
     loss = bradley_terry_loss(rm(chosen, cm), rm(rejected, rm_mask))
     rm.save("out/reward/model", tokenizer_dir=...)                # HF backbone folder + reward_head.safetensors
     rm = RewardModel.load("out/reward/model")
+
+    policy = PolicyWithValue(load("out/sft/model"), value_head=True)
+    logits, values = policy(idx)                                  # (B,T,V) and (B,T) (values None without a head)
 
 The backbone folder stays a loadable HF Llama (its lm_head is unused here and kept only when untied);
 ``reward_head.safetensors`` holds the head's weight (1,D) and bias (1,).
@@ -24,7 +28,7 @@ from model.hf import load as load_llama
 from model.hf import save as save_llama
 from model.llama import Llama
 
-__all__ = ["RewardModel", "last_token_index", "HEAD_WEIGHTS_NAME"]
+__all__ = ["RewardModel", "PolicyWithValue", "last_token_index", "HEAD_WEIGHTS_NAME"]
 
 HEAD_WEIGHTS_NAME = "reward_head.safetensors"
 
@@ -94,3 +98,34 @@ class RewardModel(nn.Module):
             raise ValueError(f"{head_file}: expected tensors {want}, found {got}")
         model.head.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in head.items()})
         return model.to(device=device, dtype=dtype).eval()
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM policy with an optional scalar value head on the same final hidden states.
+
+    One backbone serves both: one forward gives the token logits and the values, one optimizer (one DeepSpeed
+    engine) trains both, and memory is that of one model. The cost is that the value loss also moves the policy's
+    backbone (weighted by PPO's vf_coef); a separate critic (OpenRLHF, DeepSpeed-Chat) doubles the forwards and the
+    optimizer state. GRPO and RLOO need no value head (value_head=False).
+    """
+
+    def __init__(self, lm: Llama, value_head: bool):
+        super().__init__()
+        self.lm, self.cfg = lm, lm.cfg
+        self.value_head = nn.Linear(self.cfg.d_model, 1) if value_head else None
+        if self.value_head is not None:
+            nn.init.normal_(self.value_head.weight, std=1.0 / math.sqrt(self.cfg.d_model + 1))
+            nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, idx: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(logits (B,T,V), values (B,T) in float32 or None) for right-padded token ids idx (B,T)."""
+        h = self.lm.hidden_states(idx)  # (B,T,D)
+        values = self.value_head(h).squeeze(-1).float() if self.value_head is not None else None
+        return self.lm.lm_head(h), values
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """The backbone's AdamW groups, plus the value head (no weight decay)."""
+        groups = self.lm.optim_groups(weight_decay)
+        if self.value_head is not None:
+            groups.append({"params": list(self.value_head.parameters()), "weight_decay": 0.0})
+        return groups

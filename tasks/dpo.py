@@ -35,7 +35,6 @@ Scale   the reference is a second, frozen copy of the SFT weights on each rank (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -49,7 +48,8 @@ from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import AlignmentData, SamplingConfig, TrainConfig
 from tasks.common.training import check_models, print_plan, sharded_means, training_main
-from tasks.sources.examples import check_answers, held_out_prompts, load_preference_data
+from tasks.sources.answers import compare_policies
+from tasks.sources.examples import load_preference_data
 
 
 @dataclass(frozen=True)
@@ -141,66 +141,6 @@ class PreferenceEval:
         )
 
 
-def compare_with_reference(
-    policy, reference, reward_model, tok: al.ChatTokenizer, sampling: SamplingConfig, samples_file: Path
-) -> dict:
-    """SFT (reference) vs DPO answers to the same held-out prompts and seed: constraint satisfaction, the reward
-    model's win rate of DPO over SFT, mean rewards, and the KL of the policy to the reference along its answers."""
-    held_out = held_out_prompts(sampling.prompts, sampling.prompt_seed)
-    metrics: dict = {"eval_prompts": len(held_out)}
-    answers, rows = {}, {}
-    for name, model in (("sft", reference), ("dpo", policy)):
-        answers[name] = al.sample_answers(
-            model, tok, [h["prompt_messages"] for h in held_out], sampling, f"dpo: {name} answers"
-        )
-        scores, rows[name] = check_answers(
-            held_out, [tok.decode(a.ids) for a in answers[name]], [a.finished for a in answers[name]]
-        )
-        metrics.update(
-            {
-                f"{name}_satisfaction": scores["constraint_rate"],
-                f"{name}_all_satisfied": scores["satisfied"],
-                f"{name}_per_constraint": scores["per_constraint"],
-            }
-        )
-    with torch.no_grad():
-        rewards = {name: reward_scores(reward_model, answers[name], tok, sampling.batch_size) for name in answers}
-        kl = kl_along(policy, reference, answers["dpo"], tok, sampling.batch_size)
-    wins = [1.0 if d > s else 0.5 if d == s else 0.0 for d, s in zip(rewards["dpo"], rewards["sft"])]
-    n = max(len(wins), 1)
-    metrics.update(
-        {
-            "win_rate": sum(wins) / n,
-            "sft_reward": sum(rewards["sft"]) / n,
-            "dpo_reward": sum(rewards["dpo"]) / n,
-            "kl_to_reference": sum(kl) / n,
-            "dpo_answer_tokens": sum(len(a.ids) for a in answers["dpo"]) / n,
-            "sft_answer_tokens": sum(len(a.ids) for a in answers["sft"]) / n,
-        }
-    )
-    out = []
-    for name in ("sft", "dpo"):
-        out += [{"model": name, "reward": r, **row} for row, r in zip(rows[name], rewards[name])]
-    write_jsonl(samples_file, out)
-    return metrics
-
-
-def _batches(answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int):
-    for start in range(0, len(answers), batch_size):
-        chunk = answers[start : start + batch_size]
-        yield al.sequences_batch([a.prompt for a in chunk], [a.reply(tok.end_id) for a in chunk], tok.pad_id)
-
-
-def reward_scores(reward_model, answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int) -> list[float]:
-    """The reward model's score of each sampled answer."""
-    return [r for batch in _batches(answers, tok, batch_size) for r in al.rewards_of(reward_model, batch).tolist()]
-
-
-def kl_along(policy, reference, answers: list[al.Answer], tok: al.ChatTokenizer, batch_size: int) -> list[float]:
-    """KL(policy || reference) summed along each sampled answer."""
-    return [k for batch in _batches(answers, tok, batch_size) for k in al.token_kl(policy, reference, batch).tolist()]
-
-
 # ------------------------------------------------------------------------------------------------ stage
 
 
@@ -249,8 +189,12 @@ def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     metrics = {**summary, **al.data_metrics(loaded, truncated, up.max_len), "beta": cfg.beta}
     if cfg.sampling.prompts:
         metrics.update(
-            compare_with_reference(
-                policy, reference.cpu(), RewardModel.load(reward_dir), up.tok, cfg.sampling, paths.out / "samples.jsonl"
+            compare_policies(
+                {"sft": reference.cpu(), "dpo": policy},
+                RewardModel.load(reward_dir),
+                up.tok,
+                cfg.sampling,
+                paths.out / "samples.jsonl",
             )
         )
         tracker.log_artifact(paths.out / "samples.jsonl", "dpo")

@@ -8,6 +8,8 @@ Runbook
     scratchlm report                             # where the report card is (`--regenerate` to rebuild it)
     lm_eval --model hf --model_args pretrained=data/dpo/model --include_path evals --tasks scratchlm_cloze
                                                  # the same benchmark by hand, from the repository root
+    jq -c '{answer, degeneration, fluency_nll}' data/evaluate/answers/dpo.jsonl
+                                                 # which answers made a model's degeneration figures
 
 Reads   data/<stage>/model/ for each `evaluate.models` entry (label → stage: base → pretrain, sft, dpo): HF
         LlamaForCausalLM folders with their tokenizer; data/reward/model/ (the reward model, for win rates);
@@ -17,15 +19,25 @@ Writes  data/evaluate/benchmarks/<name>.jsonl    the items each benchmark scored
                                                  world with held-out seeds; slices capped at `limit`, items too
                                                  long for the model's context counted and left out)
         data/evaluate/lm_eval/<label>.json      lm-eval's results and, per item, the log-likelihood of each choice
-        data/evaluate/answers/<label>.jsonl     sampled answers to held-out prompts, constraint checks, rewards
+        data/evaluate/answers/<label>.jsonl     sampled answers to held-out prompts, constraint checks, rewards,
+                                                each answer's `degeneration` figures and `fluency_nll`
         data/evaluate/samples.md                generations for the fixed prompt set, model by model
         metrics/evaluate.json                   per model: val loss/ppl/bpb, benchmark acc/acc_norm, constraint
                                                 satisfaction (share of constraints met) and all_satisfied (share
-                                                of answers meeting all); win rates; what was skipped and why;
+                                                of answers meeting all); the degeneration of its answers (see
+                                                below); win rates; what was skipped and why;
                                                 `models` (labels, in report order) and `model_stages` (label →
                                                 stage, how the register stage finds its model's evaluation)
         metrics/evaluate_plots/*.json           DVC plots: bpb per model, benchmark accuracy per model
         reports/report.md + reports/*.png       the report card (tasks/common/report.py), logged to MLflow
+Degeneration (per model, next to `satisfaction`; the promotion gates read them)
+        fluency_nll          its answers read by the base model (the `pretrain` entry of evaluate.models): the mean
+                             over answers of each one's nats/token, the answer scored alone as plain text after one
+                             <|endoftext|> (the base never saw the chat template, so no prompt around it)
+        fluency_gap          fluency_nll minus the base model's val_loss: about 0 for text like the corpus
+        repeated_line_rate, repeated_ngram_rate, distinct_1, distinct_2, mean_words, nonword_rate
+                             text figures of tasks/common/degeneration.py (nonword = outside world.vocabulary())
+        Without a base model entry (or with it skipped) the two fluency keys are absent and `skipped.fluency` says why.
 Checks  a listed model that is missing fails the stage (`missing_models: skip` evaluates what exists instead,
         saying what it skipped); a benchmark whose data folder is absent is skipped with the reason; lm-eval runs
         fully offline (HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 unless set otherwise) on local JSON files.
@@ -51,17 +63,20 @@ from typing import Any, Literal
 import numpy as np
 from tokenizers import Tokenizer
 
-from tasks.common import chat
+from tasks.common import chat, degeneration
 from tasks.common.config import ROOT, ScratchError, check
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json, write_jsonl
-from tasks.common.report import MODEL_METRICS, build_report
+from tasks.common.report import DEGENERATION_METRICS, MODEL_METRICS, build_report
 from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import SamplingConfig
+from tasks.sources import world
 from tasks.sources.builtin import generate_cloze
 from tasks.sources.examples import check_answers, held_out_prompts
 
 EVALS_DIR = ROOT / "evals"
+FLUENCY_STAGE = "pretrain"
+"""The stage whose model (the base, never tuned on chat) reads every model's answers for `fluency_nll`."""
 PLOTS_DIR = "metrics/evaluate_plots"
 LN2 = math.log(2)
 RESERVED_KEYS = {
@@ -107,7 +122,9 @@ DEFAULT_SAMPLE_TEXTS = ["Once upon a time, there was a little", "One day, Mia we
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    models: dict[str, str] = field(default_factory=lambda: {"base": "pretrain", "sft": "sft", "dpo": "dpo"})
+    models: dict[str, str] = field(
+        default_factory=lambda: {"base": "pretrain", "sft": "sft", "dpo": "dpo", "ppo": "ppo"}
+    )
     """Models to evaluate: label → the stage whose data/<stage>/model folder holds it (report columns in order)."""
     missing_models: Literal["error", "skip"] = "error"
     """A listed model (or the reward model) whose folder is absent: `error` (the pipeline makes them all) or
@@ -133,7 +150,7 @@ class EvaluateConfig:
     (check_constraints) and the reward model's win rates are computed on these answers."""
     reward_model: str = "reward"
     """Stage whose data/<stage>/model is the reward model for win rates ("" = no win rates)."""
-    win_rates: list[str] = field(default_factory=lambda: ["sft:base", "dpo:sft"])
+    win_rates: list[str] = field(default_factory=lambda: ["sft:base", "dpo:sft", "ppo:sft"])
     """Pairs `a:b` of model labels: the share of prompts where the reward model prefers a's answer (ties = 1/2)."""
     sample_prompts: list[str] = field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     """Fixed user prompts every model answers (chat format) for the report's samples."""
@@ -260,29 +277,13 @@ def _first_texts(path: Path, n: int) -> list[str]:
 def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[str, float]:
     """Loss over every token of the documents and their closing eot, each document read after an eot (as in
     training); documents longer than the context are scored in disjoint windows. bpb = nats / ln 2 / text bytes."""
-    import torch
-
-    from model.losses import IGNORE_INDEX, token_logprobs
-
     T = model.cfg.max_seq_len
     windows = []
     for doc in data.docs:
         seq = [data.eot_id, *doc.tolist(), data.eot_id]
         windows += [seq[s : s + T + 1] for s in range(0, len(seq) - 1, T)]
-    windows.sort(key=len)
-    nats, count = 0.0, 0
-    with torch.inference_mode():
-        for start in range(0, len(windows), batch_size):
-            rows = windows[start : start + batch_size]
-            width = max(len(r) for r in rows) - 1
-            x = torch.full((len(rows), width), data.eot_id, dtype=torch.long)  # (B,W) right-padded
-            y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-            for i, r in enumerate(rows):
-                x[i, : len(r) - 1] = torch.tensor(r[:-1])
-                y[i, : len(r) - 1] = torch.tensor(r[1:])
-            logits, _ = model(x.to(device), all_logits=True)  # (B,W,V)
-            nats -= float(token_logprobs(logits, y.to(device)).sum())
-            count += int((y != IGNORE_INDEX).sum())
+    scored = row_nats(model, windows, data.eot_id, batch_size, device)
+    nats, count = sum(n for n, _ in scored), sum(c for _, c in scored)
     loss = nats / count
     return {
         "val_loss": loss,
@@ -291,6 +292,35 @@ def held_out_loss(model, data: HeldOut, batch_size: int, device: str) -> dict[st
         "val_tokens": count,
         "val_docs": len(data.docs),
     }
+
+
+def row_nats(model, rows: list[list[int]], pad_id: int, batch_size: int, device: str) -> list[tuple[float, int]]:
+    """(summed nats, predicted tokens) of each row of ids (each at most the context + 1 long): every token after
+    the first is predicted from those before it. Rows are batched by length and right-padded with pad_id, which
+    is never predicted (causal attention: the padding after a row cannot change its scores)."""
+    import torch
+
+    from model.losses import IGNORE_INDEX, token_logprobs
+
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            chunk = [i for i in order[start : start + batch_size] if len(rows[i]) > 1]
+            if not chunk:
+                continue
+            width = max(len(rows[i]) for i in chunk) - 1
+            x = torch.full((len(chunk), width), pad_id, dtype=torch.long)  # (B,W) right-padded
+            y = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
+            for b, i in enumerate(chunk):
+                x[b, : len(rows[i]) - 1] = torch.tensor(rows[i][:-1])
+                y[b, : len(rows[i]) - 1] = torch.tensor(rows[i][1:])
+            logits, _ = model(x.to(device), all_logits=True)  # (B,W,V)
+            nats = (-token_logprobs(logits, y.to(device)).sum(dim=-1)).tolist()  # (B,) one transfer per batch
+            counts = (y != IGNORE_INDEX).sum(dim=-1).tolist()  # (B,)
+            for b, i in enumerate(chunk):
+                out[i] = (nats[b], counts[b])
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
@@ -463,6 +493,63 @@ def rewards(reward_model, answers: list, tok, batch_size: int, device: str) -> l
     return scores
 
 
+def text_degeneration(rows: list[dict]) -> dict[str, float]:
+    """The degeneration metrics of the answers in `rows` (tasks/common/degeneration.py, words checked against the
+    builtin world's vocabulary); each row gets its own under `degeneration`."""
+    vocabulary = world.vocabulary()
+    for row in rows:
+        row["degeneration"] = degeneration.answer_metrics(row["answer"], vocabulary)
+    return degeneration.text_metrics([row["answer"] for row in rows], vocabulary)
+
+
+def answer_nll(model, tok, texts: list[str], batch_size: int, device: str) -> list[float | None]:
+    """Each text's mean negative log-likelihood (nats/token) under `model`, read as plain text right after one
+    <|endoftext|> (the BOS every pretraining document follows), with no chat template around it (the base model
+    never saw one) and no closing token (a cut-off answer is not charged for one); None for an empty text. A text
+    longer than the context is scored on its first max_seq_len tokens."""
+    eot = tok.special[chat.EOT]
+    rows = [[eot, *tok.plain(text.strip())][: model.cfg.max_seq_len + 1] for text in texts]
+    return [nats / count if count else None for nats, count in row_nats(model, rows, eot, batch_size, device)]
+
+
+def fluency(cfg: EvaluateConfig, models: list[Evaluated], per_model: dict, tok, device: str, skipped: dict) -> None:
+    """Every model's answers read by the base model: each model's `fluency_nll` (the mean over its answers of each
+    answer's nats/token) and `fluency_gap` (fluency_nll minus the base model's val_loss: how much harder the base
+    finds the answers than held-out corpus text); each answer row gets its `fluency_nll`. Without the base model
+    (no evaluate.models entry of stage FLUENCY_STAGE, or it was skipped) the reason goes to `skipped`."""
+    if not cfg.sampling.prompts:
+        return
+    base = next((m for m in models if m.stage == FLUENCY_STAGE), None)
+    if base is None:
+        listed = [label for label, stage in cfg.models.items() if stage == FLUENCY_STAGE]
+        skipped["fluency"] = (
+            f"the base model {listed[0]!r} ({FLUENCY_STAGE}) that reads the answers was skipped"
+            if listed
+            else f"no evaluate.models entry is the {FLUENCY_STAGE} model, the base that reads the answers"
+        )
+        print(f"evaluate: no fluency: {skipped['fluency']}")
+        return
+    from tasks.common.alignment import load_model_folder
+
+    model = load_model_folder(base.folder, f"{base.label} model").to(device)
+    reference = per_model[base.label].metrics["val_loss"]
+    for result in per_model.values():
+        values = answer_nll(model, tok, [row["answer"] for row in result.answer_rows], cfg.batch_size, device)
+        for row, value in zip(result.answer_rows, values, strict=True):
+            row["fluency_nll"] = value
+        present = [v for v in values if v is not None]
+        if present:
+            mean = sum(present) / len(present)
+            result.metrics.update({"fluency_nll": mean, "fluency_gap": mean - reference})
+    print(
+        f"evaluate: fluency (nats/token of the answers read by {base.label}; its val loss {reference:.3f}): "
+        + ", ".join(
+            f"{label} {r.metrics['fluency_nll']:.3f}" for label, r in per_model.items() if "fluency_nll" in r.metrics
+        ),
+        flush=True,
+    )
+
+
 def win_rate(a: list[float], b: list[float]) -> float:
     """Share of prompts where reward a > reward b, ties counting one half."""
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True)) / max(len(a), 1)
@@ -557,6 +644,7 @@ def evaluate_model(
                 "satisfaction": scores["constraint_rate"],
                 "all_satisfied": scores["satisfied"],
                 "per_constraint": scores["per_constraint"],
+                **text_degeneration(rows),
             }
         )
         lap("answers")
@@ -573,7 +661,12 @@ def evaluate_model(
         f"evaluate: {m.label} ({m.stage}) in {sum(seconds.values()):.0f}s "
         f"({', '.join(f'{k} {v:.0f}s' for k, v in seconds.items())}): bpb {metrics['val_bpb']:.3f}"
         + "".join(f", {n} {sc['acc']:.3f}" for n, sc in bench["scores"].items())
-        + (f", satisfaction {metrics['satisfaction']:.2f}" if held else ""),
+        + (
+            f", satisfaction {metrics['satisfaction']:.2f}, repeated lines {metrics['repeated_line_rate']:.2f}, "
+            f"nonwords {metrics['nonword_rate']:.2f}"
+            if held
+            else ""
+        ),
         flush=True,
     )
     return ModelResult(metrics, answers, rows, samples, seconds)
@@ -597,6 +690,7 @@ def run(cfg: EvaluateConfig, paths: StagePaths, tracker: Tracker) -> dict:
     # `models` orders the report's columns; `model_stages` says which stage made each (what register reads)
     metrics: dict[str, Any] = {"models": [m.label for m in models], "model_stages": {m.label: m.stage for m in models}}
     per_model = {m.label: evaluate_model(m, cfg, data, held, tok, files, device, out) for m in models}
+    fluency(cfg, models, per_model, tok, device, skipped)
     answers = {label: r.answers for label, r in per_model.items() if held}
     answer_rows = {label: r.answer_rows for label, r in per_model.items() if held}
     samples = {label: r.samples for label, r in per_model.items()}
@@ -683,9 +777,23 @@ def write_plots(root: Path, metrics: dict) -> None:
     )
 
 
+def degeneration_lines(m: dict) -> list[str]:
+    """One line per model with its degeneration figures (those it has), e.g. `degeneration dpo: fluency 2.310, ...`."""
+    lines = []
+    for label in m["models"]:
+        figures = [
+            f"{short} {m[label][key]:.1f}" if key == "mean_words" else f"{short} {m[label][key]:.3f}"
+            for key, _, short in DEGENERATION_METRICS
+            if short and key in m[label]
+        ]
+        if figures:
+            lines.append(f"degeneration {label}: {', '.join(figures)}")
+    return lines
+
+
 def summary(m: dict, paths: StagePaths) -> list[str]:
-    """A table of the models side by side (loss, bpb, satisfaction, benchmark accuracy), win rates, what was skipped,
-    and where the report card is."""
+    """A table of the models side by side (loss, bpb, satisfaction, benchmark accuracy), a degeneration line per
+    model, win rates, what was skipped, and where the report card is."""
     labels = m["models"]
     lines = [f"{'':<16}" + "".join(f"{label:>10}" for label in labels)]
     lines += [
@@ -701,6 +809,7 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
                 for label in labels
             )
         )
+    lines += degeneration_lines(m)
     lines += [f"win rate {pair}: {rate:.3f}" for pair, rate in m["win_rate"].items()]
     lines += [f"skipped {what}: {why}" for what, why in m["skipped"].items()]
     if "report" in m:

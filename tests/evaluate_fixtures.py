@@ -136,6 +136,19 @@ def pipeline_outputs(root: Path, stages: tuple[str, ...] = ("pretrain", "sft", "
     return root
 
 
+FLUENT = {
+    "fluency_nll": 0.9,
+    "fluency_gap": 0.2,
+    "repeated_line_rate": 0.0,
+    "repeated_ngram_rate": 0.01,
+    "distinct_1": 0.26,
+    "distinct_2": 0.73,
+    "mean_words": 98.0,
+    "nonword_rate": 0.004,
+}
+"""Degeneration figures of a model writing ordinary stories (what the promotion gates let through)."""
+
+
 def evaluation(dpo_bpb: float = 1.5, satisfaction: float = 0.25, cloze: float = 0.5) -> dict:
     """A metrics/evaluate.json as the evaluate stage writes it (the register stage reads the DPO model's part)."""
 
@@ -149,6 +162,7 @@ def evaluation(dpo_bpb: float = 1.5, satisfaction: float = 0.25, cloze: float = 
             "satisfaction": sat,
             "all_satisfied": sat / 2,
             "per_constraint": {"name": 0.9},
+            **FLUENT,
             "bench": {"cloze": {"acc": acc, "acc_norm": acc - 0.05}, "piqa": {"acc": 0.55, "acc_norm": 0.5}},
         }
 

@@ -320,6 +320,61 @@ def test_checker_is_robust():
         check_constraints("x", {"max_sentences": "5"})
 
 
+DEGENERATE_TITLES = [  # the default run's DPO answers that used to count as titled: stacked pseudo-title lines
+    "Tom and the Sr\nTom and the Kov\nTom and theendden",
+    "Max and the Cyes\nMax and the How B",
+]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        *DEGENERATE_TITLES,
+        *(a + "." for a in DEGENERATE_TITLES),  # a final period gives the "body" a sentence end
+        *(a + "\n\nTom the cat went to the park. He was happy." for a in DEGENERATE_TITLES),  # a story below
+        "Tom and the Red Kite\nTom and the Big Ball\n\nTom the cat went to the park. He was happy.",  # stacked
+        "Tom and the Red Kite and the Big Ball at the Park\n\nTom the cat went to the park. He was happy.",  # 11
+        "Tom & the Kite\n\nTom the cat went to the park. He was happy.",  # "&" is no word
+    ],
+)
+def test_degenerate_titles_fail_the_title_constraint(answer):
+    assert builtin.split_title(answer)[0] is None
+    assert check_constraints(answer, {"title": True})["per_constraint"]["title"] is False
+
+
+def test_a_short_title_of_world_words_above_a_story_passes():
+    story = "Tom the cat went to the park. He was happy."
+    for title in ("Tom and the Red Kite", "# A Day at the Park", "**Tom's Big Day**", "Title: Tom Goes to the Park"):
+        assert builtin.split_title(f"{title}\n\n{story}")[1] == story, title
+        assert check_constraints(f"{title}\n{story}", {"title": True, "max_sentences": 2})["satisfied"], title
+    assert builtin.is_title("Max and the Golden Toy Robot") and not builtin.is_title("Max and the Golden Toy Sr")
+
+
+def test_every_builtin_title_meets_the_stricter_rule():
+    titles = {
+        world.title_for(world.sample_cast(random.Random(i), plot=plot.name), random.Random(i))
+        for plot in world.PLOTS
+        for i in range(100)
+    }
+    assert len(titles) > 200 and all(builtin.is_title(t) for t in titles), [
+        t for t in titles if not builtin.is_title(t)
+    ]
+
+
+def test_builtin_data_still_meets_its_constraints_and_rejected_replies_break_theirs():
+    from tasks.sources.examples import broken_constraint
+
+    for split in builtin.SPLITS:
+        for ex in builtin.generate_instructions(200, SEED + 1, split):
+            assert check_constraints(ex["messages"][1]["content"], ex["constraints"])["satisfied"], ex["id"]
+        pairs = list(builtin.generate_preferences(200, SEED + 1, split))
+        for p in pairs:
+            assert check_constraints(p["chosen"], p["constraints"])["satisfied"], p["id"]
+            assert broken_constraint(p) == builtin.BROKEN_KINDS[p["broken"]], p["id"]
+        titled = [p for p in pairs if p["constraints"].get("title")]
+        assert titled and all(builtin.split_title(p["chosen"])[0] for p in titled)
+
+
 # ------------------------------------------------------------------------------------------------ preferences
 
 

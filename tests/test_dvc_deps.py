@@ -3,10 +3,14 @@ module it imports (directly or through another), and `model` when it reaches the
 module makes stale only the stages that import it, and an import added without its dvc.yaml line fails here.
 
 The graph counts every import statement in a module, function-level ones included (a stage that imports a module
-inside `run()` still runs it). `python -m tests.test_dvc_deps` prints the deps each stage should list.
+inside `run()` still runs it). `python -m tests.test_dvc_deps` prints the deps each stage should list;
+`python -m tests.test_dvc_deps --write` puts them into dvc.yaml (the code lines of each stage's deps, in place).
 """
 
 from __future__ import annotations
+
+import re
+import sys
 
 import yaml
 
@@ -42,6 +46,27 @@ def test_a_data_stage_does_not_depend_on_the_trainer():
     assert "tasks/common/trainer.py" in code_deps("pretrain")
 
 
+def with_code_deps(text: str) -> str:
+    """dvc.yaml's text with each stage's code deps replaced by code_deps(stage); every other line kept."""
+    out, stage, in_deps = [], None, False
+    for line in text.splitlines(keepends=True):
+        if m := re.match(r"^  (\w+):\s*$", line):
+            stage, in_deps = m.group(1), False
+        if line.strip() == "deps:" and stage:
+            out.append(line)
+            out += [f"      - {d}\n" for d in code_deps(stage)]
+            in_deps = True
+            continue
+        if in_deps and re.match(r"^      - (tasks/|model\s*$)", line):
+            continue
+        if in_deps and not line.startswith("      - "):
+            in_deps = False
+        out.append(line)
+    return "".join(out)
+
+
 if __name__ == "__main__":
+    if "--write" in sys.argv[1:]:
+        (ROOT / "dvc.yaml").write_text(with_code_deps((ROOT / "dvc.yaml").read_text()))
     for name in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]:
         print(f"{name}:\n" + "".join(f"  - {d}\n" for d in code_deps(name)))

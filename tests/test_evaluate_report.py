@@ -109,6 +109,7 @@ def test_report_renders_every_section_with_its_plots(project):
     for heading in (
         "# scratchlm report card",
         "## Models",
+        "## Degeneration",
         "## Benchmarks",
         "## Training curves (MLflow)",
         "### pretrain",
@@ -136,6 +137,8 @@ def test_report_renders_every_section_with_its_plots(project):
     assert "| bits per byte | 1.6000 | 1.5500 | 1.5000 |" in text  # base / sft / dpo columns
     assert "| cloze | - | 0.2500 | 0.400 (0.350) | 0.500 (0.450) | 0.500 (0.450) |" in text
     assert "| dpo vs sft | 0.6000 |" in text
+    assert "| repeated lines (share of an answer's lines) | 0.0000 | 0.0000 | 0.0000 |" in text
+    assert "| answer length (mean words) | 98.0000 | 98.0000 | 98.0000 |" in text and "distinct-2 = unique word" in text
     assert "| unique (dedup) | 1,070 |" in text and "| symbol_ratio | 40 |" in text
     assert "train split 4.310, val split 4.290" in text and "Quarantined at ingest: malformed JSON 10" in text
     assert "### User prompt: Hi" in text and "> Hello." in text

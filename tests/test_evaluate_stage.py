@@ -15,11 +15,24 @@ import pytest
 import torch
 
 from model.hf import load
+from tasks.common import degeneration
+from tasks.common.alignment import load_tokenizer
 from tasks.common.config import ScratchError
 from tasks.common.dvcio import stage_paths
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import SamplingConfig
-from tasks.evaluate import EvaluateConfig, held_out, held_out_loss, quiet_libraries, run, summary, win_rate
+from tasks.evaluate import (
+    EvaluateConfig,
+    Evaluated,
+    answer_nll,
+    fluency,
+    held_out,
+    held_out_loss,
+    quiet_libraries,
+    run,
+    summary,
+    win_rate,
+)
 from tests.evaluate_fixtures import VAL_TEXTS, pipeline_outputs
 
 SMALL = dict(
@@ -100,6 +113,55 @@ def test_stage_writes_metrics_for_every_model(evaluated):
     said = summary(m, stage_paths("evaluate", root=project))
     assert said[0].split() == ["base", "sft", "dpo"] and said[2].startswith("val bpb")
     assert "win rate dpo_vs_sft: " in "\n".join(said) and said[-1] == "report card: reports/report.md"
+
+
+def test_every_model_gets_fluency_and_text_degeneration(evaluated):
+    project, m = evaluated
+    for label in m["models"]:
+        r = m[label]
+        assert set(degeneration.METRIC_KEYS) <= set(r) and 0.0 <= r["nonword_rate"] <= 1.0
+        assert 0.0 <= r["repeated_line_rate"] <= 1.0 and 0.0 < r["distinct_2"] <= 1.0 and r["mean_words"] > 0
+        # random tiny models: their answers cost the base model far more than its held-out text
+        assert r["fluency_nll"] > 0 and r["fluency_gap"] == pytest.approx(r["fluency_nll"] - m["base"]["val_loss"])
+        rows = [json.loads(x) for x in (project / "data/evaluate/answers" / f"{label}.jsonl").read_text().splitlines()]
+        scored = [row["fluency_nll"] for row in rows if row["fluency_nll"] is not None]
+        assert r["fluency_nll"] == pytest.approx(sum(scored) / len(scored))
+        assert set(rows[0]["degeneration"]) == {"repeated_line_rate", "repeated_ngram_rate", "nonword_rate", "words"}
+    assert "fluency" not in m["skipped"]
+    said = summary(m, stage_paths("evaluate", root=project))
+    lines = [line for line in said if line.startswith("degeneration ")]
+    assert [line.split(":")[0] for line in lines] == [f"degeneration {label}" for label in m["models"]]
+    assert "fluency " in lines[0] and "nonwords " in lines[0] and "distinct-2 " in lines[0]
+    report = (project / "reports/report.md").read_text()
+    assert "## Degeneration" in report and "| repeated lines (share of an answer's lines) |" in report
+
+
+def test_answer_nll_reads_the_answer_as_plain_text_after_bos(project):
+    model = load(project / "data" / "pretrain" / "model")
+    tok = load_tokenizer(project / "data" / "tokenizer")
+    texts = ["Mia went to the park.", "", "  Tom found a red ball and smiled. The ball was red.\n"]
+    got = answer_nll(model, tok, texts, batch_size=2, device="cpu")
+    assert got[1] is None
+    for text, value in zip(texts, got):
+        if not text:
+            continue
+        seq = torch.tensor([[tok.special["<|endoftext|>"], *tok.plain(text.strip())]])
+        with torch.no_grad():
+            logits, _ = model(seq[:, :-1], all_logits=True)
+        reference = float(torch.nn.functional.cross_entropy(logits[0].double(), seq[0, 1:]))
+        assert value == pytest.approx(reference, rel=1e-5)
+
+
+def test_fluency_without_the_base_model_is_skipped_with_the_reason(project):
+    tok = load_tokenizer(project / "data" / "tokenizer")
+    only = [Evaluated("ppo", "ppo", project / "data" / "ppo" / "model")]
+    skipped: dict[str, str] = {}
+    fluency(EvaluateConfig(models={"ppo": "ppo"}, win_rates=[]), only, {}, tok, "cpu", skipped)
+    assert "no evaluate.models entry is the pretrain model" in skipped["fluency"]
+    skipped = {}
+    listed = EvaluateConfig(models={"base": "pretrain", "ppo": "ppo"}, win_rates=[])
+    fluency(listed, only, {}, tok, "cpu", skipped)
+    assert "'base' (pretrain) that reads the answers was skipped" in skipped["fluency"]
 
 
 def test_answers_carry_constraints_and_rewards(evaluated):

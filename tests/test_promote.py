@@ -3,14 +3,17 @@ params.yaml's `promote:` section pass, and a refusal names the failing gate. Ali
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 
+from tasks.common import degeneration
 from tasks.common.config import ScratchError
-from tasks.common.promotion import PromoteConfig, check_gates
-from tests.evaluate_fixtures import evaluation, registered
+from tasks.common.promotion import PromoteConfig, check_gates, degeneration_gates
+from tasks.sources import builtin, world
+from tests.evaluate_fixtures import FLUENT, evaluation, registered
 
 NAME = "scratchlm"
 
@@ -73,11 +76,19 @@ def test_sequence_of_promotions_and_refusals(registry):
     challenger({}, **{"bench.cloze.acc": 0.3})
     third = promote()
     assert third["failed"] == ["max_benchmark_drop"] and alias("champion") == "1"
-    assert "cloze acc 0.3000 is 0.2000 below the champion's 0.5000" in third["gates"][-1]["detail"]
+    drop = {g["name"]: g["detail"] for g in third["gates"]}["max_benchmark_drop"]
+    assert "cloze acc 0.3000 is 0.2000 below the champion's 0.5000" in drop
 
     # 4. two gates fail at once: both named
     challenger({}, satisfaction=0.0, val_bpb=9.0)
     assert promote()["failed"] == ["max_val_bpb", "min_satisfaction"]
+
+    # 4b. satisfaction won by stacked pseudo-titles: the degeneration gates refuse it, naming the figures
+    challenger({}, satisfaction=0.6, fluency_gap=3.2, repeated_line_rate=0.58, nonword_rate=0.25)
+    degenerate = promote()
+    assert degenerate["failed"] == ["max_fluency_gap", "max_repeated_line_rate", "max_nonword_rate"]
+    assert alias("champion") == "1"
+    assert "nonword rate 0.2500 > 0.05" in {g["name"]: g["detail"] for g in degenerate["gates"]}["max_nonword_rate"]
 
     # 5. dry run of a good challenger: would pass, nothing moves
     v5 = challenger({}, val_bpb=1.2, **{"bench.cloze.acc": 0.52})
@@ -108,7 +119,7 @@ def test_cli_runs_the_prefect_flow_and_exits_1_on_refusal(registry):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "refused: scratchlm v" in proc.stdout and "failed gate(s) max_val_bpb; @champion stays" in proc.stdout
     logged = proc.stdout + proc.stderr  # the flow's own lines go through Prefect's logger (log_prints)
-    assert "FAIL  max_val_bpb          validation bits per byte 5.0000 > 3.0" in logged
+    assert "FAIL  max_val_bpb            validation bits per byte 5.0000 > 3.0" in logged
 
 
 def _env(root) -> dict:
@@ -126,7 +137,7 @@ def _env(root) -> dict:
 
 def test_gates_pure_logic():
     cfg = PromoteConfig(max_val_bpb=2.0, min_satisfaction=0.2, max_benchmark_drop=0.01, min_win_rate=0.5)
-    good = {"val_bpb": 1.0, "satisfaction": 0.3, "bench.cloze.acc": 0.6, "win_rate.dpo_vs_sft": 0.55}
+    good = {"val_bpb": 1.0, "satisfaction": 0.3, "bench.cloze.acc": 0.6, "win_rate.dpo_vs_sft": 0.55, **FLUENT}
     assert all(g.passed for g in check_gates(cfg, good, None, "dpo"))
     worse = {**good, "win_rate.dpo_vs_sft": 0.4, "bench.piqa.acc": 0.5}
     verdict = {g.name: g for g in check_gates(cfg, worse, {"bench.cloze.acc": 0.6, "bench.piqa.acc": 0.52}, "dpo")}
@@ -134,9 +145,39 @@ def test_gates_pure_logic():
     assert not verdict["max_benchmark_drop"].passed and "piqa" in verdict["max_benchmark_drop"].detail
     assert verdict["max_val_bpb"].passed and verdict["min_satisfaction"].passed
     missing = check_gates(cfg, {}, None, "dpo")
-    assert [g.name for g in missing if not g.passed] == ["max_val_bpb", "min_satisfaction", "min_win_rate"]
-    off = PromoteConfig(max_val_bpb=None, min_satisfaction=None, max_benchmark_drop=None, min_win_rate=None)
+    assert [g.name for g in missing if not g.passed] == [
+        "max_val_bpb",
+        "min_satisfaction",
+        "min_win_rate",
+        *DEGENERATION_GATES,
+    ]
+    assert "no recorded fluency gap" in {g.name: g.detail for g in missing}["max_fluency_gap"]
+    off = PromoteConfig(**{f.name: None for f in dataclasses.fields(PromoteConfig)})
     assert check_gates(off, {}, None) == []
+
+
+DEGENERATION_GATES = ["max_fluency_gap", "max_repeated_line_rate", "max_nonword_rate", "min_distinct_2"]
+DEGENERATE = [  # the default run's DPO answers that won the title constraint by stacking pseudo-titles
+    "Tom and the Sr\nTom and the Kov\nTom and theendden",
+    "Max and the Cyes\nMax and the How B",
+]
+
+
+def text_gates(answers: list[str], fluency_gap: float) -> dict[str, bool]:
+    """The default degeneration gates' verdicts on answers' text metrics (fluency gap given, it needs a model)."""
+    figures = {**degeneration.text_metrics(answers, world.vocabulary()), "fluency_gap": fluency_gap}
+    return {g.name: g.passed for g in degeneration_gates(PromoteConfig(), figures)}
+
+
+def test_default_degeneration_gates_pass_stories_and_refuse_stacked_titles():
+    stories = [ex["messages"][1]["content"] for ex in builtin.generate_instructions(16, 4242, "test")]
+    assert text_gates(stories, fluency_gap=0.3) == dict.fromkeys(DEGENERATION_GATES, True)
+    # stacked pseudo-titles in 4 of 16 answers are enough to fail the text gates
+    mixed = text_gates(DEGENERATE * 2 + stories[:12], fluency_gap=0.3)
+    assert not mixed["max_repeated_line_rate"] and not mixed["max_nonword_rate"] and mixed["min_distinct_2"]
+    # one answer for every prompt: distinct-2 collapses
+    assert not text_gates([stories[0]] * 16, fluency_gap=0.3)["min_distinct_2"]
+    assert not text_gates(stories, fluency_gap=1.5)["max_fluency_gap"]
 
 
 def test_promote_section_is_validated():
@@ -146,4 +187,6 @@ def test_promote_section_is_validated():
         build(PromoteConfig, {"min_satisfaction": 2.0}, "params.yaml: promote")
     with pytest.raises(ScratchError, match="unknown key"):
         build(PromoteConfig, {"max_bpb": 2.0}, "params.yaml: promote")
+    with pytest.raises(ScratchError, match="promote.max_nonword_rate: must be in"):
+        build(PromoteConfig, {"max_nonword_rate": 5.0}, "params.yaml: promote")
     assert evaluation()["dpo"]["val_bpb"] == 1.5  # the fixture's registered version passes the default gates

@@ -2,7 +2,12 @@
 
 params.yaml's `promote:` section loads into `PromoteConfig`; `flows/promote.py` reads the two versions' `eval.*`
 tags (written by the register stage from metrics/evaluate.json), calls `check_gates`, and moves the alias only
-when every gate passes. A gate set to null is off.
+when every gate passes. A gate set to null is off; a gate whose figure the challenger lacks fails, saying so.
+
+The degeneration gates (fluency gap, repeated lines, nonwords, distinct-2) read the figures the evaluate stage
+computes on the sampled answers to its held-out prompts (tasks/common/degeneration.py): a model can raise
+constraint satisfaction by writing stacks of pseudo-title lines ("Tom and the Sr / Tom and the Kov"), and these
+gates refuse it even though the satisfaction gate passes.
 
     gates = check_gates(cfg, challenger={"val_bpb": 1.4, "satisfaction": 0.3, "bench.cloze.acc": 0.6, ...},
                         champion={...} or None, label="dpo")
@@ -29,9 +34,30 @@ class PromoteConfig:
     passes when there is no champion yet)."""
     min_win_rate: float | None = None
     """Each reward-model win rate of the challenger over another model (e.g. dpo_vs_sft) at least this (null = off)."""
+    max_fluency_gap: float | None = 1.0
+    """The challenger's answers, read by the base (pretrained) model, may cost at most this many nats per token more
+    than the base model's own held-out text (evaluate's `fluency_gap` = fluency_nll - the base's val_loss). Relative
+    to the base, so one value fits any corpus and model size: stories in the world's words cost about the held-out
+    loss (gap near 0), made-up words and stacked pseudo-titles several nats more (null = off)."""
+    max_repeated_line_rate: float | None = 0.1
+    """Share of an answer's lines that restart an earlier line of it, averaged over the answers: at most this (a
+    story repeats none; "Tom and the Sr / Tom and the Kov / Tom and theendden" repeats 2 of 3; null = off)."""
+    max_nonword_rate: float | None = 0.05
+    """Share of an answer's words that the builtin story world never writes, averaged over the answers: at most
+    this (builtin stories: 0; the stacked titles above: 0.3; null = off)."""
+    min_distinct_2: float | None = 0.2
+    """Distinct-2 of the answers (unique word pairs / all word pairs, pooled): at least this. It falls as more answers
+    are pooled (16 builtin stories: about 0.75, 400: about 0.26); one answer given to every prompt scores about
+    0.06 (null = off)."""
 
     def __post_init__(self) -> None:
-        for name in ("min_satisfaction", "min_win_rate"):
+        for name in (
+            "min_satisfaction",
+            "min_win_rate",
+            "max_repeated_line_rate",
+            "max_nonword_rate",
+            "min_distinct_2",
+        ):
             value = getattr(self, name)
             check(value is None or 0.0 <= value <= 1.0, name, f"must be in [0, 1] or null, got {value}")
         check(self.max_val_bpb is None or self.max_val_bpb > 0, "max_val_bpb", "must be > 0 or null")
@@ -68,6 +94,21 @@ def check_gates(
         gates.append(_win_rates(challenger, cfg.min_win_rate, label))
     if cfg.max_benchmark_drop is not None:
         gates.append(_benchmarks(challenger, champion, cfg.max_benchmark_drop))
+    return gates + degeneration_gates(cfg, challenger)
+
+
+def degeneration_gates(cfg: PromoteConfig, challenger: dict[str, float]) -> list[Gate]:
+    """The gates on the challenger's answers: fluency gap, repeated lines, nonwords (at most), distinct-2 (at least)."""
+    gates = []
+    for name, key, what in (
+        ("max_fluency_gap", "fluency_gap", "fluency gap (nats/token over the base model's val loss)"),
+        ("max_repeated_line_rate", "repeated_line_rate", "repeated-line rate"),
+        ("max_nonword_rate", "nonword_rate", "nonword rate"),
+    ):
+        if getattr(cfg, name) is not None:
+            gates.append(_at_most(name, challenger.get(key), getattr(cfg, name), what))
+    if cfg.min_distinct_2 is not None:
+        gates.append(_at_least("min_distinct_2", challenger.get("distinct_2"), cfg.min_distinct_2, "distinct-2"))
     return gates
 
 

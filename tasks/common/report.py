@@ -7,6 +7,8 @@
 Sections (each from what exists; a missing source is named in the page, never an error):
     models        per model (base / SFT / DPO): validation loss, perplexity, bits per byte, constraint
                   satisfaction, reward-model win rates                           ← metrics/evaluate.json
+    degeneration  per model: fluency of its answers under the base model, repeated lines and 3-grams,
+                  distinct-2, words outside the story world, length              ← metrics/evaluate.json
     benchmarks    lm-eval accuracy per task, one column per model + bar chart    ← metrics/evaluate.json
     training      train/validation curves of every stage                         ← MLflow: the child runs of
                   SCRATCHLM_PARENT_RUN_ID, else the latest run of each stage name in the experiment
@@ -233,6 +235,46 @@ def models_section(ev: dict | None, out: Path) -> list[str]:
     return lines
 
 
+DEGENERATION_METRICS = [  # (key in metrics/evaluate.json, the report card's name, the closing summary's)
+    ("fluency_nll", "fluency: nats/token of the answers read by the base model", "fluency"),
+    ("fluency_gap", "fluency gap: that minus the base model's val loss", "gap"),
+    ("repeated_line_rate", "repeated lines (share of an answer's lines)", "repeated lines"),
+    ("repeated_ngram_rate", "repeated word 3-grams (share of an answer's)", "repeated 3-grams"),
+    ("distinct_1", "distinct-1 (unique words / words, all answers)", None),
+    ("distinct_2", "distinct-2 (unique word pairs / pairs, all answers)", "distinct-2"),
+    ("nonword_rate", "words outside the story world (share of an answer's)", "nonwords"),
+    ("mean_words", "answer length (mean words)", "words"),
+]
+"""The degeneration figures of tasks/common/degeneration.py and the evaluate stage's fluency, in report order."""
+DEGENERATION_NOTE = (
+    "On the same held-out answers, averaged per answer: fluency = nats/token of each answer read as plain text by "
+    "the base model (gap: minus its held-out loss; about 0 reads like the corpus); repeated lines / 3-grams = share "
+    "of an answer's lines restarting an earlier one / of its word 3-grams seen before; distinct-2 = unique word "
+    "pairs over all pairs, answers pooled (low: the answers are all alike); nonwords = share of words the story "
+    "world never writes. The `scratchlm promote` gates read them (params.yaml `promote:`)."
+)
+
+
+def degeneration_section(ev: dict | None) -> list[str]:
+    """The DEGENERATION_METRICS table, one column per model, and what the figures mean."""
+    if not ev:
+        return []
+    lines = ["## Degeneration", ""]
+    labels = ev["models"]
+    rows = [
+        [name, *[ev[m].get(key, "-") for m in labels]]
+        for key, name, _ in DEGENERATION_METRICS
+        if any(key in ev[m] for m in labels)
+    ]
+    if not rows:
+        return lines + [
+            "_No degeneration figures (no held-out prompts were answered, or the evaluation predates "
+            "them: rerun evaluate)._",
+            "",
+        ]
+    return lines + _table(["", *labels], rows) + ["", DEGENERATION_NOTE, ""]
+
+
 CHANCE = {"cloze": 0.25, "hellaswag": 0.25, "piqa": 0.5}
 
 
@@ -379,6 +421,64 @@ def tokenizer_section(root: Path, out: Path) -> list[str]:
     return lines
 
 
+def rl_section(root: Path) -> list[str]:
+    """The ppo stage: what ran, how its rollouts moved (reward, checker, reward model, KL), the held-out comparison
+    with its starting policy, and a reward-hacking warning when the reward model and the checker disagree."""
+    m = read_metrics(root, "ppo")
+    if not m:
+        return []
+    lines = [
+        "## Reinforcement learning (ppo stage)",
+        "",
+        f"{m['algorithm']} on the {m['reward']} reward, from the {m['init']} policy: {m['steps']} steps x "
+        f"{m['prompts_per_step']} prompts x {m['group_size']} answers, {m['seconds_per_step']:.1f} s/step, rollouts "
+        f"{m.get('rollout_tokens_per_s', 0):,.0f} tokens/s. Per-step curves (entropy, clip fraction, value loss, ...) "
+        "are under Training curves.",
+        "",
+    ]
+    moved = [
+        [name, f"{m[f'rollout_{key}_first']:.3f}", f"{m[f'rollout_{key}_last']:.3f}"]
+        for key, name in RL_CURVES.items()
+        if f"rollout_{key}_first" in m
+    ]
+    lines += _table(["rollouts", "first logged step", "last"], moved) + [""]
+    init = m["init"]
+    if "win_rate" in m:
+        lines += _table(
+            ["held-out builtin prompts", init, "ppo"],
+            [
+                ["constraint satisfaction", f"{m[f'{init}_satisfaction']:.1%}", f"{m['ppo_satisfaction']:.1%}"],
+                ["reward model's mean score", f"{m[f'{init}_reward']:+.3f}", f"{m['ppo_reward']:+.3f}"],
+                [
+                    "repeated lines",
+                    f"{m.get(f'{init}_repeated_line_rate', 0):.3f}",
+                    f"{m.get('ppo_repeated_line_rate', 0):.3f}",
+                ],
+                [
+                    "words outside the world",
+                    f"{m.get(f'{init}_nonword_rate', 0):.3f}",
+                    f"{m.get('ppo_nonword_rate', 0):.3f}",
+                ],
+            ],
+        )
+        lines += [
+            "",
+            f"The reward model prefers the ppo answer on {m['win_rate']:.1%} of the prompts; KL(ppo || {init}) along "
+            f"the ppo answers {m['kl_to_reference']:.2f} nats.",
+            "",
+        ]
+        if m.get("reward_hacking"):
+            lines += [
+                "**Reward hacking:** the reward model's score rose while the checker's constraint satisfaction fell: "
+                "the policy learned what the reward model likes, not what the prompts ask.",
+                "",
+            ]
+    return lines
+
+
+RL_CURVES = {"reward": "reward", "checker": "checker score", "rm": "reward model", "kl": "KL to the reference (nats)"}
+
+
 def samples_section(evaluate_out: Path) -> list[str]:
     file = evaluate_out / "samples.md"
     if not file.is_file():
@@ -426,7 +526,9 @@ def build_report(
     ]
     body = (
         models_section(ev, out)
+        + degeneration_section(ev)
         + benchmarks_section(ev, out)
+        + rl_section(root)
         + training_section(root, out, parent_run_id)
         + funnel_section(root, out)
         + tokenizer_section(root, out)

@@ -163,6 +163,9 @@ class BatchIndex:
     world: int
     accum: int
     micro_batch_size: int
+    update: int = 0
+    """Which of the step's optimizer updates this micro batch feeds (Recipe.updates_per_step > 1: PPO's minibatch
+    epochs over one rollout batch); 0 otherwise."""
 
     @property
     def slot(self) -> int:

@@ -12,8 +12,17 @@ checkpoints, resume and a NaN guard. A stage brings its model, its batches and i
         eval_fn=eval_fn,             # optional (engine) -> {"loss": ...}: runs on EVERY rank (collectives allowed,
                                      #    e.g. tasks.common.training.sharded_means), in eval mode under no_grad;
                                      #    logged as val/<name>
-        sample_fn=sample_fn)         # optional (model, step) -> text: rank 0 only, a plain full-weight module; logged
+        sample_fn=sample_fn,         # optional (model, step) -> text: rank 0 only, a plain full-weight module; logged
                                      #    as the MLflow text artifact samples/step_XXXXXXXX.txt at each evaluation
+        rollout_fn=None,             # optional (engine, step) -> (experience, {"name": value}): on EVERY rank at the
+                                     #    start of each step, in eval mode under no_grad (collectives allowed): the
+                                     #    experience batches(index, experience) cuts the step's micro batches from
+                                     #    (RL: sampled answers, rewards, advantages); its metrics are logged as train/*
+        updates_per_step=1,          # optimizer updates per step over the same experience (PPO's minibatch epochs);
+                                     #    BatchIndex.update says which one a micro batch feeds
+        state=None)                  # optional object with state_dict() / load_state_dict(d): running state of the
+                                     #    recipe (an adaptive KL coefficient) saved in every checkpoint, restored on
+                                     #    resume
     trainer = Trainer(
         build_model,                 # () -> nn.Module, seeded by the caller; called again (RNG forked) to hold
                                      #    consolidated weights for samples (ZeRO-3) and the final export
@@ -36,6 +45,7 @@ What a stage plugs in, e.g.
     sft       batches = padded chats, -100 off the answers;  loss = engine(x, y)[1]
     reward    batches = (chosen, rejected) pairs;            loss = bradley_terry_loss(engine(c), engine(r))
     dpo       batches = pairs;  loss_fn closes over a frozen reference model: dpo_loss(policy logps, reference logps)
+    ppo       rollout_fn samples answers and scores them; batches cut minibatches of that experience; loss = ppo_losses
 
 Batches. A step's global batch is `batch_size` examples, cut into `accum x world` micro batches of
 `micro_batch_size`. `BatchIndex.examples` is the range of the step's examples a micro batch holds, the same
@@ -43,7 +53,7 @@ whatever the split between ranks and accumulation: a batch function that draws a
 (seed, step) and takes `examples` makes 2 ranks follow exactly the curve of 1 rank with 2x accumulation, and
 makes a resumed run see exactly the data it would have seen (the data cursor is the step).
 
-Loop. Per step: for each micro batch, loss_fn → engine.backward; the losses are summed over micro batches and
+Loop. Per step: the rollout (when the recipe has one), then `updates_per_step` updates, each: for each micro batch, loss_fn → engine.backward; the losses are summed over micro batches and
 ranks (one all-reduce) and a non-finite loss stops training before the optimizer step (`TrainingDiverged`, the
 last good checkpoint untouched); then engine.step(): clipping, torch.optim.AdamW (built here, `build_optimizer`,
 and wrapped by DeepSpeed), and the LR schedule `TrainConfig.lr_factor` (linear warmup then cosine to
@@ -51,7 +61,9 @@ and wrapped by DeepSpeed), and the LR schedule `TrainConfig.lr_factor` (linear w
 Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu to MLflow and
 history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn and samples;
 every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler, RNG states,
-step), its manifest, and an atomic move of `latest`. Only the rank-0 process writes logs.
+step, the recipe's state), its manifest, and an atomic move of `latest`. Checkpoints fall on step boundaries, so a
+resumed run redoes the whole step: a rollout is a function of (weights, seed, step) and comes back the same. Only the
+rank-0 process writes logs.
 
 Test hooks: SCRATCHLM_TEST_NAN_STEP=N makes the loss of step N NaN (how the guard is tested);
 SCRATCHLM_TEST_HANG_STEP=N makes rank 0 stop dead after step N, so a test can SIGKILL a run that is surely mid-way.
@@ -98,6 +110,7 @@ BatchFn = Callable[[BatchIndex], Any]
 LossFn = Callable[[Any, Any], "tuple[Tensor, dict[str, float | Tensor]]"]
 EvalFn = Callable[[Any], "dict[str, float]"]
 SampleFn = Callable[["nn.Module", int], str]
+RolloutFn = Callable[[Any, int], "tuple[Any, dict[str, float]]"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,13 @@ class Recipe:
     flops_per_token: float = 0.0
     eval_fn: EvalFn | None = None
     sample_fn: SampleFn | None = None
+    rollout_fn: RolloutFn | None = None
+    updates_per_step: int = 1
+    state: Any = None
+
+    def __post_init__(self) -> None:
+        if self.updates_per_step < 1:
+            raise ValueError(f"Recipe.updates_per_step must be >= 1, got {self.updates_per_step}")
 
 
 class TrainingDiverged(ScratchError):
@@ -164,6 +184,7 @@ class Trainer:
         self.cfg, self.name = cfg, name
         self.build_model, self.batches, self.loss_fn = build_model, recipe.batches, recipe.loss_fn
         self.eval_fn, self.sample_fn = recipe.eval_fn, recipe.sample_fn
+        self.rollout_fn, self.updates, self.recipe_state = recipe.rollout_fn, recipe.updates_per_step, recipe.state
         self.tracker = tracker or Tracker(name, None)
         self.world: World = init_distributed()
         self.accum = cfg.grad_accum(self.world.size)
@@ -186,7 +207,10 @@ class Trainer:
                 check_cpu_compile_toolchain()
             model.compile()  # in place: parameter names, checkpoints and exports stay those of the eager model
         optimizer = build_optimizer(model, cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cfg.lr_factor(step, self.total))
+        # the schedule moves once per step: the updates of one step (one rollout) share its learning rate
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda update: cfg.lr_factor(update // self.updates, self.total)
+        )
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False
         )
@@ -281,12 +305,36 @@ class Trainer:
         return done == self.total or (every > 0 and done % every == 0)
 
     def _step(self, step: int, want_norm: bool) -> tuple[float, dict[str, float], float, float]:
-        """One optimizer step over accum micro batches; (mean loss, mean extra metrics, grad norm, the lr it used)."""
+        """One step: the rollout (if any), then `updates` optimizer updates; (mean loss, mean extra metrics, the last
+        update's grad norm, the lr the step used)."""
+        experience, rollout_metrics = None, {}
+        if self.rollout_fn is not None:
+            self.engine.eval()
+            try:
+                with torch.no_grad():
+                    experience, rollout_metrics = self.rollout_fn(self.engine, step)
+            finally:
+                self.engine.train()
+        lr = self.engine.get_lr()[0]  # what the optimizer holds for this step (the scheduler moves it in engine.step)
+        losses, extras, norm = [], [], math.nan
+        for update in range(self.updates):
+            last = update == self.updates - 1
+            loss, extra, norm = self._update(step, update, experience, want_norm and last)
+            losses.append(loss)
+            extras.append(extra)
+        mean_extra = {k: sum(e[k] for e in extras) / len(extras) for k in extras[0]}
+        return sum(losses) / len(losses), {**rollout_metrics, **mean_extra}, norm, lr
+
+    def _update(
+        self, step: int, update: int, experience: Any, want_norm: bool
+    ) -> tuple[float, dict[str, float], float]:
+        """One optimizer update over accum micro batches; (mean loss, mean extra metrics, grad norm)."""
         engine, world = self.engine, self.world
         sums: Tensor | None = None
         for micro in range(self.accum):
-            index = BatchIndex(step, micro, world.rank, world.size, self.accum, self.cfg.micro_batch_size)
-            loss, metrics = self.loss_fn(engine, to_device(self.batches(index), world.device))
+            index = BatchIndex(step, micro, world.rank, world.size, self.accum, self.cfg.micro_batch_size, update)
+            batch = self.batches(index) if self.rollout_fn is None else self.batches(index, experience)
+            loss, metrics = self.loss_fn(engine, to_device(batch, world.device))
             if os.environ.get(NAN_HOOK) == str(step + 1):
                 loss = loss * float("nan")
             engine.backward(loss)
@@ -301,7 +349,6 @@ class Trainer:
         if bad:
             self._diverged(step + 1, f"the loss is not finite on {bad} of {n} micro batches (mean {mean_loss})")
         norm = self._grad_norm() if want_norm and not self._norm_from_engine() else math.nan
-        lr = engine.get_lr()[0]  # what the optimizer holds for this step (the scheduler moves it in engine.step)
         engine.step()
         if want_norm and self._norm_from_engine():
             reported = engine.get_global_grad_norm()
@@ -309,7 +356,7 @@ class Trainer:
         if want_norm and not math.isfinite(norm) and not math.isnan(norm):
             self._diverged(step + 1, f"the gradient norm is {norm}")
         extra = {k: sums[2 + i].item() / n for i, k in enumerate(self._metric_keys or [])}
-        return mean_loss, extra, norm, lr
+        return mean_loss, extra, norm
 
     def _metric_values(self, loss: Tensor, metrics: dict[str, float | Tensor]) -> Tensor:
         """[loss, non-finite flag, *metrics] of one micro batch as one float64 tensor (one all-reduce per step)."""
@@ -394,6 +441,8 @@ class Trainer:
         barrier()
         state = self.ckpt.load(self.engine) if self.cfg.resume else None
         start = int(state["step"]) if state else 0
+        if state and self.recipe_state is not None:
+            self.recipe_state.load_state_dict(state["recipe"])
         if start > self.total:
             raise ScratchError(
                 f"{self.ckpt.folder}: the checkpoint is at step {start}, past this budget's "
@@ -425,6 +474,8 @@ class Trainer:
             "total_steps": self.total,
             "fingerprint": self.ckpt.folder.name,
         }
+        if self.recipe_state is not None:
+            state["recipe"] = self.recipe_state.state_dict()
         self.ckpt.save(self.engine, done, state)
         self._last_ckpt_step = done
 

@@ -35,6 +35,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from tasks.common import degeneration
 from tasks.sources import world
 from tasks.sources.world import Cast, Story, StoryError
 
@@ -63,8 +64,8 @@ CONSTRAINT_KINDS: tuple[str, ...] = (
 )
 """name/animal/place/object/feeling: the answer names that word (whole word, any case, plural allowed);
 max_sentences: at most that many sentences (a title line is not one); ends_with: the last word of the answer;
-title: True = the first line is a title (1-12 words, no final punctuation, story below it); complete: True = the
-answer ends with a finished sentence (. ! or ?, a closing quote allowed)."""
+title: True = the first line is a title (see `split_title`: one short line of story-world words, then the story);
+complete: True = the answer ends with a finished sentence (. ! or ?, a closing quote allowed)."""
 BROKEN_KINDS: dict[str, str] = {  # rejected kind -> the one constraint it breaks
     "wrong_name": "name",
     "off_topic": "animal",
@@ -429,22 +430,47 @@ _SENTENCE_END = re.compile(r"[.!?]+[\"'\u201d\u2019)]*(?=\s|$)")
 _COMPLETE = re.compile(r"[.!?][\"'\u201d\u2019)]*$")
 _TITLE_PREFIX = re.compile(r"^(?:#+\s*|title\s*:\s*)", re.IGNORECASE)
 _LETTERS = re.compile(r"[A-Za-z]")
+_TITLE_WORD = re.compile(r"[A-Za-z]+(?:['-][A-Za-z]+)*")
+TITLE_MAX_WORDS = 8
+"""A title is at most this many words (the world's longest title, "Max and the Golden Toy Robot", has 6)."""
+
+
+def _heading(line: str) -> str:
+    """A line without its heading marks: `# `, `Title:`, and `*`/`_` emphasis around it."""
+    return _TITLE_PREFIX.sub("", line.strip()).strip("*_ \t")
+
+
+def title_like(line: str) -> bool:
+    """A line that reads as a heading: 1-12 words, a letter, no final punctuation (a story paragraph has one)."""
+    text = _heading(line)
+    return 0 < len(text.split()) <= 12 and _LETTERS.search(text) is not None and text[-1] not in ".!?,;:"
+
+
+def is_title(line: str) -> bool:
+    """A heading of 1-TITLE_MAX_WORDS words, each a word of the story world (`world.vocabulary()`), quotes and
+    trailing commas around a word allowed: "Tom and the Red Kite" is one, "Tom and the Sr" is not."""
+    tokens = [t.strip("\"'\u201c\u201d\u2018\u2019(),") for t in _heading(line).split()]
+    return (
+        title_like(line)
+        and len(tokens) <= TITLE_MAX_WORDS
+        and all(_TITLE_WORD.fullmatch(t) for t in tokens)
+        and set(degeneration.words(" ".join(tokens))) <= world.vocabulary()
+    )
 
 
 def split_title(answer: str) -> tuple[str | None, str]:
-    """(title, body): the first line is a title when it is 1-12 words with no final punctuation and text follows."""
+    """(title, body): the first line is a title when it `is_title` and a story follows: the body has a sentence
+    end and does not open with another heading line (pseudo-titles stacked above a story are not a title)."""
     lines = answer.strip().splitlines()
     if len(lines) < 2:
         return None, answer.strip()
-    first = _TITLE_PREFIX.sub("", lines[0].strip()).strip("*_ \t")
     body = "\n".join(lines[1:]).strip()
-    is_title = (
-        0 < len(first.split()) <= 12
-        and _LETTERS.search(first) is not None
-        and first[-1] not in ".!?,;:"
+    titled = (
+        is_title(lines[0])
+        and not title_like(body.splitlines()[0] if body else "")
         and _SENTENCE_END.search(body) is not None
     )
-    return (first, body) if is_title else (None, answer.strip())
+    return (_heading(lines[0]), body) if titled else (None, answer.strip())
 
 
 def count_sentences(text: str) -> int:
@@ -827,10 +853,12 @@ __all__ = [
     "generate_corpus",
     "generate_instructions",
     "generate_preferences",
+    "is_title",
     "jaccard",
     "near_duplicate",
     "split_of",
     "split_sentences",
     "split_title",
+    "title_like",
     "word_shingles",
 ]

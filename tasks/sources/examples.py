@@ -22,7 +22,7 @@ from tasks.common.split import Split
 from tasks.common.train_config import AlignmentData
 from tasks.sources import builtin
 from tasks.sources.builtin import check_constraints
-from tasks.sources.instructions import load_instructions, load_preferences
+from tasks.sources.instructions import final_answer, load_instructions, load_preferences, load_prompts
 
 VAL_SALT = "scratchlm-align-v1"
 
@@ -137,6 +137,21 @@ def load_preference_data(cfg: AlignmentData, root: Path) -> Loaded:
     return _load(
         load_preferences, cfg.sources, root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed, cfg.val_fraction
     )
+
+
+def load_prompt_data(cfg: AlignmentData, root: Path) -> Loaded:
+    """Prompts {"id", "prompt_messages", "constraints"? , "answer"?} (the ppo stage's), split and quarantined."""
+    return _load(load_prompts, cfg.sources, root, cfg.builtin_train, cfg.builtin_val, cfg.data_seed, cfg.val_fraction)
+
+
+def checker_score(example: dict, answer: str) -> float:
+    """The verifiable reward of an answer in [0, 1]: the share of its builtin constraints met, or 1.0 when its final
+    number equals the reference answer (GSM8K); 0.0 for a prompt with neither (nothing to check)."""
+    if example.get("constraints"):
+        return check_constraints(answer.strip(), example["constraints"])["score"]
+    if example.get("answer") is not None:
+        return float(final_answer(answer) == example["answer"])
+    return 0.0
 
 
 # ------------------------------------------------------------------------------------------------ held-out prompts

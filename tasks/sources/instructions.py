@@ -5,15 +5,19 @@ Normalised forms (what SFT, reward and DPO consume):
                  the last message is the assistant's answer; every assistant turn is trained on
     preference   {"id", "prompt_messages": [...], "chosen": str, "rejected": str, "constraints"?}
                  the prompt is a conversation ending with a user turn; chosen/rejected are assistant replies
+    prompt       {"id", "prompt_messages": [...], "constraints"?, "answer"?}   (what the ppo stage answers)
+                 a verifiable reward needs one of the two: builtin constraints, or a final answer (GSM8K)
 
 Sources (a list in the stage's params):
-    builtin:instructions / builtin:preferences   the seeded world of tasks/sources/builtin.py (checkable constraints)
+    builtin:instructions / builtin:preferences / builtin:prompts   the seeded world of tasks/sources/builtin.py
+                 (checkable constraints; builtin:prompts are the instructions without their answers)
     a .json (array) / .jsonl / .jsonl.gz file    rows in any of these formats, detected per row:
         chat         {"messages": [...]}
         Alpaca       {"instruction", "input"?, "output"}
         Self-Instruct {"instruction", "instances": [{"input", "output"}, ...]}   (one example per instance)
         GSM8K        {"question", "answer"}
         preference   {"prompt", "chosen", "rejected"}   (prompt a string or a messages list)
+        prompt       {"prompt", "answer"?}, or a chat {"messages"} ending with a user turn   (ppo)
         HH-RLHF      {"chosen", "rejected"} full "\\n\\nHuman: ... \\n\\nAssistant: ..." transcripts, split at the
                      last assistant turn (the two must share everything before it)
 A row that fits no format, or breaks the contract, is a quarantined `Record` with its file and line, never a crash.
@@ -242,3 +246,66 @@ def load_preferences(
             yield ({"id": rid, **pair}, None) if pair else (None, Record(rid, reason=why))
 
     return _load_sources(sources, root, "preference", builtin_pairs, file_pairs)
+
+
+# ------------------------------------------------------------------------------------------------ prompts (ppo)
+
+GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$")
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def normalise_number(text: str) -> str | None:
+    """'1,234.50' → '1234.5', '$72' → '72'; None when `text` holds no number."""
+    found = NUMBER.findall(text)
+    if not found:
+        return None
+    value = found[-1].replace(",", "")
+    return value.rstrip("0").rstrip(".") if "." in value else value
+
+
+def final_answer(text: str) -> str | None:
+    """The final number of an answer: after GSM8K's `####` when present, else the last number in the text."""
+    marked = GSM8K_ANSWER.search(text.strip())
+    return normalise_number(marked.group(1) if marked else text)
+
+
+def to_prompt(row: Any) -> tuple[dict | None, str | None]:
+    """{prompt_messages, answer?} from a GSM8K {question, answer}, a {prompt, answer?} or a {messages} row."""
+    if not isinstance(row, dict):
+        return None, f"not a JSON object ({type(row).__name__})"
+    if "question" in row or "prompt" in row:
+        text = row.get("question", row.get("prompt"))
+        messages = [{"role": "user", "content": text}] if isinstance(text, str) else text
+    elif "messages" in row:
+        messages = row["messages"]
+    else:
+        return None, "no known prompt format (question/answer | prompt/answer | messages)"
+    messages, why = check_messages(messages, final_role="user")
+    if why:
+        return None, f"prompt: {why}"
+    out: dict = {"prompt_messages": messages}
+    if "answer" in row:
+        if not isinstance(row["answer"], str) or final_answer(row["answer"]) is None:
+            return None, "answer: holds no final number (GSM8K ends it with '#### <number>')"
+        out["answer"] = final_answer(row["answer"])
+    return out, None
+
+
+def load_prompts(
+    sources: list[str], root: Path, builtin_n: int, seed: int, split: str = "train"
+) -> Iterator[tuple[dict | None, Record | None]]:
+    """(prompt, None) or (None, quarantined Record) for every row of every source, in order."""
+
+    def builtin_prompts() -> Iterator[dict]:
+        from tasks.sources import builtin
+
+        for ex in builtin.generate_instructions(builtin_n, seed, split):
+            yield {"id": ex["id"], "prompt_messages": ex["messages"][:-1], "constraints": ex["constraints"]}
+
+    def file_prompts(path: Path) -> Iterator[tuple[dict | None, Record | None]]:
+        for location, row, reason in read_rows(path):
+            prompt, why = (None, reason) if reason else to_prompt(row)
+            rid = relative_location(location, root)
+            yield ({"id": rid, **prompt}, None) if prompt else (None, Record(rid, reason=why))
+
+    return _load_sources(sources, root, "prompt", builtin_prompts, file_prompts)

@@ -18,9 +18,13 @@ Rules the templates keep, because the checker and the quality filters rely on th
 
 from __future__ import annotations
 
+import functools
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
+
+from tasks.common.degeneration import words
 
 # ------------------------------------------------------------------------------------------------ vocabulary
 
@@ -1606,6 +1610,36 @@ def all_templates() -> list[tuple[str, str]]:
     return [(g, t) for g, ts in groups for t in ts]
 
 
+def _world_texts() -> Iterator[str]:
+    """Every piece of text a story, answer or title can be made of: each template rendered for a "he" and a "she"
+    hero (which writes the words a slot glues onto, like "{him}self"), and every value a slot can take (names,
+    animals, places and their features, objects, feelings, pronouns, ...)."""
+    for pronoun in ("he", "she"):
+        hero = next(name for name, p in NAMES.items() if p == pronoun)
+        values = slots(sample_cast(random.Random(0), name=hero), random.Random(0))
+        yield from (t.format_map(values) for _, t in all_templates())
+    yield from NAMES
+    for place, (preposition, features) in PLACES.items():
+        yield from (place, preposition, *features)
+    pools = (ANIMALS, OBJECTS, COLORS, TRAITS, VIRTUES, FEELINGS, WEATHERS, TIMES, SEASONS, HELPERS, HOMES)
+    pools += (ACTIVITIES, FOODS, SPOTS, SOUNDS, SMELLS, FEARS, PLANTS, LANDS)
+    for pool in pools:
+        yield from pool
+    for plot in PLOTS:
+        yield from plot.lessons
+    for forms in _PRONOUNS.values():
+        yield from forms
+    yield "a an"  # article()
+
+
+@functools.cache
+def vocabulary() -> frozenset[str]:
+    """Every word the world can write, as `tasks.common.degeneration.words` splits text (lowercase letter runs:
+    "Tom's" gives "tom" and "s"). The builtin checker's titles must be made of these words, and the evaluate stage's
+    `nonword_rate` is the share of an answer's words outside this set. Built once, then cached."""
+    return frozenset(w for text in _world_texts() for w in words(text))
+
+
 __all__ = [
     "ANIMALS",
     "CLOZE_ENDINGS",
@@ -1634,4 +1668,5 @@ __all__ = [
     "slots",
     "title_for",
     "mention_regex",
+    "vocabulary",
 ]
