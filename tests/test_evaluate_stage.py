@@ -33,9 +33,16 @@ from tasks.evaluate import (
     summary,
     win_rate,
 )
-from tests.evaluate_fixtures import VAL_TEXTS, pipeline_outputs
+from tests.evaluate_fixtures import VAL_TEXTS, pipeline_outputs, train_tiny
+
+DEGENERATE = [  # the default run's DPO answers to "... Start with a title." prompts: stacked pseudo-titles
+    "Tom and the Sr\nTom and the Kov\nTom and theendden",
+    "Max and the Cyes\nMax and the How B",
+]
 
 SMALL = dict(
+    models={"base": "pretrain", "sft": "sft", "dpo": "dpo"},  # the models pipeline_outputs makes
+    win_rates=["sft:base", "dpo:sft"],
     limit=6,
     val_max_tokens=0,
     benchmarks=["cloze"],
@@ -150,6 +157,18 @@ def test_answer_nll_reads_the_answer_as_plain_text_after_bos(project):
             logits, _ = model(seq[:, :-1], all_logits=True)
         reference = float(torch.nn.functional.cross_entropy(logits[0].double(), seq[0, 1:]))
         assert value == pytest.approx(reference, rel=1e-5)
+
+
+def test_a_base_trained_on_stories_finds_stacked_titles_far_less_fluent(project, tmp_path):
+    from tasks.sources import builtin
+
+    stories = [d.text for d in builtin.generate_corpus(200, 3, 0.0, 0.0, 0.0)]
+    folder = train_tiny(tmp_path / "base", project / "data" / "tokenizer", stories, steps=80)
+    model, tok = load(folder), load_tokenizer(folder)
+    answers = [ex["messages"][1]["content"] for ex in builtin.generate_instructions(8, 4242, "test")]
+    fluent = answer_nll(model, tok, answers, batch_size=8, device="cpu")
+    degenerate = answer_nll(model, tok, DEGENERATE, batch_size=8, device="cpu")
+    assert max(fluent) + 0.5 < min(degenerate), (fluent, degenerate)  # 80 steps: about 3.7 vs 4.6+
 
 
 def test_fluency_without_the_base_model_is_skipped_with_the_reason(project):

@@ -177,7 +177,7 @@ def test_default_degeneration_gates_pass_stories_and_refuse_stacked_titles():
     assert not mixed["max_repeated_line_rate"] and not mixed["max_nonword_rate"] and mixed["min_distinct_2"]
     # one answer for every prompt: distinct-2 collapses
     assert not text_gates([stories[0]] * 16, fluency_gap=0.3)["min_distinct_2"]
-    assert not text_gates(stories, fluency_gap=1.5)["max_fluency_gap"]
+    assert not text_gates(stories, fluency_gap=2.4)["max_fluency_gap"]  # 3% of the words made up
 
 
 def test_promote_section_is_validated():
