@@ -38,6 +38,14 @@ TINY = {
     "sft": {"builtin_train": 64, "builtin_val": 8, "sampling": SAMPLING, "train": {**TRAIN, "max_steps": 4}},
     "reward": {"builtin_train": 64, "builtin_val": 16, "train": {**TRAIN, "max_steps": 4}},
     "dpo": {"builtin_train": 32, "builtin_val": 8, "sampling": SAMPLING, "train": {**TRAIN, "max_steps": 3}},
+    "ppo": {
+        "builtin_train": 16,
+        "builtin_val": 4,
+        "max_new_tokens": 24,
+        "group_size": 2,
+        "sampling": SAMPLING,
+        "train": {**TRAIN, "batch_size": 4, "micro_batch_size": 4, "max_steps": 2, "warmup_steps": 0},
+    },
     "evaluate": {"limit": 4, "val_max_tokens": 1024, "sampling": SAMPLING, "sample_max_new_tokens": 8},
 }
 
@@ -69,6 +77,7 @@ def test_whole_pipeline_tiny(tmp_path, mlflow_uri):
         "sft",
         "reward",
         "dpo",
+        "ppo",
         "evaluate",
         "register",
     ]
@@ -93,4 +102,4 @@ def test_whole_pipeline_tiny(tmp_path, mlflow_uri):
     )
     assert sorted(r.info.run_name for r in children) == sorted(stages)
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
-    assert {"base", "sft", "dpo"} <= set(evaluation)
+    assert {"base", "sft", "dpo", "ppo"} <= set(evaluation)
