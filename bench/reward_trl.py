@@ -7,9 +7,9 @@ the same backbone, pairs, steps and batch within noise, and the tokens/s of the 
 
 Runbook (from the repository root)
     .venv/bin/pip install -c requirements.lock -e '.[bench]'   # once: trl, a bench-only extra (pyproject.toml)
-    .venv/bin/python -m bench.reward_trl              # THE figure: 40 steps x 16 pairs each, 1 thread each
-    .venv/bin/python -m bench.reward_trl --steps 100  # one epoch of the 1,619 training pairs (~2.5x longer)
-    .venv/bin/python -m bench.reward_trl --steps 6 --warmup 2 --work /tmp/rt-smoke     # a smoke test (~3 minutes)
+    .venv/bin/python -m bench.reward_trl              # THE figure: 100 steps x 16 pairs (one epoch), 4-6 minutes
+    .venv/bin/python -m bench.reward_trl --seed 7     # another draw of backbone, head and data order
+    .venv/bin/python -m bench.reward_trl --steps 6 --warmup 2 --work /tmp/rt-smoke     # a smoke test (~1 minute)
     .venv/bin/python -m bench.reward_trl --backbone data/sft/model            # a trained SFT backbone
     .venv/bin/python -m bench.reward_trl --only ours -v                       # one contender, its output live
     .venv/bin/python -m bench.reward_trl --trl-shuffle                        # TRL's own random order
@@ -62,9 +62,12 @@ Measuring
   Differences that stay, by design: the heads' init (ours N(0, 1/sqrt(D+1)) with a bias, HF's score N(0, 0.02) and
   no bias), HF's warmup starting at lr 0 (ours at lr / warmup) and ending its cosine one step later, HF's default
   AdamW implementation, and the model code (ours vs transformers' Llama with SDPA).
-Noise: a held-out set of ~180 pairs gives an accuracy interval of about ±7 points; the paired interval of the
-  difference is narrower (both models score the same pairs). A tiny model on harmless-base sits near 50-60 %.
-Machine: CPU (the reward stage's DeepSpeed on CPU); 2 cores here.
+Noise: 187 held-out pairs give an accuracy interval of about ±7 points; the paired interval of the difference is
+  narrower (both models score the same pairs) but covers the draw of held-out pairs only, not the training run's
+  own randomness (seed: backbone, head init and data order; even the thread count, through reduction order, moved
+  one contender by 4 points): judge "within noise" over seeds (--seed). A tiny model on harmless-base sits near
+  50-60 % (docs/BENCHMARKS.md, "Reward model on HH-RLHF vs TRL RewardTrainer").
+Machine: CPU only (the reward stage's DeepSpeed on CPU ranks); 2 cores here.
 """
 
 from __future__ import annotations
@@ -95,7 +98,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench.reward_trl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--steps", type=int, default=40, help="optimizer steps of each contender")
+    p.add_argument("--steps", type=int, default=100, help="optimizer steps of each contender")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default: params reward.train)")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: params reward.train.lr)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: params reward.train)")
@@ -169,6 +172,7 @@ def fresh_work_folder(work: Path | None) -> Path:
 
 
 def default_backbone(arg: str | None) -> str:
+    """--backbone, else the checkout's data/sft/model when there is one, else `random`."""
     if arg:
         return arg
     return (
@@ -193,8 +197,18 @@ def place_backbone(arg: str, project: Path, cfg, preset: str) -> str:
             shutil.copy2(source / name, tok_dir / name)
     from model.hf import load_config
 
-    n = load_config(model_dir).n_params()
-    return f"{source} (copied; {n / 1e6:.2f}M params; its own tokenizer files)"
+    cfg_ = load_config(model_dir)
+    return (
+        f"{source} (copied; {cfg_.n_params() / 1e6:.2f}M params, vocab {cfg_.vocab_size:,}, "
+        f"model.safetensors sha256 {weights_sha(model_dir)}; its own tokenizer files)"
+    )
+
+
+def weights_sha(model_dir: Path) -> str:
+    """The first 12 hex digits of the backbone weights' sha256 (which backbone a figure came from)."""
+    from tasks.common.dvcio import file_sha256
+
+    return file_sha256(model_dir / "model.safetensors")[:12]
 
 
 def build_random_backbone(project: Path, cfg, preset: str, model_dir: Path, tok_dir: Path) -> str:
@@ -218,7 +232,8 @@ def build_random_backbone(project: Path, cfg, preset: str, model_dir: Path, tok_
     save(Llama(model_cfg), model_dir, tokenizer_dir=tok_dir)
     return (
         f"random init of preset {preset!r} ({model_cfg.n_params() / 1e6:.2f}M params, seed {cfg.train.seed}), "
-        f"BPE {tok.get_vocab_size():,} trained on the {len(loaded.train):,} training pairs' text"
+        f"BPE {tok.get_vocab_size():,} trained on the {len(loaded.train):,} training pairs' text, "
+        f"model.safetensors sha256 {weights_sha(model_dir)}"
     )
 
 
@@ -587,7 +602,8 @@ def print_summary(out: dict) -> None:
     print(
         f"both: {t['max_steps']} steps x {t['batch_size']} pairs, lr {t['lr']:g} (warmup {t['warmup_steps']}, cosine "
         f"to x{t['min_lr_ratio']}), AdamW ({t['beta1']}, {t['beta2']}), clip {t['grad_clip']}, seed {t['seed']}, "
-        f"{t['precision']}, {s['threads']} threads; TRL order: {'its own shuffle' if s['trl_shuffle'] else 'the stage'}"
+        f"{t['precision']}, {s['threads']} thread(s) each; "
+        f"TRL order: {'its own shuffle' if s['trl_shuffle'] else 'the stage'}"
     )
     print(f"machine: {s['machine']}, torch {s['torch']}, transformers {s['transformers']}, trl {s['trl']}\n")
     header = f"{'contender':<22}{'held-out acc':>13}{'95 % CI':>17}{'margin':>9}{'loss10':>8}"
