@@ -73,7 +73,8 @@ def ppo_config(changes: dict, steps: int | None):
 
     cfg = load_section("ppo")
     train = dataclasses.replace(cfg.train, **changes.get("train", {}), **({"max_steps": steps} if steps else {}))
-    rest = {k: v for k, v in changes.items() if k != "train"}
+    rest = {k: v for k, v in changes.items() if k not in ("train", "sampling")}
+    rest["sampling"] = dataclasses.replace(cfg.sampling, **changes.get("sampling", {}))
     if "sources" in rest:
         rest["sources"] = [str((ROOT / s).resolve()) for s in rest["sources"]]
     return dataclasses.replace(cfg, **rest, train=train)

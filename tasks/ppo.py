@@ -97,7 +97,7 @@ class PpoConfig(AlignmentData):
     """Optimizer updates per pass: each micro batch's answers are cut into this many minibatches."""
     clip_eps: float = 0.2
     """PPO's ratio clip: the policy may move each token's probability by this share per rollout batch."""
-    kl_coef: float = 0.05
+    kl_coef: float = 0.02
     """β: weight of the KL to the reference (in the reward for ppo/rloo, in the loss for grpo); the start value
     when adaptive."""
     kl_target: float = 0.0
@@ -114,13 +114,13 @@ class PpoConfig(AlignmentData):
     """ppo: GAE λ."""
     unfinished_penalty: float = 0.5
     """Subtracted from the reward of an answer that did not end within max_new_tokens."""
-    max_new_tokens: int = 128
+    max_new_tokens: int = 200
     """Longest rollout answer (prompts longer than max_len minus this are quarantined)."""
     temperature: float = 1.0
     """Rollout sampling temperature; log-probs are taken at the same temperature."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            batch_size=8, micro_batch_size=8, max_steps=30, lr=2.0e-5, warmup_steps=2, log_every=5, eval_every=10
+            batch_size=8, micro_batch_size=8, max_steps=24, lr=1.0e-4, warmup_steps=2, log_every=2, eval_every=12
         )
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -214,7 +214,7 @@ def test_grpo_stage_logs_the_rl_curves_evaluates_and_compares_with_its_start(wor
         assert all(math.isfinite(r[key]) for r in train), key
     assert [r["step"] for r in rows if "val/checker" in r] == [6, 12]
     assert 0 <= m["rollout_checker_last"] <= 1 and m["rollout_tokens_per_s"] > 0 and m["seconds_per_step"] > 0
-    assert all(r["train/kl_coef"] == pytest.approx(0.05) for r in train)  # fixed β
+    assert all(r["train/kl_coef"] == pytest.approx(stage_config().kl_coef) for r in train)  # fixed β
     assert "ppo_satisfaction" in m and "win_rate" in m and isinstance(m["reward_hacking"], bool)
     assert (root / "data/ppo/model/model.safetensors").is_file()
 
