@@ -68,20 +68,36 @@ def print_run_summary(result: dict, seconds: float) -> None:
     print(f"  outputs  {ROOT / 'data'}/<stage>/   metrics: {ROOT / 'metrics'}/<stage>.json")
     print(f"  mlflow   parent run {result['parent_run_id']} in {result['tracking_uri']}")
     if result["tracking_uri"].startswith("sqlite"):
-        print(f"           browse: mlflow ui --backend-store-uri {result['tracking_uri']}")
+        from tasks.register import ui_command
+
+        print(f"           browse: {ui_command()}")
     for line in next_steps():
         print(f"  {line}")
 
 
 def next_steps() -> list[str]:
-    """Pointers to what the pipeline produced that a user acts on next (model, report)."""
+    """Pointers to what the pipeline produced that a user acts on next (report, then chat / serve / promote the
+    registered model), each command pasteable into a fresh shell in the project folder."""
     lines = []
     if (ROOT / "reports" / "report.md").is_file():
         lines.append(f"report   {ROOT / 'reports' / 'report.md'}")
-    if (ROOT / "data" / "register").is_dir():
-        lines.append("chat     scratchlm chat")
-        lines.append("serve    mlflow models serve -m models:/scratchlm@challenger --env-manager local -p 5001")
+    record = registered_record()
+    if record:
+        from tasks.register import next_command_lines
+
+        lines += next_command_lines(record)
     return lines
+
+
+def registered_record() -> dict | None:
+    """data/register/registered.json (the version the register stage made), or None when absent or unreadable."""
+    import json
+
+    try:
+        record = json.loads((ROOT / "data" / "register" / "registered.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("model_uri"), str) else None
 
 
 def cmd_stage(args: argparse.Namespace) -> int:

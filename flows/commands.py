@@ -42,7 +42,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     plots = sorted(p.name for p in REPORT.parent.glob("*.png"))
     print(f"report   {REPORT}")
     print(f"plots    {', '.join(plots) or '(none)'}  in {REPORT.parent}/")
-    print("mlflow   artifacts `report/` of the latest `evaluate` run (mlflow ui → experiment scratchlm)")
+    from tasks.register import ui_command
+
+    print(f"mlflow   artifacts `report/` of the latest `evaluate` run ({ui_command()} → experiment scratchlm)")
     return 0
 
 
@@ -236,6 +238,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
         print(f"\n{name} v{version} is already @champion")
     else:
         print(f"\ndry run: {name} v{version} passes every gate")
+        return 0
+    from tasks.register import activate_command, serve_command
+
+    if activate := activate_command():
+        print(f"first:    {activate}")
+    print(f"serve:    {serve_command(f'models:/{name}@champion')}")
     return 0
 
 

@@ -16,7 +16,8 @@ What happens
     3. all pass → `@champion` moves to the challenger (the old champion keeps `@previous_champion` for a roll
        back); any fails → nothing moves and the flow says which gate failed and why. Either way the verdict is
        tagged on the challenger version (`promotion`, `promotion.<gate>`).
-Serving follows the alias: `mlflow models serve -m models:/scratchlm@champion --env-manager local`.
+Serving follows the alias: `MLFLOW_TRACKING_URI=sqlite:///mlruns.db mlflow models serve -m
+models:/scratchlm@champion --env-manager local -p 5001` (`scratchlm promote` prints it for this project's store).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 Every stage writes and reads "consolidated weights" through these helpers, and any HF tool (transformers,
 lm-evaluation-harness, vLLM, mlflow.transformers) can load the same folder:
 
-    save(model, "out/pretrain/model", tokenizer_dir="out/tokenizer")   # config.json, model.safetensors,
-                                                                        # generation_config.json, tokenizer files
+    save(model, "out/pretrain/model", tokenizer_dir="out/tokenizer",   # config.json, model.safetensors,
+         stop_tokens=("<|end|>", "<|endoftext|>"))                     # generation_config.json, tokenizer files
     model = load("out/pretrain/model", device="cpu")                    # -> Llama (float32 unless dtype= given)
     cfg = load_config("out/pretrain/model")                             # -> ModelConfig
 
@@ -13,6 +13,11 @@ plus a ``"scratchlm"`` key with ``ModelConfig.to_dict()``; import checks that th
 another tool (no ``"scratchlm"`` key) is imported from its HF keys when it is a plain Llama (SiLU, no biases, default
 RoPE); anything else is refused with the reason. Weight names are translated by ``to_hf_names`` /
 ``from_hf_names``; tied embeddings are stored once (``model.embed_tokens.weight``, no ``lm_head.weight``).
+
+``stop_tokens`` names every token generation ends at (a chat model's end of turn as well as the tokenizer's end of
+text): their ids become ``eos_token_id`` as a list, in config.json and generation_config.json alike, so
+``transformers``' ``generate`` stops at any of them, as Llama 3's folders do. The tokenizer's own ``eos_token`` is
+left as it is. The model card (README.md) is ``model/card.py``'s, written by the stage once its metrics are known.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -37,6 +42,7 @@ __all__ = [
     "load_config",
     "save",
     "load",
+    "stop_token_ids",
     "to_hf_names",
     "from_hf_names",
     "hf_config_dict",
@@ -47,7 +53,8 @@ __all__ = [
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
-_OUR_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, "model.safetensors.index.json"}
+CARD_NAME = "README.md"
+_OUR_FILES = {WEIGHTS_NAME, CONFIG_NAME, GENERATION_CONFIG_NAME, CARD_NAME, "model.safetensors.index.json"}
 
 # ours -> HF, per layer ("{i}" is the layer index)
 _LAYER_NAMES = {
@@ -132,8 +139,12 @@ def _rename(
 # ---- config ----------------------------------------------------------------------------------------------------
 
 
+TokenIds = dict[str, int | list[int] | None]
+"""bos/eos/pad ids of a folder; eos may be a list (every stop token)."""
+
+
 def hf_config_dict(
-    cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: dict[str, int | None] | None = None
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, token_ids: TokenIds | None = None
 ) -> dict[str, Any]:
     """The config.json of a LlamaForCausalLM with our shape, plus {"scratchlm": cfg.to_dict()}."""
     token_ids = token_ids or {}
@@ -231,6 +242,20 @@ def load_config(path: str | Path) -> ModelConfig:
 # ---- tokenizer files -------------------------------------------------------------------------------------------
 
 
+def _tokenizer_vocab(tokenizer_dir: Path) -> dict[str, int]:
+    """Token → id from tokenizer.json: the model's vocabulary plus the added (special) tokens; empty without one."""
+    tok_file = tokenizer_dir / "tokenizer.json"
+    if not tok_file.is_file():
+        return {}
+    data = json.loads(tok_file.read_text())
+    vocab: dict[str, int] = {}
+    model_vocab = data.get("model", {}).get("vocab")
+    if isinstance(model_vocab, dict):
+        vocab.update(model_vocab)
+    vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    return vocab
+
+
 def _special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
     """bos/eos/pad ids named in tokenizer_config.json (or special_tokens_map.json), looked up in tokenizer.json."""
     names: dict[str, str] = {}
@@ -244,15 +269,25 @@ def _special_token_ids(tokenizer_dir: Path) -> dict[str, int | None]:
                     token = token.get("content")
                 if isinstance(token, str):
                     names[role] = token
-    vocab: dict[str, int] = {}
-    tok_file = tokenizer_dir / "tokenizer.json"
-    if tok_file.is_file():
-        data = json.loads(tok_file.read_text())
-        model_vocab = data.get("model", {}).get("vocab")
-        if isinstance(model_vocab, dict):
-            vocab.update(model_vocab)
-        vocab.update({t["content"]: t["id"] for t in data.get("added_tokens", [])})
+    vocab = _tokenizer_vocab(tokenizer_dir)
     return {f"{role}_token_id": vocab.get(tok) for role, tok in names.items()}
+
+
+def stop_token_ids(tokenizer_dir: str | Path | None, stop_tokens: Sequence[str]) -> list[int]:
+    """Ids of `stop_tokens` in the tokenizer's tokenizer.json, then its eos token's if not among them.
+
+    A name the tokenizer lacks is a ValueError naming it and the file: a folder whose generation never stops is
+    worse than a stage that fails."""
+    if not tokenizer_dir:
+        raise ValueError(f"stop_tokens {list(stop_tokens)} need tokenizer_dir (their ids are the tokenizer's)")
+    folder = Path(tokenizer_dir)
+    vocab = _tokenizer_vocab(folder)
+    missing = [t for t in stop_tokens if t not in vocab]
+    if missing:
+        raise ValueError(f"{folder / 'tokenizer.json'}: no stop token {', '.join(missing)} in the tokenizer")
+    ids = [vocab[t] for t in stop_tokens]
+    eos = _special_token_ids(folder).get("eos_token_id")
+    return ids + ([eos] if eos is not None and eos not in ids else [])
 
 
 # ---- export / import -------------------------------------------------------------------------------------------
@@ -266,13 +301,16 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     *,
     bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    stop_tokens: Sequence[str] = (),
 ) -> Path:
     """Write an HF LlamaForCausalLM folder: config.json, model.safetensors, generation_config.json, tokenizer files.
 
     model_or_state: a Llama (cfg may then be None) or our state_dict. tokenizer_dir: its files are copied and its
-    bos/eos/pad ids go into the configs; explicit *_token_id arguments win. Returns out_dir.
+    bos/eos/pad ids go into the configs. stop_tokens: the tokens generation ends at (e.g. `<|end|>`,
+    `<|endoftext|>`), looked up in the tokenizer: eos_token_id becomes their ids, a list, plus the tokenizer's eos.
+    Explicit *_token_id arguments win. Returns out_dir.
     """
     if isinstance(model_or_state, Llama):
         cfg = cfg or model_or_state.cfg
@@ -286,8 +324,11 @@ def export_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    token_ids = _special_token_ids(Path(tokenizer_dir)) if tokenizer_dir else {}
-    explicit = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    token_ids: TokenIds = {**(_special_token_ids(Path(tokenizer_dir)) if tokenizer_dir else {})}
+    if stop_tokens:
+        token_ids["eos_token_id"] = stop_token_ids(tokenizer_dir, stop_tokens)
+    eos = list(eos_token_id) if isinstance(eos_token_id, Sequence) else eos_token_id
+    explicit = {"bos_token_id": bos_token_id, "eos_token_id": eos, "pad_token_id": pad_token_id}
     token_ids.update({k: v for k, v in explicit.items() if v is not None})
 
     tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in to_hf_names(state, cfg).items()}
@@ -350,10 +391,13 @@ def save(
     out_dir: str | Path,
     tokenizer_dir: str | Path | None = None,
     dtype: torch.dtype = torch.float32,
-    **token_ids: int | None,
+    stop_tokens: Sequence[str] = (),
+    **token_ids: int | Sequence[int] | None,
 ) -> Path:
-    """Checkpoint a Llama as an HF folder (see export_hf)."""
-    return export_hf(model, model.cfg, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, **token_ids)
+    """Checkpoint a Llama as an HF folder (see export_hf; stop_tokens: what generation ends at)."""
+    return export_hf(
+        model, model.cfg, out_dir, tokenizer_dir=tokenizer_dir, dtype=dtype, stop_tokens=stop_tokens, **token_ids
+    )
 
 
 def load(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Llama:

@@ -12,7 +12,8 @@ Reads   data/sft/model/           the SFT HF Llama: the policy's starting weight
         data/reward/model/        the reward model (RewardModel.load): judges DPO answers against SFT answers
         data/tokenizer/           tokenizer.json with the chat special tokens
         `dpo.sources`             builtin:preferences and/or prompt/chosen/rejected or HH-RLHF .jsonl files
-Writes  data/dpo/model/           the aligned policy, an HF Llama folder with the tokenizer files (model.hf.save)
+Writes  data/dpo/model/           the aligned policy, an HF Llama folder with the tokenizer files (model.hf.save;
+                                  every stop token in generation_config.json) and its model card (README.md)
         data/dpo/quarantine.jsonl every row that could not be used: {location, reason, source}
         data/dpo/samples.jsonl    SFT and DPO answers to the held-out prompts, with constraints and rewards
         data/dpo/history.jsonl    the logged training curve
@@ -38,10 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model.card import write_card
 from model.heads import RewardModel
 from model.hf import load, save
 from model.losses import dpo_loss
 from tasks.common import alignment as al
+from tasks.common.chat import STOP_TOKENS
 from tasks.common.config import as_dict, check
 from tasks.common.distributed import init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
@@ -185,7 +188,7 @@ def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     if policy is None:  # ranks other than 0
         return None
 
-    save(policy, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
+    folder = save(policy, paths.out / "model", tokenizer_dir=up.tokenizer_dir, stop_tokens=STOP_TOKENS)
     metrics = {**summary, **al.data_metrics(loaded, truncated, up.max_len), "beta": cfg.beta}
     if cfg.sampling.prompts:
         metrics.update(
@@ -199,6 +202,15 @@ def run(cfg: DpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
         )
         tracker.log_artifact(paths.out / "samples.jsonl", "dpo")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "dpo")
+    write_card(
+        folder,
+        stage="dpo",
+        training=f"direct preference optimisation on chosen/rejected answer pairs (beta {cfg.beta:g}), "
+        "with its starting model, frozen, as the reference",
+        base=f"the {up.model_stage} stage's model (data/{up.model_stage}/model)",
+        params=info,
+        metrics=metrics,
+    )
     return metrics
 
 

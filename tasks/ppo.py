@@ -27,7 +27,8 @@ Writes  data/ppo/model/           the trained policy, an HF Llama folder with th
                                   train/clip_fraction, train/value_loss, train/response_length, ...; val/* at each
                                   evaluation (checker score and satisfaction on the stage's held-out prompts)
         metrics/ppo.json          the run's figures; <init>_* vs ppo_* satisfaction, reward, answer length; win rate;
-                                  KL to the reference; `reward_hacking` (the RM's reward rose while the checker fell)
+                                  KL to the reference; `reward_hacking` (trained on the RM: the RM's score rose while
+                                  the checker's satisfaction fell)
 Checks  rows in no prompt format, with no checkable answer, or too long to leave room for an answer are quarantined
         and counted (rows_in = train + val + quarantined).
 Algorithm (one step = one rollout batch of `train.batch_size` prompts, then ppo_epochs x minibatches updates)
@@ -62,10 +63,12 @@ from typing import Literal
 import torch
 
 from model import generate
+from model.card import write_card
 from model.heads import PolicyWithValue, RewardModel
 from model.hf import load, save
 from model.losses import gae_advantages, masked_mean, ppo_losses, token_logprobs
 from tasks.common import alignment as al
+from tasks.common.chat import STOP_TOKENS
 from tasks.common.config import as_dict, check
 from tasks.common.distributed import all_reduce_sum, init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
@@ -565,7 +568,8 @@ def curve_ends(history: Path) -> dict[str, float]:
 
 
 def reward_hacking(metrics: dict, init: str) -> bool:
-    """The reward model prefers the trained policy's answers while the checker finds them worse."""
+    """The reward model prefers the trained policy's answers while the checker finds them worse (what the stage
+    reports when it trained on the reward model: the policy learned the RM's taste, not the prompts' asks)."""
     return (
         metrics["ppo_reward"] > metrics[f"{init}_reward"]
         and metrics["ppo_satisfaction"] < metrics[f"{init}_satisfaction"]
@@ -631,7 +635,7 @@ def run(cfg: PpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     if policy is None:  # ranks other than 0
         return None
 
-    save(policy.lm, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
+    folder = save(policy.lm, paths.out / "model", tokenizer_dir=up.tokenizer_dir, stop_tokens=STOP_TOKENS)
     metrics = {
         **summary,
         **al.data_metrics(loaded, 0, up.max_len),
@@ -645,8 +649,17 @@ def run(cfg: PpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
         policies = {cfg.init: reference.cpu(), "ppo": policy.lm}
         judge = reward_model.cpu() if reward_model is not None else RewardModel.load(reward_dir)
         metrics.update(compare_policies(policies, judge, up.tok, cfg.sampling, paths.out / "samples.jsonl"))
-        metrics["reward_hacking"] = reward_hacking(metrics, cfg.init)
+        metrics["reward_hacking"] = cfg.uses_rm and reward_hacking(metrics, cfg.init)
         tracker.log_artifact(paths.out / "samples.jsonl", "ppo")
+    write_card(
+        folder,
+        stage="ppo",
+        training=f"{cfg.algorithm} on the {cfg.reward} reward, KL β {cfg.kl_coef} to the starting policy "
+        f"({cfg.train.max_steps} steps x {cfg.train.batch_size} prompts x {cfg.group_size} answers)",
+        base=f"the {up.model_stage} stage's model (data/{up.model_stage}/model)",
+        params=info,
+        metrics=metrics,
+    )
     tracker.log_artifact(paths.out / "quarantine.jsonl", "ppo")
     return metrics
 

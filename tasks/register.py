@@ -2,9 +2,12 @@
 
 Runbook
     dvc repro register                         # or: scratchlm stage register / python -m tasks.register
-    scratchlm promote                          # then: move @champion here if the gates in params.yaml pass
-    mlflow models serve -m models:/scratchlm@challenger --env-manager local -p 5001
     scratchlm chat --model models:/scratchlm@challenger
+    MLFLOW_TRACKING_URI=sqlite:///mlruns.db mlflow models serve -m models:/scratchlm@challenger \
+        --env-manager local -p 5001            # MLflow's own commands default to ./mlflow.db: name the store
+    scratchlm promote                          # then: move @champion here if the gates in params.yaml pass
+    The closing summary prints these for a fresh shell in the project folder (`next_commands`): the store as
+    `tracking_uri()` names it, after `source .venv/bin/activate` while that environment is not the active one.
 
 Reads   data/<register.model_stage>/model/     the final model (DPO by default): an HF LlamaForCausalLM folder with
                                                its tokenizer and chat template
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -40,7 +45,7 @@ from pathlib import Path
 from tasks.common.config import ROOT, ScratchError, check
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
 from tasks.common.stage import stage_main
-from tasks.common.tracking import PARENT_ENV, Tracker, dvc_lock_tags, flatten, git_commit
+from tasks.common.tracking import PARENT_ENV, Tracker, dvc_lock_tags, flatten, git_commit, tracking_uri
 
 PYFUNC_FILE = ROOT / "tasks" / "common" / "pyfunc.py"
 CODE_PATHS = [ROOT / "model", ROOT / "tasks" / "common" / "chat.py"]
@@ -315,16 +320,77 @@ def run(cfg: RegisterConfig, paths: StagePaths, tracker: Tracker) -> dict:
     return {"version": record["version"], "eval": numbers}
 
 
+# ------------------------------------------------------------------------------------------------ next commands
+
+SERVE_PORT = 5001
+"""The port the printed serve command listens on."""
+NOTES = {
+    "first": "(once per new shell: make uses .venv without activating it in yours)",
+    "serve": '(requests: README.md, "Serving")',
+    "promote": "(moves @champion here when the gates in params.yaml pass)",
+}
+"""What the closing summary says beside each next command."""
+
+
+def activate_command() -> str | None:
+    """`source .venv/bin/activate` when this Python is a virtual environment that is not the active one (`make run`
+    puts .venv/bin on its own PATH only), else None. A fresh shell needs it before `scratchlm` and `mlflow`, and
+    `mlflow models serve` needs it even when called by path: it starts `uvicorn` from PATH."""
+    if sys.prefix == sys.base_prefix:
+        return None
+    active = os.environ.get("VIRTUAL_ENV")
+    if active and Path(active).resolve() == Path(sys.prefix).resolve():
+        return None
+    script = Path(sys.prefix).resolve() / "bin" / "activate"
+    return f"source {shlex.quote(str(script.relative_to(ROOT) if script.is_relative_to(ROOT) else script))}"
+
+
+def serve_command(model_uri: str, port: int = SERVE_PORT) -> str:
+    """`mlflow models serve` for `model_uri`, told the tracking store the project uses (unset, MLflow would look in
+    ./mlflow.db, create it, and find no registered model)."""
+    return (
+        f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri())} mlflow models serve "
+        f"-m {shlex.quote(model_uri)} --env-manager local -p {port}"
+    )
+
+
+def ui_command() -> str:
+    """How to browse the tracking store: `mlflow ui --backend-store-uri <uri>` for a local one, the server's URL."""
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {shlex.quote(uri)}"
+
+
+def next_commands(record: dict) -> dict[str, str]:
+    """What to run once `record` (registered.json) is registered, in order, for a fresh shell in the project folder:
+    activate the environment (when needed), chat with the version, serve it (the alias it has now), promote it."""
+    activate = activate_command()
+    return {
+        **({"first": activate} if activate else {}),
+        "chat": f"scratchlm chat --model {shlex.quote(record['model_uri'])}",
+        "serve": serve_command(record["model_uri"]),
+        "promote": "scratchlm promote",
+    }
+
+
 def summary(m: dict, paths: StagePaths) -> list[str]:
-    """Which version got the alias, what it answered, and the next commands (promote, serve)."""
+    """Which version got the alias, what it answered, and the next commands (chat, serve, promote)."""
     r = read_json(paths.out / "registered.json")
     return [
         f"{r['name']} version {r['version']} is @{r['alias']}: the {r['model_stage']} model, evaluated as "
         f"{r['eval_label']!r}"
         + "".join(f", {k} {m['eval'][k]:.4f}" for k in ("val_bpb", "satisfaction") if k in m["eval"]),
         f"smoke test answered {r['smoke_test'][:60]!r}",
-        f"next: scratchlm promote (moves @champion when the gates in params.yaml pass); serve: "
-        f"mlflow models serve -m {r['model_uri']} --env-manager local -p 5001",
+        *next_command_lines(r),
+    ]
+
+
+def next_command_lines(record: dict) -> list[str]:
+    """`name     command   (note)` per next command (the closing summaries of register and `scratchlm run`)."""
+    return [
+        f"{name:<8} {command}" + (f"   {NOTES[name]}" if name in NOTES else "")
+        for name, command in next_commands(record).items()
     ]
 
 

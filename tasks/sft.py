@@ -14,7 +14,8 @@ Reads   data/pretrain/model/      the pretrained HF Llama folder (model.hf.load)
         `sft.sources`             builtin:instructions (seeded, constraints a program can check) and/or .json/.jsonl
                                   files: chat messages, Alpaca instruction/input/output, Self-Instruct, GSM8K
                                   question/answer (tasks/sources/instructions.py)
-Writes  data/sft/model/           the fine-tuned HF Llama folder with the tokenizer files (model.hf.save)
+Writes  data/sft/model/           the fine-tuned HF Llama folder with the tokenizer files (model.hf.save; every
+                                  stop token in generation_config.json) and its model card (README.md)
         data/sft/quarantine.jsonl every row that could not be used: {location, reason}
         data/sft/samples.jsonl    answers of the base and SFT models to the held-out prompts, with their constraints
         data/sft/history.jsonl    the logged training curve (train/*, val/*)
@@ -38,8 +39,10 @@ from pathlib import Path
 
 import torch
 
+from model.card import write_card
 from model.hf import load, save
 from tasks.common import alignment as al
+from tasks.common.chat import STOP_TOKENS
 from tasks.common.config import as_dict
 from tasks.common.distributed import init_distributed
 from tasks.common.dvcio import StagePaths, fresh_dir, write_jsonl
@@ -180,13 +183,21 @@ def run(cfg: SftConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
     if model is None:  # ranks other than 0
         return None
 
-    save(model, paths.out / "model", tokenizer_dir=up.tokenizer_dir)
+    folder = save(model, paths.out / "model", tokenizer_dir=up.tokenizer_dir, stop_tokens=STOP_TOKENS)
     metrics = {**summary, **al.data_metrics(loaded, data.truncated, up.max_len), "mean_train_tokens": mean_len}
     if cfg.sampling.prompts:
         base = load(up.model_dir) if cfg.eval_base else None
         metrics.update(satisfaction_report(model, base, up.tok, cfg.sampling, paths.out / "samples.jsonl"))
         tracker.log_artifact(paths.out / "samples.jsonl", "sft")
     tracker.log_artifact(paths.out / "quarantine.jsonl", "sft")
+    write_card(
+        folder,
+        stage="sft",
+        training="supervised fine-tuning on chat conversations (the loss on the assistant's tokens and `<|end|>`)",
+        base=f"the {up.model_stage} stage's model (data/{up.model_stage}/model)",
+        params=info,
+        metrics=metrics,
+    )
     return metrics
 
 

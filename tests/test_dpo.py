@@ -20,8 +20,10 @@ from tests.alignment_fixtures import (
     reward_config,
     run_stage,
     sft_config,
+    smoke_train,
     stage_root,
 )
+from tests.evaluate_fixtures import pipeline_outputs
 
 
 def small_batch() -> al.PairBatch:
@@ -43,6 +45,23 @@ def test_dpo_loss_starts_at_log2_and_counts_the_reply_only():
     logps = al.response_logprobs(policy, batch)
     assert m2["chosen_nll"].item() == pytest.approx(-logps[0].item() / 3, rel=1e-5)  # 3 chosen reply tokens
     assert loss2.item() == pytest.approx(math.log(2) + 0.5 * m2["chosen_nll"].item(), rel=1e-5)
+
+
+def test_the_exported_folder_stops_at_every_stop_token_and_has_a_card(tmp_path):
+    """Two steps on fixture upstreams (random tiny models): generation_config.json and config.json list <|end|> and
+    <|endoftext|>, and README.md is the model card with this stage's params and its end comparison."""
+    root = pipeline_outputs(tmp_path, stages=("pretrain", "sft"), reward=True)
+    sampling = SamplingConfig(prompts=2, max_new_tokens=8, batch_size=2)
+    run_stage(
+        "dpo", dpo_config(builtin_train=8, builtin_val=4, train=smoke_train(max_steps=2), sampling=sampling), root
+    )
+    folder = root / "data" / "dpo" / "model"
+    stops = list(al.load_tokenizer(folder).stop_ids)
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == stops
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == stops
+    card = (folder / "README.md").read_text()
+    assert "# scratchlm dpo model" in card and "base: the sft stage's model (data/sft/model)" in card
+    assert "| `dpo.beta` | 0.1 |" in card and "| `val_kl` |" in card and "| `dpo_satisfaction` |" in card
 
 
 @pytest.mark.slow

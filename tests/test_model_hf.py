@@ -95,9 +95,11 @@ def test_tokenizer_files_copied_and_special_ids_found(tmp_path):
     (tok / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<|endoftext|>", "eos_token": {"content": "<|endoftext|>"}, "pad_token": "<|pad|>"})
     )
+    (tok / "README.md").write_text("the card of another model")  # e.g. tokenizer_dir is an upstream model folder
     out = tmp_path / "model"
     save(make(), out, tokenizer_dir=tok)
     assert (out / "tokenizer.json").read_text() == (tok / "tokenizer.json").read_text()
+    assert not (out / "README.md").exists()  # a card describes its own folder: never copied
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (0, 0, 1)
 
@@ -128,3 +130,101 @@ def test_plain_hf_folder_imports_and_bad_folders_are_refused(tmp_path):
     save_file(weights, str(tmp_path / "model.safetensors"))
     with pytest.raises(KeyError, match=r"missing \['norm.weight'\]"):
         import_hf(tmp_path)
+
+
+# ---- stop tokens and the model card ---------------------------------------------------------------------------
+
+CONVERSATION = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello there, my friend."}]
+
+
+@pytest.fixture(scope="module")
+def chat_tokenizer(tmp_path_factory):
+    """A tokenizer folder as the tokenizer stage writes one: the chat special tokens and template."""
+    from tests.evaluate_fixtures import train_tokenizer
+
+    return train_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def trained_to_answer(tokenizer_dir, steps: int = 150) -> Llama:
+    """A tiny Llama trained on CONVERSATION repeated: it answers "Hi!" with the reply, `<|end|>`, then goes on to
+    the next turn (`<|user|>` ...) unless generation stops."""
+    from tokenizers import Tokenizer
+
+    from tasks.common.chat import encode_chat
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    data = torch.tensor(encode_chat(tok, CONVERSATION)[0] * 40)
+    torch.manual_seed(0)
+    model = Llama(ModelConfig.from_preset("tiny", vocab_size=tok.get_vocab_size()))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - 49, (8,), generator=g)
+        x = torch.stack([data[s : s + 48] for s in starts])
+        y = torch.stack([data[s + 1 : s + 49] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_stop_tokens_are_every_eos_in_both_configs(tmp_path, chat_tokenizer):
+    from tasks.common.chat import END, EOT, STOP_TOKENS
+
+    vocab = json.loads((chat_tokenizer / "tokenizer.json").read_text())["added_tokens"]
+    ids = {t["content"]: t["id"] for t in vocab}
+    save(make(vocab_size=512), tmp_path, tokenizer_dir=chat_tokenizer, stop_tokens=STOP_TOKENS)
+    stops = [ids[END], ids[EOT]]
+    assert json.loads((tmp_path / "config.json").read_text())["eos_token_id"] == stops
+    assert json.loads((tmp_path / "generation_config.json").read_text()) == {"eos_token_id": stops, "pad_token_id": 1}
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert list(hf.generation_config.eos_token_id) == stops
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).eos_token == EOT  # the tokenizer's eos is unchanged
+    with pytest.raises(ValueError, match=r"tokenizer.json: no stop token <\|stop\|>"):
+        save(make(vocab_size=512), tmp_path / "bad", tokenizer_dir=chat_tokenizer, stop_tokens=["<|stop|>"])
+
+
+def test_transformers_generate_stops_at_the_end_of_turn(tmp_path, chat_tokenizer):
+    from tasks.common.chat import END, STOP_TOKENS
+
+    folder = save(
+        trained_to_answer(chat_tokenizer), tmp_path / "model", tokenizer_dir=chat_tokenizer, stop_tokens=STOP_TOKENS
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    inputs = tok.apply_chat_template(
+        CONVERSATION[:1], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=40, do_sample=False)[0, prompt_len:].tolist()
+    end = tok.convert_tokens_to_ids(END)
+    assert out[-1] == end and out.count(end) == 1 and len(out) < 40  # stopped at <|end|>, before the budget
+    assert tok.decode(out, skip_special_tokens=True) == CONVERSATION[1]["content"]
+    with torch.no_grad():  # the control: with the tokenizer's eos only, the same model runs past the reply
+        more = hf.generate(**inputs, max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id)[0, prompt_len:]
+    assert more.tolist()[: len(out)] == out and len(more) > len(out)
+
+
+def test_model_card_describes_the_folder(tmp_path, chat_tokenizer):
+    from model.card import write_card
+    from tasks.common.chat import CHAT_TEMPLATE, STOP_TOKENS
+
+    folder = save(make(vocab_size=512), tmp_path, tokenizer_dir=chat_tokenizer, stop_tokens=STOP_TOKENS)
+    card = write_card(
+        folder,
+        stage="sft",
+        training="supervised fine-tuning on chat conversations",
+        base="the pretrain stage's model (data/pretrain/model)",
+        params={"sft": {"builtin_train": 64}, "train": {"lr": 0.0003, "max_steps": 4}, "tags": ["ignored"]},
+        metrics={"val_loss": 2.345678, "sft_per_constraint": {"name": 0.5}, "steps": 4},
+    ).read_text()
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\n")
+    assert f"{make(vocab_size=512).num_params():,} parameters" in card
+    assert "stage: `sft`, supervised fine-tuning" in card and "base: the pretrain stage's model" in card
+    assert "| `train.lr` | 0.0003 |" in card and "| `sft.builtin_train` | 64 |" in card and "`tags`" not in card
+    assert "| `val_loss` | 2.346 |" in card and "| `sft_per_constraint.name` | 0.5 |" in card
+    assert "Stop tokens: `<|end|>` (id 5), `<|endoftext|>` (id 0)." in card
+    assert CHAT_TEMPLATE in card and "AutoModelForCausalLM.from_pretrained" in card and "apply_chat_template" in card
+    assert "from model.hf import load" in card and "scratchlm chat --model" in card

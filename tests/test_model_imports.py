@@ -20,7 +20,8 @@ FORBIDDEN = [
 
 def test_model_package_imports_no_orchestration_stack():
     code = (
-        "import sys, model, model.config, model.llama, model.generate, model.hf, model.heads, model.losses; "
+        "import sys, model, model.config, model.llama, model.generate, model.hf, model.card, model.heads, "
+        "model.losses; "
         "print('\\n'.join(sorted(sys.modules)))"
     )
     repo = Path(__file__).resolve().parents[1]

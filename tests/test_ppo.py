@@ -271,9 +271,11 @@ def test_grpo_runs_on_gsm8k_questions(world, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_sample_and_train_as_one_rank_with_accumulation(world, tmp_path):
+@pytest.mark.parametrize("zero_stage", [0, 3])
+def test_two_ranks_sample_and_train_as_one_rank_with_accumulation(world, tmp_path, zero_stage):
     """Launched as a user launches it (python -m tasks.ppo → DeepSpeed, gloo ranks): rollouts are seeded by their
-    micro-batch slot, so 2 ranks draw the answers 1 rank with 2x accumulation draws, and follow its curve."""
+    micro-batch slot, so 2 ranks draw the answers 1 rank with 2x accumulation draws, and follow its curve; at ZeRO-3
+    each rank samples from a gathered copy of its sharded policy."""
     import subprocess
     import sys
 
@@ -294,6 +296,7 @@ def test_two_ranks_sample_and_train_as_one_rank_with_accumulation(world, tmp_pat
         )
         params["ppo"]["train"] = {
             "ranks": ranks,
+            "zero_stage": zero_stage if ranks == 2 else 0,
             "batch_size": 4,
             "micro_batch_size": 2,
             "max_steps": 2,

@@ -230,6 +230,10 @@ def test_stage_trains_logs_and_exports_the_trained_weights(reference):
     with torch.no_grad():
         torch.testing.assert_close(hf(idx).logits, ours(idx, all_logits=True)[0], rtol=1e-4, atol=1e-4)
     assert (model_dir / "tokenizer.json").is_file() and (reference / "data/pretrain/samples.txt").read_text()
+    assert len(hf.generation_config.eos_token_id) == 2  # <|end|> and <|endoftext|>
+    card = (model_dir / "README.md").read_text()
+    assert "# scratchlm pretrain model" in card and "base: none (randomly initialised" in card
+    assert "| `val_loss` |" in card and "| `pretrain.seq_len` |" in card
 
     # checkpoints live outside the DVC out; only the newest keep_checkpoints stay
     folder = checkpoint_folder(reference)

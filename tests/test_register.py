@@ -16,7 +16,8 @@ from tasks.common.chat import encode_chat
 from tasks.common.config import ScratchError
 from tasks.common.dvcio import stage_paths
 from tasks.common.tracking import Tracker, setup_mlflow
-from tasks.register import RegisterConfig, model_evaluation, run, summary
+from tasks.register import RegisterConfig, activate_command, model_evaluation, next_commands, run, summary
+from tests.conftest import ROOT
 from tests.evaluate_fixtures import evaluation, registry_project, run_register
 
 
@@ -53,7 +54,78 @@ def test_version_alias_and_record(registered):
         said[0] == f"scratchlm version {record['version']} is @challenger: the dpo model, evaluated as 'dpo', "
         "val_bpb 1.5000"
     )
-    assert "mlflow models serve -m models:/scratchlm@challenger" in said[-1]
+    assert said[-3].startswith("chat     scratchlm chat --model models:/scratchlm@challenger")
+    assert said[-2].startswith("serve    MLFLOW_TRACKING_URI=") and "(requests: README.md" in said[-2]
+    assert said[-1].startswith("promote  scratchlm promote")
+
+
+def readme_row(row: str) -> str:
+    """The command README.md's "Using it" table gives for `row`."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    return next(line.split("`")[1] for line in lines if line.startswith(f"| {row} | `"))
+
+
+def test_printed_commands_are_the_readmes_for_this_store(registered):
+    """What the summaries print is README.md's command with the store the project uses (tracking_uri: an
+    absolute path, so it also works outside the project folder), and `scratchlm chat` for the registered URI."""
+    from tasks.common.tracking import tracking_uri
+
+    commands = next_commands({"model_uri": "models:/scratchlm@challenger"})
+    readme = readme_row("serve the new model").replace("sqlite:///mlruns.db", tracking_uri())
+    assert commands["serve"] == readme and tracking_uri().startswith("sqlite:///")
+    assert commands["promote"] == readme_row("promote it") == "scratchlm promote"
+    assert readme_row("serve the champion") == readme_row("serve the new model").replace("@challenger", "@champion")
+
+
+def test_a_fresh_shell_is_told_to_activate_the_environment(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "prefix", str(ROOT / ".venv"))
+    monkeypatch.setattr(sys, "base_prefix", "/usr")
+    monkeypatch.delenv("VIRTUAL_ENV", raising=False)  # `make run`: .venv on make's PATH, not activated
+    assert activate_command() == "source .venv/bin/activate"
+    assert next(iter(next_commands({"model_uri": "models:/m@a"}).items())) == ("first", "source .venv/bin/activate")
+    monkeypatch.setenv("VIRTUAL_ENV", str(ROOT / ".venv"))  # the user's shell has activated it
+    assert activate_command() is None and "first" not in next_commands({"model_uri": "models:/m@a"})
+    monkeypatch.delenv("VIRTUAL_ENV")
+    monkeypatch.setattr(sys, "base_prefix", sys.prefix)  # no virtual environment: nothing to activate
+    assert activate_command() is None
+
+
+def test_the_scoring_server_refuses_wrongly_shaped_requests(registered, monkeypatch):
+    """MLflow's own scoring app (in process): a documented request answers 200 with one text per row; a request
+    with no usable row, a bad role or an input longer than the context answers 400 with the reason."""
+    import mlflow
+    from mlflow.pyfunc import scoring_server
+    from starlette.testclient import TestClient
+
+    monkeypatch.setenv("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", "false")  # init() sets it; restored afterwards
+    client = TestClient(scoring_server.init(mlflow.pyfunc.load_model("models:/scratchlm@challenger")))
+
+    def post(body: dict):
+        answer = client.post("/invocations", json=body)
+        return answer.status_code, answer.json()
+
+    readme = (ROOT / "README.md").read_text()
+    documented = json.loads(readme.split("-d '", 1)[1].split("'", 1)[0])  # the curl example's body
+    status, body = post({**documented, "params": {"max_new_tokens": 3}})
+    assert status == 200 and [sorted(p) for p in body["predictions"]] == [["text"], ["text"]]
+    mixed = {"dataframe_records": [{"messages": [{"role": "user", "content": "Hi!"}]}, {"prompt": "Once"}]}
+    status, body = post(mixed)  # MLflow's own check: the prompt row's missing `messages` is NaN (README says so)
+    assert status == 400 and "Failed to convert column messages" in body["message"]
+    cases = [
+        ({"dataframe_records": [{"foo": "bar"}]}, "the request has no input row with `messages` or `prompt`"),
+        ({"dataframe_records": []}, "the request has no input row"),
+        ({"dataframe_records": [{"foo": 1}, {"prompt": "x"}]}, "input row 0: needs `messages`"),
+        (
+            {"dataframe_records": [{"messages": [{"role": "bot", "content": "x"}]}]},
+            "input row 0: messages[0]: role must be one of system, user, assistant, got 'bot'",
+        ),
+        ({"dataframe_records": [{"prompt": "Tom went to the park. " * 200}]}, "input row 0: the input is"),
+    ]
+    for request, reason in cases:
+        status, body = post(request)
+        assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE" and reason in body["message"], body
 
 
 def test_version_tags_trace_lineage_and_evaluation(registered):

@@ -1,10 +1,13 @@
-"""Serving: a real `mlflow models serve -m models:/scratchlm@champion --env-manager local` process on loopback
-answers generation requests with the text our pyfunc generates (the registered, promoted tiny model)."""
+"""Serving: a real `mlflow models serve -m models:/scratchlm@champion --env-manager local` process on loopback,
+started with README.md's own command in a fresh shell (no MLFLOW_TRACKING_URI, .venv not on PATH until activated),
+answers README.md's request with the text our pyfunc generates (the registered, promoted tiny model) and a request
+of the wrong shape with HTTP 400."""
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -16,10 +19,40 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from tests.evaluate_fixtures import registry_project, run_register
 
 pytestmark = pytest.mark.slow
 STARTUP_SECONDS = 150
+README = ROOT / "README.md"
+
+
+def readme_command(row: str) -> str:
+    """The command README.md's "Using it" table gives for `row` (the first `code` of that row)."""
+    for line in README.read_text().splitlines():
+        if line.startswith(f"| {row} | `"):
+            return line.split("`")[1]
+    raise AssertionError(f"README.md has no row {row!r} with a command")
+
+
+def readme_request() -> dict:
+    """The JSON body of README.md's curl example (`-d '...'`)."""
+    return json.loads(README.read_text().split("-d '", 1)[1].split("'", 1)[0])
+
+
+def fresh_shell(command: str) -> list[str]:
+    """`command` as pasted into a new shell in the project folder after README's `source .venv/bin/activate`."""
+    venv = sys.prefix != sys.base_prefix
+    activate = f"source {shlex.quote(str(Path(sys.prefix) / 'bin' / 'activate'))} && " if venv else ""
+    return ["bash", "-c", activate + command]
+
+
+def fresh_env() -> dict[str, str]:
+    """A new login's environment: no MLFLOW_* or SCRATCHLM_* variables, the system PATH (plus ours when this Python
+    is not a virtual environment, which then has nothing to activate)."""
+    keep = {k: os.environ[k] for k in ("HOME", "LANG", "TMPDIR", "OMP_NUM_THREADS") if k in os.environ}
+    system = "/usr/local/bin:/usr/bin:/bin"
+    return {**keep, "PATH": system if sys.prefix != sys.base_prefix else os.environ["PATH"]}
 
 
 def free_port() -> int:
@@ -32,6 +65,13 @@ def post(url: str, payload: dict, timeout: float = 60) -> dict:
     request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
+
+
+def refused(url: str, payload: dict) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a request the server must refuse."""
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        post(url, payload)
+    return caught.value.code, json.loads(caught.value.read())
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, log: Path) -> None:
@@ -77,30 +117,25 @@ def test_served_champion_answers_generation_requests(tmp_path, monkeypatch):
 
     port = free_port()
     log = tmp_path / "serve.log"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    with open(log, "w") as out:
+    command = readme_command("serve the champion")
+    assert command.endswith(" -p 5001") and "MLFLOW_TRACKING_URI=sqlite:///mlruns.db " in command
+    with open(log, "w") as out:  # tmp_path is the project folder: mlruns.db is there
         proc = subprocess.Popen(
-            [
-                "mlflow",
-                "models",
-                "serve",
-                "-m",
-                "models:/scratchlm@champion",
-                "--env-manager",
-                "local",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
+            fresh_shell(command.replace(" -p 5001", f" -p {port}")),
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=fresh_env(),
             cwd=tmp_path,
             start_new_session=True,
         )
     try:
         wait_until_up(f"http://127.0.0.1:{port}/ping", proc, log)
+        documented = post(f"http://127.0.0.1:{port}/invocations", {**readme_request(), "params": {"max_new_tokens": 8}})
+        assert [sorted(p) for p in documented["predictions"]] == [["text"], ["text"]]
+        for wrong in ({"dataframe_records": [{"foo": "bar"}]}, {"dataframe_records": [{"foo": 1}, {"prompt": "x"}]}):
+            status, body = refused(f"http://127.0.0.1:{port}/invocations", wrong)
+            assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", body
+            assert "needs `messages`" in body["message"] and "or `prompt`" in body["message"]
         params = {"max_new_tokens": 12, "temperature": 0.8, "top_p": 0.95, "seed": 7}
         rows = [
             {"prompt": "", "messages": [{"role": "user", "content": "Tell me a story about a cat."}]},
@@ -119,3 +154,4 @@ def test_served_champion_answers_generation_requests(tmp_path, monkeypatch):
     finally:
         stop(proc)
     assert proc.poll() is not None
+    assert not (tmp_path / "mlflow.db").exists()  # the store README names was used, not MLflow's default

@@ -17,6 +17,7 @@ from tasks.common.train_config import AlignmentData, SamplingConfig
 from tasks.sources import examples
 from tests.alignment_fixtures import alignment_world, cached_stage, run_stage, sft_config, smoke_train, stage_root
 from tests.conftest import shared
+from tests.evaluate_fixtures import pipeline_outputs
 
 
 def response_loss(model, tok: al.ChatTokenizer, conversations: list[list[dict]], max_len: int) -> float:
@@ -55,6 +56,21 @@ def test_sft_learns_the_answers_and_reports_satisfaction(tmp_path_factory):
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [r["step"] for r in history if "train/loss" in r] == [4, 8, 12]
     assert (out / "quarantine.jsonl").read_text() == ""
+
+
+def test_the_exported_folder_stops_at_every_stop_token_and_has_a_card(tmp_path):
+    """Two steps on fixture upstreams: the folder's generation_config.json lists <|end|> and <|endoftext|>, and its
+    README.md is the model card with this stage's params and metrics."""
+    root = pipeline_outputs(tmp_path, stages=("pretrain",), reward=False)
+    cfg = sft_config(builtin_train=8, builtin_val=4, train=smoke_train(max_steps=2), sampling=SamplingConfig(prompts=0))
+    run_stage("sft", cfg, root)
+    folder = root / "data" / "sft" / "model"
+    stops = list(al.load_tokenizer(folder).stop_ids)
+    assert json.loads((folder / "generation_config.json").read_text())["eos_token_id"] == stops
+    assert json.loads((folder / "config.json").read_text())["eos_token_id"] == stops
+    card = (folder / "README.md").read_text()
+    assert "# scratchlm sft model" in card and "base: the pretrain stage's model (data/pretrain/model)" in card
+    assert "| `val_loss` |" in card and "| `sft.builtin_train` | 8 |" in card and "Stop tokens: `<|end|>`" in card
 
 
 def test_missing_upstream_and_impossible_params_fail_clearly(tmp_path):

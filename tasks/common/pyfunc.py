@@ -3,10 +3,11 @@
 MLflow logs this file as a "model from code" (`tasks/register.py`), with the HF model folder as the artifact
 `model` and `model/` + `tasks/common/chat.py` as code, so a registered version runs anywhere MLflow does:
 
-    mlflow models serve -m models:/scratchlm@champion --env-manager local -p 5001
+    MLFLOW_TRACKING_URI=sqlite:///mlruns.db mlflow models serve -m models:/scratchlm@champion \
+        --env-manager local -p 5001
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d '{
       "dataframe_records": [{"messages": [{"role": "user", "content": "Tell me a story about a cat."}]},
-                            {"prompt": "Once upon a time"}],
+                            {"prompt": "Once upon a time", "messages": []}],
       "params": {"max_new_tokens": 64, "temperature": 0.8, "seed": 0}}'
     -> {"predictions": [{"text": "..."}, {"text": "..."}]}
 
@@ -16,6 +17,10 @@ MLflow logs this file as a "model from code" (`tasks/register.py`), with the HF 
 A row with `messages` ({role, content} turns) gets the assistant's next reply, rendered with the chat format of
 tasks/common/chat.py and stopped at `<|end|>`; a row with only `prompt` gets a plain continuation of that text,
 stopped at `<|endoftext|>`. Generation is model.generate (KV cache, temperature / top-p sampling, seeded).
+A request without rows, a row with neither, malformed messages or an input longer than the context is refused
+with an MlflowException (INVALID_PARAMETER_VALUE) naming the row: MLflow's scoring server answers HTTP 400 with
+that message, never a 200 with fewer predictions than rows. (MLflow drops columns the signature does not name,
+and with them a row that has no other: `{"dataframe_records": [{"foo": "bar"}]}` reaches predict with no rows.)
 This module imports no scratchlm stage code: only `model` (torch), `chat` and MLflow, tokenizers, pandas.
 """
 
@@ -70,24 +75,22 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema
         """One {"text"} per input row (see the module docstring)."""
         settings = {**PARAMS, **(params or {})}
-        return [{"text": self.generate_row(row, settings)} for row in _rows(model_input)]
+        rows = _rows(model_input)
+        if not rows:  # MLflow drops the columns the signature does not name, and a row that had only those
+            raise bad_request(f"the request has no input row with `messages` or `prompt`; each row {ROW_NEEDS}")
+        return [{"text": self.generate_row(row, settings, i)} for i, row in enumerate(rows)]
 
-    def generate_row(self, row: dict[str, Any], settings: dict[str, Any]) -> str:
+    def generate_row(self, row: dict[str, Any], settings: dict[str, Any], index: int = 0) -> str:
+        """The text for one input row (`index`: its position in the request, for error messages)."""
         from model.generate import generate
 
-        messages, prompt = row.get("messages"), row.get("prompt")
-        if _present(messages):
-            ids, _ = self.chat.encode_chat(self.tokenizer, _plain_messages(messages), add_generation_prompt=True)
-            stops = self.chat_stops
-        elif _present(prompt):
-            # a document starts after an end-of-text token, as in pretraining
-            ids = [self.text_stops[0]] + self.chat.encode_plain(self.tokenizer, str(prompt))
-            stops = self.text_stops
-        else:
-            raise ValueError("each input row needs `messages` (a list of {role, content}) or `prompt` (a string)")
+        ids, stops = self.row_ids(row, index)
         budget = self.model.cfg.max_seq_len - len(ids)
         if budget < 1:
-            raise ValueError(f"the input is {len(ids)} tokens; the model's context is {self.model.cfg.max_seq_len}")
+            raise bad_request(
+                f"input row {index}: the input is {len(ids)} tokens; the model's context is "
+                f"{self.model.cfg.max_seq_len}"
+            )
         new = generate(
             self.model,
             [ids],
@@ -99,10 +102,43 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
         )[0]
         return self.tokenizer.decode(new, skip_special_tokens=False)
 
+    def row_ids(self, row: dict[str, Any], index: int) -> tuple[list[int], list[int]]:
+        """(prompt ids, stop ids) of one input row: a chat's generation prompt, or a plain text's start."""
+        messages, prompt = row.get("messages"), row.get("prompt")
+        if _present(messages):
+            try:
+                plain = _plain_messages(messages)
+                ids, _ = self.chat.encode_chat(self.tokenizer, plain, add_generation_prompt=True)
+            except (ValueError, TypeError, KeyError) as e:
+                raise bad_request(f"input row {index}: {e}") from None
+            return ids, self.chat_stops
+        if _present(prompt):
+            # a document starts after an end-of-text token, as in pretraining
+            return [self.text_stops[0]] + self.chat.encode_plain(self.tokenizer, str(prompt)), self.text_stops
+        raise bad_request(f"input row {index}: {ROW_NEEDS}")
+
+
+ROW_NEEDS = (
+    "needs `messages` (a list of {role, content} turns, role system|user|assistant) or `prompt` (a string), "
+    'e.g. {"dataframe_records": [{"messages": [{"role": "user", "content": "Hi!"}]}, '
+    '{"prompt": "Once upon a time", "messages": []}], "params": {"max_new_tokens": 64}} (README.md, "Serving")'
+)
+"""What a request row must hold (the error a row without either gets)."""
+
+
+def bad_request(message: str) -> Exception:
+    """An MlflowException MLflow's scoring server answers with HTTP 400 and `message`."""
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
-    """DataFrame / list of dicts / one dict / a bare string → list of row dicts."""
+    """DataFrame / list of dicts / one dict / a bare string → list of row dicts (one per row, even a row whose
+    every column MLflow dropped as unknown: pandas would give no record for it)."""
     if hasattr(model_input, "to_dict"):
+        if len(model_input.columns) == 0:
+            return [{} for _ in range(len(model_input))]
         return model_input.to_dict(orient="records")
     if isinstance(model_input, str):
         return [{"prompt": model_input}]
@@ -124,7 +160,11 @@ def _plain_messages(messages: Any) -> list[dict[str, str]]:
 
 
 def signature():
-    """Input: optional `prompt` (string) and `messages` (array of {role, content}); output `text`; params PARAMS."""
+    """Input: optional `prompt` (string) and `messages` (array of {role, content}); output `text`; params PARAMS.
+
+    Both columns are optional because a row needs one or the other, which a schema cannot say: `predict` refuses
+    a row with neither (HTTP 400 when served), and MLflow refuses a `messages` that is not an array of
+    {role, content}."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
 

@@ -53,11 +53,12 @@ whatever the split between ranks and accumulation: a batch function that draws a
 (seed, step) and takes `examples` makes 2 ranks follow exactly the curve of 1 rank with 2x accumulation, and
 makes a resumed run see exactly the data it would have seen (the data cursor is the step).
 
-Loop. Per step: the rollout (when the recipe has one), then `updates_per_step` updates, each: for each micro batch, loss_fn → engine.backward; the losses are summed over micro batches and
-ranks (one all-reduce) and a non-finite loss stops training before the optimizer step (`TrainingDiverged`, the
-last good checkpoint untouched); then engine.step(): clipping, torch.optim.AdamW (built here, `build_optimizer`,
-and wrapped by DeepSpeed), and the LR schedule `TrainConfig.lr_factor` (linear warmup then cosine to
-`min_lr_ratio`) as a LambdaLR that DeepSpeed steps. The logged train/lr is read from the optimizer.
+Loop. Per step: the rollout (when the recipe has one), then `updates_per_step` updates, each: for each micro batch,
+loss_fn → engine.backward; the losses are summed over micro batches and ranks (one all-reduce) and a non-finite loss
+stops training before the optimizer step (`TrainingDiverged`, the last good checkpoint untouched); then
+engine.step(): clipping, torch.optim.AdamW (built here, `build_optimizer`, and wrapped by DeepSpeed), and the LR
+schedule `TrainConfig.lr_factor` (linear warmup then cosine to `min_lr_ratio`) as a LambdaLR that DeepSpeed steps.
+The logged train/lr is read from the optimizer.
 Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu to MLflow and
 history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn and samples;
 every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler, RNG states,
