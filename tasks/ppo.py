@@ -29,8 +29,8 @@ Writes  data/ppo/model/           the trained policy, an HF Llama folder with th
         metrics/ppo.json          the run's figures; <init>_* vs ppo_* satisfaction, reward, answer length; win rate;
                                   KL to the reference; `reward_hacking` (trained on the RM: the RM's score rose while
                                   the checker's satisfaction fell)
-Checks  rows in no prompt format, with no checkable answer, or too long to leave room for an answer are quarantined
-        and counted (rows_in = train + val + quarantined).
+Checks  rows in no prompt format, with no checkable answer, or leaving fewer than 32 tokens of max_len for the answer
+        are quarantined and counted (rows_in = train + val + quarantined).
 Algorithm (one step = one rollout batch of `train.batch_size` prompts, then ppo_epochs x minibatches updates)
         rollout   each prompt answered `group_size` times with the KV-cache generator (model/generate.py) at
                   `temperature`; old log-probs, reference log-probs (and values) by one forward each
@@ -118,7 +118,7 @@ class PpoConfig(AlignmentData):
     unfinished_penalty: float = 0.5
     """Subtracted from the reward of an answer that did not end within max_new_tokens."""
     max_new_tokens: int = 200
-    """Longest rollout answer (prompts longer than max_len minus this are quarantined)."""
+    """Longest rollout answer (also cut where the context ends, as evaluation samples)."""
     temperature: float = 1.0
     """Rollout sampling temperature; log-probs are taken at the same temperature."""
     train: TrainConfig = field(
@@ -196,13 +196,18 @@ class Prompt:
     """Its chat-template ids, ending with the generation prompt."""
 
 
-def encode_prompts(loaded: Loaded, split: str, tok: al.ChatTokenizer, room: int) -> list[Prompt]:
-    """The prompts of `split` that leave `room` tokens for the answer; longer ones are quarantined."""
-    why = f"prompt longer than max_len minus ppo.max_new_tokens ({room} tokens)"
+MIN_ANSWER_TOKENS = 32
+"""A prompt must leave at least this many tokens of the context for its answer (or it is quarantined); a rollout's
+answers are cut at max_new_tokens or the end of the context, whichever comes first, as evaluation samples them."""
+
+
+def encode_prompts(loaded: Loaded, split: str, tok: al.ChatTokenizer, longest: int) -> list[Prompt]:
+    """The prompts of `split` of at most `longest` tokens; longer ones are quarantined."""
+    why = f"prompt leaves fewer than {MIN_ANSWER_TOKENS} tokens of max_len for its answer (over {longest} tokens)"
 
     def encode(example: dict) -> Prompt | None:
         ids = al.encode_prompt(tok, example["prompt_messages"])
-        return Prompt(example, ids) if len(ids) <= room else None
+        return Prompt(example, ids) if len(ids) <= longest else None
 
     return loaded.keep_encoded(split, encode, why)
 
@@ -598,9 +603,9 @@ def run(cfg: PpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
 
     world = init_distributed()
     up, reward_dir = al.upstream_of("ppo", cfg, paths, cfg.init), check_models(paths, "reward")["reward"]
-    room = up.max_len - cfg.max_new_tokens
     loaded = load_prompt_data(cfg, paths.root)
-    train, val = (encode_prompts(loaded, split, up.tok, room) for split in ("train", "val"))
+    longest = up.max_len - MIN_ANSWER_TOKENS
+    train, val = (encode_prompts(loaded, split, up.tok, longest) for split in ("train", "val"))
     if world.is_main:
         write_jsonl(fresh_dir(paths.out) / "quarantine.jsonl", loaded.quarantine)
     info = {

@@ -9,7 +9,7 @@ Runbook
     The closing summary prints these for a fresh shell in the project folder (`next_commands`): the store as
     `tracking_uri()` names it, after `source .venv/bin/activate` while that environment is not the active one.
 
-Reads   data/<register.model_stage>/model/     the final model (DPO by default): an HF LlamaForCausalLM folder with
+Reads   data/<register.model_stage>/model/     the final model (ppo by default): an HF LlamaForCausalLM folder with
                                                its tokenizer and chat template
         metrics/evaluate.json                  that model's evaluation (bpb, benchmarks, satisfaction, win rates),
                                                found by its stage in `model_stages` (label → stage)
@@ -56,8 +56,9 @@ INPUT_EXAMPLE_PROMPT = "Write a short story about a cat named Tom who goes to th
 class RegisterConfig:
     model_name: str = "scratchlm"
     """Registered model name in the MLflow model registry."""
-    model_stage: str = "dpo"
-    """The stage whose data/<stage>/model folder is the final model (dpo; sft or pretrain for a shorter pipeline)."""
+    model_stage: str = "ppo"
+    """The stage whose data/<stage>/model folder is the final model: ppo (GRPO on the checker passes the degeneration
+    gates where DPO's title stacks do not; docs/BENCHMARKS.md), dpo, or sft / pretrain for a shorter pipeline."""
     alias: str = "challenger"
     """Alias the new version gets; `flows/promote.py` moves @champion to it when the gates pass."""
 
