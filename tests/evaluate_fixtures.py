@@ -220,5 +220,6 @@ def registered(tmp_path_factory, name: str) -> Iterator[tuple[Path, dict]]:
 def run_register(root: Path) -> dict:
     """The register stage's run() inside its own MLflow run, as stage_main does it; returns registered.json."""
     with stage_run("register", {}) as tracker:
-        register.run(register.RegisterConfig(), stage_paths("register", root=root), tracker)
+        # the fixture world registers its dpo model (the default, ppo, is not among its stages)
+        register.run(register.RegisterConfig(model_stage="dpo"), stage_paths("register", root=root), tracker)
     return json.loads((root / "data" / "register" / "registered.json").read_text())

@@ -180,7 +180,7 @@ def test_pyfunc_generates_what_our_generate_does(registered):
 def test_register_refuses_without_mlflow_or_evaluation(tmp_path):
     with pytest.raises(ScratchError, match="register needs MLflow"):
         run(RegisterConfig(), stage_paths("register", root=tmp_path), Tracker("register", None))
-    with pytest.raises(ScratchError, match=r"data/dpo/model: no exported model .*dvc repro dpo"):
+    with pytest.raises(ScratchError, match=r"data/ppo/model: no exported model .*dvc repro ppo"):
         run(RegisterConfig(), stage_paths("register", root=tmp_path), Tracker("register", "some-run"))
 
 
