@@ -53,6 +53,7 @@ Scale   the reference (and the reward model) are frozen copies on each rank, for
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import zlib
@@ -210,6 +211,12 @@ def encode_prompts(loaded: Loaded, split: str, tok: al.ChatTokenizer, longest: i
         return Prompt(example, ids) if len(ids) <= longest else None
 
     return loaded.keep_encoded(split, encode, why)
+
+
+def prompts_digest(prompts: list[Prompt]) -> str:
+    """sha256 of the training prompts' token ids and checker targets: part of the checkpoint fingerprint."""
+    rows = [[p.ids, p.example.get("constraints"), p.example.get("answer")] for p in prompts]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def chunk_seed(seed: int, *keys: int) -> int:
@@ -612,6 +619,7 @@ def run(cfg: PpoConfig, paths: StagePaths, tracker: Tracker) -> dict | None:
         "ppo": {k: v for k, v in as_dict(cfg).items() if k not in ("sampling", "train")},
         "train": cfg.train.fingerprint_dict(),
         "upstream": {**up.fingerprint(), **(upstream_fingerprint({"reward": reward_dir}) if cfg.uses_rm else {})},
+        "prompts": prompts_digest(train),  # what the rollouts draw from, whatever code or data produced it
     }
     reference = al.load_model_folder(up.model_dir, f"the {cfg.init} stage's output").to(world.device)
     reference = reference.eval().requires_grad_(False)
