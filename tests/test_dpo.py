@@ -71,7 +71,8 @@ def test_dpo_raises_constraint_satisfaction_over_its_sft_start(tmp_path_factory)
     root, m = cached_stage(tmp_path_factory, "dpo", dpo_config())
     # the reference is the SFT model: same prompts, same seed, same answers as the sft stage's own report
     assert m["sft_satisfaction"] == pytest.approx(sft_metrics["sft_satisfaction"])
-    assert m["dpo_satisfaction"] >= m["sft_satisfaction"] + 0.10, (m["sft_per_constraint"], m["dpo_per_constraint"])
+    # +15 points under the first title rule, +4 under the stricter one (title stacks no longer count; BENCHMARKS)
+    assert m["dpo_satisfaction"] >= m["sft_satisfaction"] + 0.03, (m["sft_per_constraint"], m["dpo_per_constraint"])
     assert 0.0 <= m["win_rate"] <= 1.0 and m["kl_to_reference"] > 0 and m["val_kl"] > 0
     assert m["val_accuracy"] > 0.5 and m["val_margin"] > 0
     assert m["val_rewards_chosen"] > m["val_rewards_rejected"]

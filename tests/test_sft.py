@@ -42,7 +42,8 @@ def test_sft_learns_the_answers_and_reports_satisfaction(tmp_path_factory):
     val = [e["messages"] for e in loaded.val]
     before = response_loss(load(root / "data" / "pretrain" / "model"), tok, val, m["max_len"])
     after = response_loss(model, tok, val, m["max_len"])
-    assert after == pytest.approx(m["val_loss"], rel=1e-4)
+    # the stage evaluates in its training precision: bf16 autocast where the CPU has it (measured: rel 1.9e-4 off fp32)
+    assert after == pytest.approx(m["val_loss"], rel=1e-3 if m["precision"] == "autocast" else 1e-4)
     assert after < before - 0.3, (before, after)
 
     assert m["rows_in"] == m["train_examples"] + m["val_examples"] + m["quarantined"] == 432
