@@ -35,7 +35,7 @@ from tasks.common.tracking import PARENT_ENV, Tracker, git_commit, tracking_uri
 REPORT_DIR = "reports"
 CURVE_SKIP = ("lr", "grad_norm", "tokens_per_s", "mfu", "seconds", "step", "epoch", "tokens")
 """Metric names (after the `/`) left out of the training curves: throughput and schedule, not quality."""
-MAX_PANELS = 6
+MAX_PANELS = 9
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -106,10 +106,14 @@ def _pyplot():
     return plt
 
 
+FIRST_PANELS = ("loss", "bpb", "reward", "checker", "kl", "entropy", "clip_fraction", "response_length", "value_loss")
+"""The panels a stage's curves show first (the RL diagnostics lead for ppo); the rest follow by name."""
+
+
 def plot_curves(stage: str, series: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> Path:
     plt = _pyplot()
-    first = {"loss": 0, "bpb": 1}
-    names = sorted(series, key=lambda n: (first.get(n, 2), n))[:MAX_PANELS]
+    names = sorted(series, key=lambda n: (FIRST_PANELS.index(n) if n in FIRST_PANELS else len(FIRST_PANELS), n))
+    names = names[:MAX_PANELS]
     cols = min(3, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
