@@ -7,7 +7,7 @@ params.yaml holds each of these once, as a top-level section that the stages inh
     sft:
       train: {max_steps: 60, lr: 5.0e-4}     # the stage's overrides of `train`; every other key is inherited
 
-`AlignmentData` is the data half of the sft, reward and dpo sections (their Config classes derive from it).
+`AlignmentData` is the data half of the sft, reward, dpo and ppo sections (their Config classes derive from it).
 """
 
 from __future__ import annotations
@@ -210,7 +210,8 @@ class AlignmentData:
     sources: list[str]
     """The stage's data, in order: its builtin set (builtin:instructions or builtin:preferences) and/or
     .json/.jsonl/.jsonl.gz files (relative paths are relative to the repository): chat, Alpaca, Self-Instruct or
-    GSM8K rows for sft; prompt/chosen/rejected rows or HH-RLHF transcripts for reward and dpo."""
+    GSM8K rows for sft; prompt/chosen/rejected rows or HH-RLHF transcripts for reward and dpo; builtin:prompts and
+    GSM8K question/answer, prompt/answer or chat rows ending with a user turn for ppo."""
     builtin_train: int
     """Examples drawn from the builtin generator's "train" split."""
     builtin_val: int
