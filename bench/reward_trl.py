@@ -84,6 +84,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.train_step import _cpu_name
+
 ROOT = Path(__file__).resolve().parents[1]
 HH_SPEC = "../shared/data/hh-rlhf-harmless-base/harmless-base_test_rows0000-1811.jsonl.gz"
 CONTENDERS = ("ours", "trl")
@@ -633,16 +635,6 @@ def print_summary(out: dict) -> None:
     print(f"\nresult: {out['result_file']}")
 
 
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return "cpu"
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -708,7 +700,7 @@ def main() -> None:
         "threads": threads,
         "trl_shuffle": args.trl_shuffle,
         "verbose": args.verbose,
-        "machine": machine(),
+        "machine": _cpu_name(),
         "data": {
             "train_examples": len(train),
             "val_examples": len(val),
