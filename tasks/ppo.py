@@ -316,16 +316,7 @@ class Rollouts:
         Llama) and their training tensors, plus its statistics."""
         cfg, tok = self.cfg, self.tok
         prompts = [p for p in prompts for _ in range(cfg.group_size)]  # (R,) rows: group members side by side
-        budget = min(cfg.max_new_tokens, policy.cfg.max_seq_len - max(len(p.ids) for p in prompts))
-        new = generate(
-            sampler,
-            [p.ids for p in prompts],
-            budget,
-            temperature=cfg.temperature,
-            stop_tokens=tok.stop_ids,
-            seed=seed,
-        )
-        answers = [al.Answer(p.ids, ids, len(ids) < budget) for p, ids in zip(prompts, new)]
+        answers = answer(sampler, prompts, cfg.max_new_tokens, cfg.temperature, 1.0, tok.stop_ids, seed)
         scores = self.scorer(prompts, answers)
         device = al.device_of(policy)
         batch = al.sequences_batch([a.prompt for a in answers], [a.reply(tok.end_id) for a in answers], tok.pad_id)
@@ -354,7 +345,7 @@ class Rollouts:
                 scores["finished"].sum(),
                 kl_tokens.sum().cpu(),
                 lengths.sum(),
-                torch.tensor(float(sum(len(ids) for ids in new))),
+                torch.tensor(float(sum(len(a.ids) for a in answers))),
             ]
         ).double()
         return chunk, stats
@@ -399,6 +390,16 @@ class Rollouts:
             shaped = groups - beta * chunk["kl_seq"].view(-1, cfg.group_size)
             advantage = shaped - (shaped.sum(-1, keepdim=True) - shaped) / (cfg.group_size - 1)
         return advantage.reshape(-1, 1) * mask, None
+
+
+def answer(
+    model, prompts: list[Prompt], max_new_tokens: int, temperature: float, top_p: float, stop_ids, seed: int
+) -> list[al.Answer]:
+    """Sampled answers of `model` (a plain Llama) to prompts, cut at max_new_tokens or the end of the context."""
+    budget = min(max_new_tokens, model.cfg.max_seq_len - max(len(p.ids) for p in prompts))
+    ids = [p.ids for p in prompts]
+    new = generate(model, ids, budget, temperature=temperature, top_p=top_p, stop_tokens=stop_ids, seed=seed)
+    return [al.Answer(p.ids, reply, len(reply) < budget) for p, reply in zip(prompts, new)]
 
 
 def answer_logprobs(logits: torch.Tensor, batch: al.PairBatch, temperature: float) -> torch.Tensor:
@@ -536,17 +537,9 @@ class HeldOutRewards:
         """[prompts, *sums] of the answers of `model` (a plain Llama) to some held-out prompts."""
         s = self.cfg.sampling
         prompts = [self.prompts[i] for i in indices]
-        budget = min(s.max_new_tokens, model.cfg.max_seq_len - max(len(p.ids) for p in prompts))
-        new = generate(
-            model,
-            [p.ids for p in prompts],
-            budget,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            stop_tokens=self.tok.stop_ids,
-            seed=s.seed + indices[0],
+        answers = answer(
+            model, prompts, s.max_new_tokens, s.temperature, s.top_p, self.tok.stop_ids, s.seed + indices[0]
         )
-        answers = [al.Answer(p.ids, ids, len(ids) < budget) for p, ids in zip(prompts, new)]
         scores = self.scorer(prompts, answers)
         constraints = [len(p.example.get("constraints") or {}) for p in prompts]
         met = [c * float(x) for c, x in zip(constraints, scores["checker"])]
@@ -555,7 +548,7 @@ class HeldOutRewards:
                 float(len(prompts)),
                 float(scores["checker"].sum()),
                 float(scores["rm"].sum()),
-                float(sum(len(ids) for ids in new)),
+                float(sum(len(a.ids) for a in answers)),
                 float(scores["finished"].sum()),
                 sum(met),
                 float(sum(constraints)),
