@@ -166,7 +166,7 @@ class Pipeline:
         return seconds
 
     def metrics(self, stage: str) -> dict:
-        return json.loads((self.project / "metrics" / f"{stage}.json").read_text())
+        return json.loads((self.project / "metrics" / "all" / f"{stage}.json").read_text())
 
 
 # ------------------------------------------------------------------------------------------------ budget

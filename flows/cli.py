@@ -65,8 +65,15 @@ def print_run_summary(result: dict, seconds: float) -> None:
     print(f"\n══ scratchlm run finished in {seconds:.0f}s " + "═" * 40)
     print(f"  ran      {', '.join(result['ran']) or '(nothing: every stage was up to date)'}")
     print(f"  skipped  {', '.join(result['skipped']) or '(none)'}  ← DVC found these up to date")
-    print(f"  outputs  {ROOT / 'data'}/<stage>/   metrics: {ROOT / 'metrics'}/<stage>.json")
-    print(f"  mlflow   parent run {result['parent_run_id']} in {result['tracking_uri']}")
+    print(
+        f"  outputs  {ROOT / 'data'}/<stage>/   metrics: {ROOT / 'metrics'}/<stage>.json (headline), all/<stage>.json"
+    )
+    if result["parent_run_id"]:
+        print(f"  mlflow   parent run {result['parent_run_id']} in {result['tracking_uri']}")
+    else:
+        print(
+            f"  mlflow   no new run: nothing ran, so nothing was logged (the last runs are in {result['tracking_uri']})"
+        )
     if result["tracking_uri"].startswith("sqlite"):
         from tasks.register import ui_command
 

@@ -46,7 +46,7 @@ from prefect import flow, get_run_logger, task
 
 from tasks.common import tracking
 from tasks.common.config import INHERITED, ROOT, ScratchError, params_file
-from tasks.common.dvcio import pipeline_stages
+from tasks.common.dvcio import pipeline_stages, stage_paths
 from tasks.common.params_check import load_all
 
 
@@ -441,6 +441,20 @@ def stage_task(stage: str, force: bool = False, parent_run_id: str | None = None
 # ------------------------------------------------------------------------------------------------ flow
 
 
+def headline_figures(root: Path = ROOT) -> dict[str, float]:
+    """Every stage's headline metrics (metrics/<stage>.json) as `<stage>/<key>`: the parent run's own figures, so
+    the pipeline run compares in MLflow's table as it does in `dvc metrics show`."""
+    figures: dict[str, float] = {}
+    for stage in pipeline_stages(root):
+        file = stage_paths(stage, root).metrics
+        if file.is_file():
+            flat = tracking.flatten(json.loads(file.read_text()), encode=False)
+            figures.update(
+                {tracking.metric_key(f"{stage}/{k}"): float(v) for k, v in flat.items() if isinstance(v, (int, float))}
+            )
+    return figures
+
+
 @flow(name="build_llm", log_prints=True)
 def build_llm(
     stages: list[str] | None = None, overrides: dict[str, Any] | None = None, force: bool = False
@@ -478,10 +492,14 @@ def _run_stages(selected: list[str], overrides: dict[str, Any], force: bool, log
             {
                 "pipeline/stages_ran": sum(r.ran for r in results),
                 "pipeline/stages_skipped": sum(not r.ran for r in results),
+                **headline_figures(),
             }
         )
+    if not any(r.ran for r in results):  # nothing ran: an empty parent run would only clutter the experiment
+        mlflow.MlflowClient().delete_run(parent_id)
+        logger.info(f"every stage was up to date: nothing ran, so MLflow parent run {parent_id} was deleted")
     return {
-        "parent_run_id": parent_id,
+        "parent_run_id": parent_id if any(r.ran for r in results) else None,
         "tracking_uri": tracking.tracking_uri(),
         "ran": [r.stage for r in results if r.ran],
         "skipped": [r.stage for r in results if not r.ran],

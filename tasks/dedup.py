@@ -469,5 +469,16 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines
 
 
+HEADLINE = (
+    "kept",
+    "duplicate_rate",
+    "exact_duplicates",
+    "near_duplicates",
+    "labelled.near_dup_f1",
+    "labelled.exact_dup_recall",
+)
+"""What metrics/dedup.json keeps (`dvc metrics diff`); every figure is in data/dedup/metrics.json."""
+
+
 if __name__ == "__main__":
-    stage_main("dedup", DedupConfig, run, summary)
+    stage_main("dedup", DedupConfig, run, summary, HEADLINE)

@@ -236,5 +236,16 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines + [f"model, samples.jsonl, quarantine.jsonl in {paths.out}"]
 
 
+HEADLINE = (
+    "sft_satisfaction",
+    "dpo_satisfaction",
+    "kl_to_reference",
+    "dpo_repeated_line_rate",
+    "train_loss",
+    "quarantined",
+)
+"""What metrics/dpo.json keeps (`dvc metrics diff`); every figure is in data/dpo/metrics.json."""
+
+
 if __name__ == "__main__":
-    training_main("dpo", DpoConfig, run, preflight, summary)
+    training_main("dpo", DpoConfig, run, preflight, summary, HEADLINE)

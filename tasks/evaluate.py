@@ -64,7 +64,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from tasks.common import chat, degeneration
-from tasks.common.config import ROOT, ScratchError, check
+from tasks.common.config import ROOT, ScratchError, check, input_path
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json, write_jsonl
 from tasks.common.report import DEGENERATION_METRICS, MODEL_METRICS, build_report
 from tasks.common.stage import stage_main
@@ -167,7 +167,7 @@ class EvaluateConfig:
         check(
             not taken,
             "models",
-            f"label {taken[0] if taken else ''!r} is a key of metrics/evaluate.json itself; rename it",
+            f"label {taken[0] if taken else ''!r} is a key of metrics/all/evaluate.json itself; rename it",
         )
         unknown = [b for b in self.benchmarks if b not in BENCHMARKS]
         check(
@@ -366,7 +366,7 @@ def benchmark_rows(name: str, bench: Benchmark, cfg: EvaluateConfig, root: Path)
             f"builtin generate_cloze(seed={cfg.cloze_seed}, split=test)",
             generate_cloze(cfg.limit * 2, cfg.cloze_seed, "test"),
         )
-    folder = (root / cfg.data_dir / bench.folder).resolve()
+    folder = (input_path(cfg.data_dir, root) / bench.folder).resolve()
     found = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
     if not found:
         return f"no {bench.folder} slice (*.jsonl) in {folder} (evaluate.data_dir)", None
@@ -817,5 +817,16 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines
 
 
+HEADLINE = (
+    "*.val_bpb",
+    "*.satisfaction",
+    "*.fluency_gap",
+    "*.repeated_line_rate",
+    "*.bench.*.acc_norm",
+    "win_rate.*",
+)
+"""What metrics/evaluate.json keeps (`dvc metrics diff`); every figure is in metrics/all/evaluate.json."""
+
+
 if __name__ == "__main__":
-    stage_main("evaluate", EvaluateConfig, run, summary)
+    stage_main("evaluate", EvaluateConfig, run, summary, HEADLINE)

@@ -589,5 +589,22 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines
 
 
+HEADLINE = (
+    "docs_in",
+    "kept",
+    "rejected",
+    "kept_fraction",
+    "docs_per_s",
+    "rejected_by_rule.*",
+    "labelled.junk_recall",
+    "labelled.clean_false_reject_rate",
+    "labelled.without.*.junk_recall",
+    "labelled.without.*.clean_false_reject_rate",
+    "pii.docs_changed",
+    "pii.replaced.*",
+)
+"""What metrics/filter.json keeps (`dvc metrics diff`); every figure is in data/filter/metrics.json."""
+
+
 if __name__ == "__main__":
-    stage_main("filter", FilterConfig, run, summary)
+    stage_main("filter", FilterConfig, run, summary, HEADLINE)

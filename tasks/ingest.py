@@ -299,5 +299,13 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines
 
 
+HEADLINE = (
+    "docs_out",
+    "quarantined",
+    "bytes_out",
+)
+"""What metrics/ingest.json keeps (`dvc metrics diff`); every figure is in metrics/all/ingest.json."""
+
+
 if __name__ == "__main__":
-    stage_main("ingest", IngestConfig, run, summary)
+    stage_main("ingest", IngestConfig, run, summary, HEADLINE)

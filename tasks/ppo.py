@@ -702,5 +702,19 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines + [f"model, samples.jsonl, quarantine.jsonl in {paths.out}"]
 
 
+HEADLINE = (
+    "sft_satisfaction",
+    "ppo_satisfaction",
+    "ppo_repeated_line_rate",
+    "kl_to_reference",
+    "rollout_reward_first",
+    "rollout_reward_last",
+    "reward_hacking",
+    "seconds_per_step",
+    "quarantined",
+)
+"""What metrics/ppo.json keeps (`dvc metrics diff`); every figure is in metrics/all/ppo.json."""
+
+
 if __name__ == "__main__":
-    training_main("ppo", PpoConfig, run, preflight, summary)
+    training_main("ppo", PpoConfig, run, preflight, summary, HEADLINE)

@@ -322,5 +322,13 @@ def build_meta(counts: dict[str, SplitCount], tmeta: dict, split: Split, dtype: 
     }
 
 
+HEADLINE = (
+    "train_tokens",
+    "val_tokens",
+    "val_bytes_per_token",
+)
+"""What metrics/pretokenize.json keeps (`dvc metrics diff`); every figure is in metrics/all/pretokenize.json."""
+
+
 if __name__ == "__main__":
-    stage_main("pretokenize", PretokenizeConfig, run)
+    stage_main("pretokenize", PretokenizeConfig, run, headline=HEADLINE)

@@ -385,5 +385,9 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     ]
 
 
+HEADLINE = ("val_bpb", "val_loss", "train_loss", "tokens", "tokens_per_s", "mfu")
+"""What metrics/pretrain.json keeps (`dvc metrics diff`); every figure is in metrics/all/pretrain.json."""
+
+
 if __name__ == "__main__":
-    training_main("pretrain", PretrainConfig, run, preflight, summary)
+    training_main("pretrain", PretrainConfig, run, preflight, summary, HEADLINE)

@@ -11,7 +11,7 @@ Runbook
 
 Reads   data/<register.model_stage>/model/     the final model (ppo by default): an HF LlamaForCausalLM folder with
                                                its tokenizer and chat template
-        metrics/evaluate.json                  that model's evaluation (bpb, benchmarks, satisfaction, win rates),
+        metrics/all/evaluate.json             that model's evaluation (bpb, benchmarks, satisfaction, win rates),
                                                found by its stage in `model_stages` (label → stage)
         dvc.lock                               the hashes of the data, params and code the model came from
 Writes  MLflow: in this stage's run, a logged model `model` (pyfunc from code: tasks/common/pyfunc.py, artifacts =
@@ -43,7 +43,7 @@ from importlib.metadata import version as package_version
 from pathlib import Path
 
 from tasks.common.config import ROOT, ScratchError, check
-from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json
+from tasks.common.dvcio import StagePaths, fresh_dir, read_json, stage_paths, write_json
 from tasks.common.stage import stage_main
 from tasks.common.tracking import PARENT_ENV, Tracker, dvc_lock_tags, flatten, git_commit, tracking_uri
 
@@ -88,9 +88,9 @@ def model_folder(paths: StagePaths, stage: str) -> Path:
 
 
 def model_evaluation(root: Path, stage: str) -> dict:
-    """The evaluation of the model that `stage` produced, from metrics/evaluate.json: its `model_stages` says which
-    label evaluate gave each stage's model."""
-    file = root / "metrics" / "evaluate.json"
+    """The evaluation of the model that `stage` produced, from metrics/all/evaluate.json: its `model_stages` says
+    which label evaluate gave each stage's model."""
+    file = stage_paths("evaluate", root).details
     if not file.is_file():
         raise ScratchError(f"{file}: missing; run `dvc repro evaluate` before register")
     metrics = read_json(file)
@@ -395,5 +395,9 @@ def next_command_lines(record: dict) -> list[str]:
     ]
 
 
+HEADLINE = ("version",)
+"""What metrics/register.json keeps (`dvc metrics diff`); every figure is in metrics/all/register.json."""
+
+
 if __name__ == "__main__":
-    stage_main("register", RegisterConfig, run, summary)
+    stage_main("register", RegisterConfig, run, summary, HEADLINE)

@@ -187,5 +187,14 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines + [f"model (RewardModel.load) and quarantine.jsonl in {paths.out}"]
 
 
+HEADLINE = (
+    "val_accuracy",
+    "val_margin",
+    "accuracy",
+    "quarantined",
+)
+"""What metrics/reward.json keeps (`dvc metrics diff`); every figure is in data/reward/metrics.json."""
+
+
 if __name__ == "__main__":
-    training_main("reward", RewardConfig, run, preflight, summary)
+    training_main("reward", RewardConfig, run, preflight, summary, HEADLINE)

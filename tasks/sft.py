@@ -241,5 +241,14 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines + [f"model, samples.jsonl, quarantine.jsonl in {paths.out}"]
 
 
+HEADLINE = (
+    "val_loss",
+    "base_satisfaction",
+    "sft_satisfaction",
+    "quarantined",
+)
+"""What metrics/sft.json keeps (`dvc metrics diff`); every figure is in data/sft/metrics.json."""
+
+
 if __name__ == "__main__":
-    training_main("sft", SftConfig, run, preflight, summary)
+    training_main("sft", SftConfig, run, preflight, summary, HEADLINE)

@@ -330,5 +330,12 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
     return lines
 
 
+HEADLINE = (
+    "vocab_size",
+    "val_bytes_per_token",
+)
+"""What metrics/tokenizer.json keeps (`dvc metrics diff`); every figure is in metrics/all/tokenizer.json."""
+
+
 if __name__ == "__main__":
-    stage_main("tokenizer", TokenizerConfig, run, summary)
+    stage_main("tokenizer", TokenizerConfig, run, summary, HEADLINE)

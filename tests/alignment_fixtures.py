@@ -127,16 +127,16 @@ def run_stage(stage: str, cfg, root: Path) -> dict:
     started = time.perf_counter()
     metrics = module.run(cfg, paths, Tracker(stage, None))
     metrics["seconds"] = round(time.perf_counter() - started, 2)
-    write_json(paths.metrics, metrics)
+    write_json(paths.details, metrics)
     return metrics
 
 
 def cached_stage(tmp_path_factory, stage: str, cfg) -> tuple[Path, dict]:
     """Run `stage` once per session in the shared world (after its upstream); (world root, its metrics)."""
-    from tasks.common.dvcio import read_json
+    from tasks.common.dvcio import read_json, stage_paths
 
     root = alignment_world(tmp_path_factory)
-    metrics_file = root / "metrics" / f"{stage}.json"
+    metrics_file = stage_paths(stage, root).details
     if not metrics_file.is_file():
         run_stage(stage, cfg, root)
     return root, read_json(metrics_file)

@@ -150,7 +150,7 @@ FLUENT = {
 
 
 def evaluation(dpo_bpb: float = 1.5, satisfaction: float = 0.25, cloze: float = 0.5) -> dict:
-    """A metrics/evaluate.json as the evaluate stage writes it (the register stage reads the DPO model's part)."""
+    """A metrics/all/evaluate.json as the evaluate stage writes it (the register stage reads the DPO model's part)."""
 
     def model(bpb: float, sat: float, acc: float) -> dict:
         return {
@@ -188,12 +188,12 @@ promote:
 
 
 def registry_project(root: Path, monkeypatch, metrics: dict | None = None) -> Path:
-    """A project folder ready for the register stage: data/dpo/model, metrics/evaluate.json, dvc.lock, params;
+    """A project folder ready for the register stage: data/dpo/model, metrics/all/evaluate.json, dvc.lock, params;
     MLflow pointed at a SQLite file inside it (artifacts under it too: the working directory moves there)."""
     tok_dir = train_tokenizer(root / "data" / "tokenizer")
     tiny_model(root / "data" / "dpo" / "model", tok_dir, seed=5)
-    (root / "metrics").mkdir(parents=True, exist_ok=True)
-    (root / "metrics" / "evaluate.json").write_text(json.dumps(metrics or evaluation()))
+    (root / "metrics" / "all").mkdir(parents=True, exist_ok=True)
+    (root / "metrics" / "all" / "evaluate.json").write_text(json.dumps(metrics or evaluation()))
     (root / "dvc.lock").write_text(
         "schema: '2.0'\nstages:\n  dpo:\n    cmd: python -m tasks.dpo\n    outs:\n    - path: data/dpo\n"
         "      md5: 1111.dir\n  evaluate:\n    cmd: python -m tasks.evaluate\n    deps:\n    - path: data/dpo\n"

@@ -101,5 +101,5 @@ def test_whole_pipeline_tiny(tmp_path, mlflow_uri):
         filter_string=f"tags.scratchlm.parent_run_id = '{out['first']['parent_run_id']}'",
     )
     assert sorted(r.info.run_name for r in children) == sorted(stages)
-    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((project / "metrics/all/evaluate.json").read_text())
     assert {"base", "sft", "dpo", "ppo"} <= set(evaluation)

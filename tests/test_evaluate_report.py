@@ -1,4 +1,4 @@
-"""The report card renders from metrics/*.json and MLflow: models, benchmarks, every stage's training curves,
+"""The report card renders from metrics/all/*.json and MLflow: models, benchmarks, every stage's training curves,
 the data funnel and tokenizer compression, each with its PNG; it is logged to MLflow; `scratchlm report` says
 where it is and rebuilds it on request."""
 
@@ -61,9 +61,9 @@ def log_stage(client, experiment_id: str, stage: str, parent: str | None, curves
 def project(tmp_path, monkeypatch, mlflow_uri):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SCRATCHLM_PARENT_RUN_ID", raising=False)
-    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "all").mkdir(parents=True)
     for stage, m in {**STAGE_METRICS, "evaluate": evaluation()}.items():
-        (tmp_path / "metrics" / f"{stage}.json").write_text(json.dumps(m))
+        (tmp_path / "metrics" / "all" / f"{stage}.json").write_text(json.dumps(m))
     (tmp_path / "dvc.yaml").write_text(
         "stages:\n"
         + "".join(
@@ -183,7 +183,7 @@ def test_report_is_logged_to_mlflow_and_renders_without_inputs(tmp_path, monkeyp
     run = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("scratchlm").experiment_id)
     report = build_report(tmp_path, tracker=Tracker("evaluate", run.info.run_id))
     text = report.read_text()
-    assert "metrics/evaluate.json is missing" in text and "No data stage has run yet" in text
+    assert "metrics/all/evaluate.json is missing" in text and "No data stage has run yet" in text
     logged = {f.path for f in mlflow.MlflowClient().list_artifacts(run.info.run_id, "report")}
     assert "report/report.md" in logged
 

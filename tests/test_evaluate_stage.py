@@ -241,5 +241,5 @@ def test_config_rejects_unknown_benchmark_and_bad_pairs():
         EvaluateConfig(benchmarks=["mmlu"])
     with pytest.raises(ScratchError, match="win_rates"):
         EvaluateConfig(win_rates=["dpo:nope"])
-    with pytest.raises(ScratchError, match="models: label 'report' is a key of metrics/evaluate.json"):
+    with pytest.raises(ScratchError, match="models: label 'report' is a key of metrics/all/evaluate.json"):
         EvaluateConfig(models={"base": "pretrain", "report": "dpo"}, win_rates=[])

@@ -84,8 +84,9 @@ def test_success_swaps_the_new_output_in(root):
     assert seen["during"] == ["old.txt"], "the published output is untouched while the stage runs"
     assert seen["out"].parent.parent == root / "data" / ".staging"
     assert sorted(p.name for p in (root / "data" / "ingest").iterdir()) == ["new.txt"]
-    written = read_json(root / "metrics" / "ingest.json")
+    written = read_json(root / "metrics" / "all" / "ingest.json")
     assert written["docs_out"] == 2 and written == {k: v for k, v in metrics.items() if k != "_run_id"}
+    assert read_json(root / "metrics" / "ingest.json") == {}, "no HEADLINE given: the headline file is empty"
     assert leftovers(root) == [] and not (root / "data" / ".failed").exists()
     probe = root / "probe"
     probe.mkdir()
@@ -195,7 +196,9 @@ def test_a_failed_swap_puts_the_previous_output_back(root, monkeypatch):
     with pytest.raises(ScratchError, match="no space left on device"):
         execute("ingest", IngestConfig, new_output)
     assert outputs(root) == before and leftovers(root) == []
-    assert [p.name for p in (root / "metrics").iterdir()] == ["ingest.json"], "no temporary left beside it"
+    assert sorted(p.name for p in (root / "metrics").rglob("*")) == ["all", "ingest.json", "ingest.json"], (
+        "no temporary left beside them"
+    )
 
 
 def test_a_refused_swap_is_one_error_line_naming_the_folder(root, monkeypatch):

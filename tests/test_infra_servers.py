@@ -183,7 +183,7 @@ def test_deployment_run_on_a_process_worker_completes_and_logs_to_the_mlflow_ser
     assert sorted(children) == sorted(stages)
     assert children["ingest"].data.metrics["ingest/docs_out"] == 300
     for stage, child in children.items():
-        local = json.loads((stack.project / "metrics" / f"{stage}.json").read_text())
+        local = json.loads((stack.project / "metrics" / "all" / f"{stage}.json").read_text())
         served = json.loads(
             Path(
                 client.download_artifacts(child.info.run_id, f"metrics/{stage}.json", str(stack.base / "logs"))
@@ -260,7 +260,7 @@ def test_ingest_on_an_existing_dask_cluster_reports_its_task_runs_to_the_server(
     assert "Starting temporary server" not in log, "the stage reports to the server in PREFECT_API_URL"
     assert_same_outputs(project, snapshot, ["ingest"])
 
-    units = json.loads((project / "metrics/ingest.json").read_text())["units"]
+    units = json.loads((project / "metrics/all/ingest.json").read_text())["units"]
     shard_runs = [r for r in api(stack, "/flow_runs/filter", {}) if r["name"] == f"ingest_unit x{units}"]
     assert len(shard_runs) == 1 and shard_runs[0]["state_type"] == "COMPLETED"
     task_runs = api(stack, "/task_runs/filter", {"flow_runs": {"id": {"any_": [shard_runs[0]["id"]]}}})

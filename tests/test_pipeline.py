@@ -64,6 +64,7 @@ def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, m
     out = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert out["first"]["ran"] == ["ingest"]
     assert out["again"]["ran"] == [] and out["again"]["skipped"] == ["ingest"]
+    assert out["again"]["parent_run_id"] is None, "a rerun that ran nothing leaves no empty parent run"
     assert out["changed"]["ran"] == ["ingest"]
     assert out["failure"].startswith("error: ingest: data.sources: 'no/such/dir': no such file or folder")
     assert re.search(r"\[ingest\]\s+300 records →", proc.stderr + proc.stdout), (
@@ -85,7 +86,14 @@ def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, m
     assert run.data.tags["dvc.outs.data/ingest"], "dvc.lock hashes are tagged once DVC locked the stage"
     assert run.data.params["docs_per_shard"] == "5000"
     assert run.data.metrics["ingest/docs_out"] == 300
-    assert mlflow.get_run(parent_id).info.run_name == "build_llm"
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.run_name == "build_llm"
+    assert parent.data.metrics["ingest/docs_out"] == 300, "the headline figures are on the parent run too"
+    assert "ingest/units" not in run.data.metrics and run.data.params["setup.units"] == "1", "a constant is a param"
+    live = mlflow.search_runs(
+        experiment_names=["scratchlm"], output_format="list", filter_string="run_name = 'build_llm'"
+    )
+    assert len(live) == 3, "first, changed and the failed run: the no-op rerun's parent run was deleted"
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "metrics")]
     assert artifacts == ["metrics/ingest.json"]
 

@@ -419,8 +419,8 @@ def test_report_card_says_when_the_reward_model_was_gamed(tmp_path):
         "sft_reward": 0.1,
         "ppo_reward": 0.9,
     }
-    write_json(tmp_path / "metrics" / "ppo.json", {**m, "reward_hacking": ppo.reward_hacking(m, "sft")})
+    write_json(tmp_path / "metrics" / "all" / "ppo.json", {**m, "reward_hacking": ppo.reward_hacking(m, "sft")})
     text = "\n".join(rl_section(tmp_path))
     assert "**Reward hacking:**" in text and "| reward | 0.100 | 0.900 |" in text
-    write_json(tmp_path / "metrics" / "ppo.json", {**m, "ppo_satisfaction": 0.6, "reward_hacking": False})
+    write_json(tmp_path / "metrics" / "all" / "ppo.json", {**m, "ppo_satisfaction": 0.6, "reward_hacking": False})
     assert "Reward hacking" not in "\n".join(rl_section(tmp_path))

@@ -185,8 +185,8 @@ def test_register_refuses_without_mlflow_or_evaluation(tmp_path):
 
 
 def test_the_evaluation_is_found_by_the_stage_evaluate_recorded(tmp_path):
-    file = tmp_path / "metrics" / "evaluate.json"
-    file.parent.mkdir()
+    file = tmp_path / "metrics" / "all" / "evaluate.json"
+    file.parent.mkdir(parents=True)
     with pytest.raises(ScratchError, match=r"evaluate.json: missing; run `dvc repro evaluate`"):
         model_evaluation(tmp_path, "dpo")
     metrics = {**evaluation(), "model_stages": {"base": "pretrain", "sft": "sft", "aligned": "dpo"}}

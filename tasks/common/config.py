@@ -49,6 +49,41 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+"""The working tree this code runs in: the project, or the copy `dvc exp run --temp/--queue` runs in."""
+
+
+def project_root() -> Path:
+    """The DVC project a run belongs to: ROOT, except in the copy `dvc exp run --temp` or `--queue` runs in
+    (.dvc/tmp/exps/...), where it is the project that copy came from. DVC names it in `DVC_ROOT` for every stage
+    command; the MLflow store and the user's relative input paths (`../shared/data`) are the project's, so an
+    experiment tracks into the same store and reads the same data as the workspace."""
+    named = os.environ.get("DVC_ROOT")
+    if named and Path(named, "dvc.yaml").is_file():
+        return Path(named).resolve()
+    return ROOT
+
+
+def input_path(spec: str, root: Path = ROOT) -> Path:
+    """A user's input path (a source file, folder or glob; a data folder) as the user meant it: absolute as given;
+    relative against `root`, the working tree, when it is there (a file the experiment's copy has, which may differ
+    from the project's), else against the project root (`../shared/data` seen from .dvc/tmp/exps/<copy>/ is not
+    the folder beside the project)."""
+    path = Path(spec)
+    if path.is_absolute():
+        return path
+    here, project = root / path, project_root() / path
+    if project == here or _exists(here) or not _exists(project):
+        return here
+    return project
+
+
+def _exists(path: Path) -> bool:
+    """`path` exists; for a glob, its first wildcard-free folder does."""
+    parts = path.parts
+    for i, part in enumerate(parts):
+        if any(ch in part for ch in "*?["):
+            return Path(*parts[:i]).is_dir()
+    return path.exists()
 
 
 def params_file() -> Path:

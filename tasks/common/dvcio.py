@@ -43,11 +43,27 @@ class StagePaths:
 
     root: Path
     out: Path  # data/<stage>/
-    metrics: Path  # metrics/<stage>.json
+    metrics: Path  # metrics/<stage>.json: the headline figures (git + `dvc metrics`)
 
     def of(self, stage: str) -> Path:
         """Output folder of another (upstream) stage."""
         return self.root / "data" / stage
+
+    @property
+    def details(self) -> Path:
+        """metrics/all/<stage>.json: every figure the stage measured. A DVC output of its own (versioned by DVC, not
+        git), outside data/<stage>/ so that a rerun's new timings do not change the data downstream stages hash."""
+        return self.metrics.parent / DETAILS / self.metrics.name
+
+
+DETAILS = "all"
+"""The folder beside the headline metrics that holds each stage's full metrics file."""
+
+
+def read_metrics(stage: str, root: Path = ROOT) -> dict:
+    """Every figure `stage` measured (metrics/all/<stage>.json); {} before the stage has run."""
+    file = stage_paths(stage, root).details
+    return json.loads(file.read_text()) if file.is_file() else {}
 
 
 def stage_paths(stage: str, root: Path = ROOT) -> StagePaths:
@@ -129,26 +145,31 @@ class Staging:
         self.paths.out.mkdir(parents=True)
 
     def commit(self) -> None:
-        """Swap the staged outputs in: metrics copied beside metrics/<stage>.json, data/<stage>/ renamed aside, the
-        staged out renamed in, the metrics renamed in, the old folder deleted. A failure at any step puts the
-        previous output back and re-raises; the renames are within data/ and within metrics/, so nothing is copied.
-        """
-        out, metrics = self.final.out, self.final.metrics
+        """Swap the staged outputs in: both metrics files copied beside their final names, data/<stage>/ renamed
+        aside, the staged out renamed in, the full metrics then the headline metrics renamed in, the old folder
+        deleted. A failure at any step puts the previous output (and full metrics) back and re-raises; the renames
+        are within data/ and within metrics/, so nothing is copied."""
+        out, metrics, details = self.final.out, self.final.metrics, self.final.details
         aside = self.folder.with_name(f"{self.folder.name}.previous")  # outside the folder `discard` deletes
-        metrics.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{metrics.name}.", dir=metrics.parent)
-        os.close(fd)
-        moved = swapped = False
+        tmp, details_tmp, details_old = (sibling_temp(p) for p in (metrics, details, details))
+        moved = swapped = details_moved = False
         try:
             shutil.copyfile(self.paths.metrics, tmp)
+            shutil.copyfile(self.paths.details, details_tmp)
             if out.exists() or out.is_symlink():
                 os.rename(out, aside)
                 moved = True
             os.rename(self.paths.out, out)
             swapped = True
+            if details.exists():
+                os.replace(details, details_old)
+                details_moved = True
+            os.replace(details_tmp, details)
             os.replace(tmp, metrics)
         except BaseException:
             try:
+                if details_moved:
+                    os.replace(details_old, details)
                 if swapped:
                     os.rename(out, self.paths.out)
                 if moved:
@@ -157,8 +178,9 @@ class Staging:
                 raise RuntimeError(f"{out}: could not put the previous output back; it is in {aside}") from e
             raise
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            for leftover in (tmp, details_tmp, details_old):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
         remove_tree(aside)
         remove_tree(self.folder)
 
@@ -174,6 +196,14 @@ class Staging:
                 kept = self.failed
         remove_tree(self.folder)
         return kept
+
+
+def sibling_temp(path: Path) -> Path:
+    """A new empty temporary file beside `path` (its folder created), for a rename onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
 
 
 def remove_tree(path: Path) -> None:

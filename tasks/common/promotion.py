@@ -1,7 +1,7 @@
 """The promotion gates: when may the registered `@challenger` become `@champion`? Pure logic, no MLflow calls.
 
 params.yaml's `promote:` section loads into `PromoteConfig`; `flows/promote.py` reads the two versions' `eval.*`
-tags (written by the register stage from metrics/evaluate.json), calls `check_gates`, and moves the alias only
+tags (written by the register stage from metrics/all/evaluate.json), calls `check_gates`, and moves the alias only
 when every gate passes. A gate set to null is off; a gate whose figure the challenger lacks fails, saying so.
 
 The degeneration gates (fluency gap, repeated lines, nonwords, distinct-2) read the figures the evaluate stage

@@ -6,15 +6,15 @@
 
 Sections (each from what exists; a missing source is named in the page, never an error):
     models        per model (base / SFT / DPO): validation loss, perplexity, bits per byte, constraint
-                  satisfaction, reward-model win rates                           ← metrics/evaluate.json
+                  satisfaction, reward-model win rates                           ← metrics/all/evaluate.json
     degeneration  per model: fluency of its answers under the base model, repeated lines and 3-grams,
-                  distinct-2, words outside the story world, length              ← metrics/evaluate.json
-    benchmarks    lm-eval accuracy per task, one column per model + bar chart    ← metrics/evaluate.json
+                  distinct-2, words outside the story world, length              ← metrics/all/evaluate.json
+    benchmarks    lm-eval accuracy per task, one column per model + bar chart    ← metrics/all/evaluate.json
     training      train/validation curves of every stage                         ← MLflow: the child runs of
                   SCRATCHLM_PARENT_RUN_ID, else the latest run of each stage name in the experiment
-    data funnel   documents from ingest to pretokenize, rejects per rule, duplicates  ← metrics/<stage>.json
-    tokenizer     vocabulary and bytes per token (compression) per split         ← metrics/tokenizer.json,
-                                                                                   metrics/pretokenize.json
+    data funnel   documents from ingest to pretokenize, rejects per rule, duplicates  ← metrics/all/<stage>.json
+    tokenizer     vocabulary and bytes per token (compression) per split         ← metrics/all/tokenizer.json,
+                                                                                   metrics/all/pretokenize.json
     samples       the fixed-prompt generations                                   ← data/evaluate/samples.md
 Writes reports/report.md and reports/*.png (relative links, so the folder renders anywhere: GitHub, MLflow UI).
 """
@@ -22,12 +22,11 @@ Writes reports/report.md and reports/*.png (relative links, so the folder render
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from tasks.common import tracking
+from tasks.common import dvcio, tracking
 from tasks.common.console import fmt
 from tasks.common.dvcio import pipeline_stages
 from tasks.common.tracking import PARENT_ENV, Tracker, git_commit, tracking_uri
@@ -42,8 +41,8 @@ MAX_PANELS = 9
 
 
 def read_metrics(root: Path, stage: str) -> dict | None:
-    file = root / "metrics" / f"{stage}.json"
-    return json.loads(file.read_text()) if file.is_file() else None
+    """Every figure of `stage` (metrics/all/<stage>.json), None before it has run."""
+    return dvcio.read_metrics(stage, root) or None
 
 
 def stage_runs(stages: list[str], parent_run_id: str | None = None) -> tuple[dict[str, Any], str]:
@@ -192,7 +191,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
 
 
-MODEL_METRICS = [  # (key in metrics/evaluate.json, the report card's name, the closing summary's, None = not there)
+MODEL_METRICS = [  # (key in metrics/all/evaluate.json, report card's name, the closing summary's, None = not there)
     ("val_loss", "validation loss (nats/token)", "val loss"),
     ("val_ppl", "perplexity", None),
     ("val_bpb", "bits per byte", "val bpb"),
@@ -204,7 +203,7 @@ MODEL_METRICS = [  # (key in metrics/evaluate.json, the report card's name, the 
 def models_section(ev: dict | None, out: Path) -> list[str]:
     lines = ["## Models", ""]
     if not ev:
-        return lines + ["_No evaluation yet (metrics/evaluate.json is missing: run `dvc repro evaluate`)._", ""]
+        return lines + ["_No evaluation yet (metrics/all/evaluate.json is missing: run `dvc repro evaluate`)._", ""]
     labels = ev["models"]
     rows = [
         [name, *[ev[m].get(key, "-") for m in labels]]
@@ -239,7 +238,7 @@ def models_section(ev: dict | None, out: Path) -> list[str]:
     return lines
 
 
-DEGENERATION_METRICS = [  # (key in metrics/evaluate.json, the report card's name, the closing summary's)
+DEGENERATION_METRICS = [  # (key in metrics/all/evaluate.json, the report card's name, the closing summary's)
     ("fluency_nll", "fluency: nats/token of the answers read by the base model", "fluency"),
     ("fluency_gap", "fluency gap: that minus the base model's val loss", "gap"),
     ("repeated_line_rate", "repeated lines (share of an answer's lines)", "repeated lines"),

@@ -3,7 +3,7 @@
 A stage module ends with
 
     if __name__ == "__main__":          # python -m tasks.ingest (what dvc.yaml runs)
-        stage_main("ingest", IngestConfig, run, summary)
+        stage_main("ingest", IngestConfig, run, summary, HEADLINE)
 
 and `run(cfg, paths, tracker, **sections) -> dict` is a function of its arguments: any parameter besides those
 three is named after a params.yaml section (`data`, `model`) and receives it, loaded and validated, e.g.
@@ -11,6 +11,13 @@ three is named after a params.yaml section (`data`, `model`) and receives it, lo
 (optional) gives the sentences of the stage's closing screen (tasks/common/console.py). A `ScratchError` (bad
 params, bad input a user can fix) is printed as one `error: ...` line and exits 2, which the Prefect flow surfaces
 verbatim; so is a full disk or a folder that cannot be written (`filesystem_fault`).
+
+Metrics: the dict `run` returns is the stage's full record, metrics/all/<stage>.json (an output: DVC versions it,
+git does not; `read_metrics` reads it back), also an MLflow artifact. `HEADLINE`, the stage's list of dotted keys
+(`*` matches any key at its level), picks the few figures a person compares between runs: they go to
+metrics/<stage>.json (committed; what `dvc metrics show/diff` and `dvc exp show` list) and are the run's MLflow
+metrics. Figures that describe the set-up rather than the result (world size, sequence length, parameters) are
+logged as MLflow params (`SETUP_KEYS`), so MLflow's charts hold results and curves only.
 
 Nothing a run does reaches data/<stage>/ or metrics/<stage>.json before it has succeeded: `run` gets a `paths`
 whose `out` and `metrics` are a staging folder (tasks/common/dvcio.py: Staging), swapped in at the end. A failure
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import errno
 import inspect
+import json
 import os
 import re
 import sys
@@ -39,15 +47,17 @@ RunFn = Callable[..., dict | None]
 SummaryFn = Callable[[dict, StagePaths], list[str]]
 
 
-def stage_main(stage: str, config_cls: type, run: RunFn, summary: SummaryFn | None = None) -> None:
+def stage_main(
+    stage: str, config_cls: type, run: RunFn, summary: SummaryFn | None = None, headline: tuple[str, ...] = ()
+) -> None:
     """Entry point of `python -m tasks.<stage>`; exits 2 with one clear line on a user error."""
     with user_errors(stage):
-        metrics = execute(stage, config_cls, run)
+        metrics = execute(stage, config_cls, run, headline)
     if metrics is not None and is_rank_zero():
         paths = stage_paths(stage)
         where = {
             "outputs": f"{paths.out.relative_to(paths.root)}/",
-            "metrics": str(paths.metrics.relative_to(paths.root)),
+            "metrics": f"{paths.metrics.relative_to(paths.root)} (headline), {paths.details.relative_to(paths.root)}",
         }
         if metrics.get("_run_id"):
             where["mlflow"] = f"run {metrics['_run_id']} in {tracking_uri()}"
@@ -85,9 +95,10 @@ def sections_for(fn: Callable) -> dict[str, Any]:
     return {name: load_section(name) for name in inspect.signature(fn).parameters if name not in STAGE_ARGS}
 
 
-def execute(stage: str, config_cls: type, run: RunFn) -> dict | None:
+def execute(stage: str, config_cls: type, run: RunFn, headline: tuple[str, ...] = ()) -> dict | None:
     """Load the section, run the stage inside its MLflow child run on a staging folder, then swap its outputs in as
-    data/<stage>/ and metrics/<stage>.json; on any failure the previous ones stay as they were."""
+    data/<stage>/ (with metrics.json, every figure) and metrics/<stage>.json (the `headline` figures); on any failure
+    the previous ones stay as they were."""
     cfg = load_section(stage, config_cls)
     sections = sections_for(run)
     staging = Staging.of(stage, stage_paths(stage))
@@ -97,9 +108,12 @@ def execute(stage: str, config_cls: type, run: RunFn) -> dict | None:
         if metrics is None:  # non-zero ranks of a training stage
             return None
         metrics = {**metrics, "seconds": round(time.perf_counter() - started, 2)}
-        write_json(staging.paths.metrics, metrics)
-        tracker.log_metrics(flat_numbers(metrics))
-        tracker.log_artifact(staging.paths.metrics, "metrics")
+        headline_figures = pick(metrics, headline)
+        write_json(staging.paths.details, metrics)
+        write_json(staging.paths.metrics, headline_figures)
+        tracker.log_metrics(flat_numbers(headline_figures))
+        tracker.log_params({f"setup.{k}": v for k, v in metrics.items() if k in SETUP_KEYS})
+        tracker.log_text(json.dumps(metrics, indent=2), f"metrics/{stage}.json")
         publish()
     metrics["_run_id"] = tracker.run_id
     return metrics
@@ -198,6 +212,39 @@ def fault_of(error: BaseException | None) -> tuple[int | None, str | None]:
             return errno.ENOSPC, None
         error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
     return None, None
+
+
+SETUP_KEYS = frozenset(
+    "world_size zero_stage seq_len max_len micro_batch_size grad_accum tokens_per_step n_params peak_flops precision "
+    "compiled preset steps group_size prompts_per_step eval_prompts vocab_size_requested lsh_bands lsh_rows units "
+    "device dtype".split()
+)
+"""Top-level figures that describe how a stage ran, not what it achieved: MLflow params (`setup.<key>`)."""
+
+
+def pick(metrics: dict, patterns: tuple[str, ...]) -> dict:
+    """The leaves of `metrics` that the dotted `patterns` name (`*` = any key at that level), nested as in
+    `metrics`: numbers and booleans only (a path or a name is no figure to compare)."""
+    out: dict = {}
+    for pattern in patterns:
+        _pick(metrics, pattern.split("."), out)
+    return out
+
+
+def _pick(node: Any, parts: list[str], out: dict) -> None:
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    for key in list(node) if head == "*" else [head] if head in node else []:
+        value = node[key]
+        if rest:
+            if isinstance(value, dict):
+                sub = out.setdefault(key, {})
+                _pick(value, rest, sub)
+                if not sub:
+                    del out[key]
+        elif isinstance(value, (int, float)):
+            out[key] = value
 
 
 def flat_numbers(d: dict) -> dict[str, float]:

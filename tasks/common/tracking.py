@@ -27,15 +27,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from tasks.common.config import ROOT, ScratchError
+from tasks.common.config import ROOT, ScratchError, project_root
 from tasks.common.console import is_rank_zero
 
 EXPERIMENT = os.environ.get("SCRATCHLM_EXPERIMENT", "scratchlm")
 PARENT_ENV = "SCRATCHLM_PARENT_RUN_ID"
+EXPERIMENT_KIND = "mlflow.experimentKind"
+"""The experiment tag the MLflow 3 UI reads to open an experiment as model training rather than GenAI."""
+MODEL_TRAINING = "custom_model_development"
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlruns.db'}"
+    """MLFLOW_TRACKING_URI, else the project's SQLite store (the project's, not an experiment copy's: `dvc exp run
+    --temp` runs stages in .dvc/tmp/exps/..., which DVC deletes afterwards)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlruns.db'}"
 
 
 PROBE_TIMEOUT_S = 5.0
@@ -133,10 +138,14 @@ def setup_mlflow():
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         local = not os.environ.get("MLFLOW_TRACKING_URI")
-        artifacts = (ROOT / "mlartifacts").as_uri() if local else None
+        artifacts = (project_root() / "mlartifacts").as_uri() if local else None
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
-            mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts)
-    mlflow.set_experiment(EXPERIMENT)
+            # the UI opens it as model training, not GenAI (MLflow 3 guesses GenAI for an experiment with no runs)
+            mlflow.create_experiment(EXPERIMENT, artifact_location=artifacts, tags={EXPERIMENT_KIND: MODEL_TRAINING})
+    experiment = mlflow.set_experiment(EXPERIMENT)
+    if EXPERIMENT_KIND not in experiment.tags:  # made by an older scratchlm, or by hand
+        with contextlib.suppress(Exception):
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     return mlflow
 
 
@@ -256,6 +265,8 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Trac
     parent = os.environ.get(PARENT_ENV)
     commit = git_commit()
     tags = {"scratchlm.stage": stage, "mlflow.source.git.commit": commit, "git_commit": commit}
+    if os.environ.get("DVC_EXP_NAME"):  # `dvc exp run`: the experiment this run belongs to (`dvc exp show` names it)
+        tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
     if parent:
         tags.update({"mlflow.parentRunId": parent, "scratchlm.parent_run_id": parent})
     tags.update(dvc_lock_tags(stage))

@@ -38,11 +38,16 @@ PreflightFn = Callable[..., None]
 
 
 def training_main(
-    stage: str, config_cls: type, run: RunFn, preflight: PreflightFn, summary: SummaryFn | None = None
+    stage: str,
+    config_cls: type,
+    run: RunFn,
+    preflight: PreflightFn,
+    summary: SummaryFn | None = None,
+    headline: tuple[str, ...] = (),
 ) -> None:
     """`python -m tasks.<stage>`: the launcher; with --worker (set by the launcher), one rank's run."""
     if WORKER_FLAG in sys.argv[1:]:
-        stage_main(stage, config_cls, run, summary)
+        stage_main(stage, config_cls, run, summary, headline)
     else:
         launch(stage, config_cls, preflight)
 

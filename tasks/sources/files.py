@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.common.config import ScratchError
+from tasks.common.config import ScratchError, input_path
 
 SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 BINARY_SNIFF_BYTES = 8192
@@ -43,7 +43,7 @@ def expand(spec: str, root: Path) -> tuple[list[Path], list[Path]]:
     Inside folders and globs only document files (SUFFIXES) are read; others (a README, a SOURCE.md) are
     returned as skipped and reported. A named file of another type, or an entry matching nothing, is an error.
     """
-    path = Path(os.path.abspath(spec if Path(spec).is_absolute() else root / spec))
+    path = Path(os.path.abspath(input_path(spec, root)))
     if any(ch in spec for ch in "*?["):
         found = [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
     elif path.is_dir():

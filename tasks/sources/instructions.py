@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks.common.config import ScratchError
+from tasks.common.config import ScratchError, input_path
 from tasks.sources.files import Record, jsonl_lines, relative_location
 
 ROLES = ("system", "user", "assistant")
@@ -70,7 +70,7 @@ def read_rows(path: Path) -> Iterator[tuple[str, Any | None, str | None]]:
 
 
 def resolve(spec: str, root: Path) -> Path:
-    path = Path(spec) if Path(spec).is_absolute() else root / spec
+    path = input_path(spec, root)
     if not path.is_file():
         raise ScratchError(f"{spec!r}: no such file ({path})")
     return path
