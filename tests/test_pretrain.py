@@ -210,7 +210,7 @@ def test_stage_trains_logs_and_exports_the_trained_weights(reference):
 
     from model.hf import load
 
-    metrics = json.loads((reference / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((reference / "metrics" / "all" / "pretrain.json").read_text())
     assert metrics["steps"] == 30 and metrics["grad_accum"] == 2 and metrics["world_size"] == 1
     rows = history(reference)
     assert sorted(s for s, r in rows.items() if "train/loss" in r) == list(range(2, 31, 2))
@@ -278,12 +278,12 @@ def test_sigkilled_run_resumes_to_the_same_losses(reference, token_data, tmp_pat
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert (checkpoint_folder(project) / "latest").read_text() == "step_00000010"
-    assert not (project / "metrics" / "pretrain.json").exists()
+    assert not (project / "metrics" / "all" / "pretrain.json").exists()
 
     rerun = run_pretrain(project, SCRATCHLM_NO_MLFLOW="1")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resumed from step 10" in rerun.stdout
-    assert json.loads((project / "metrics" / "pretrain.json").read_text())["resumed_from_step"] == 10
+    assert json.loads((project / "metrics" / "all" / "pretrain.json").read_text())["resumed_from_step"] == 10
     want, got = history(reference), history(project)
     assert sorted(got) == sorted(want)
     for step in got:  # bitwise: one fp32 rank, same data, same optimizer and scheduler state
@@ -306,7 +306,7 @@ def test_two_ranks_follow_one_rank_with_accumulation(reference, token_data, tmp_
     )
     done = run_pretrain(project, SCRATCHLM_NO_MLFLOW="1")
     assert done.returncode == 0, done.stdout + done.stderr
-    metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((project / "metrics" / "all" / "pretrain.json").read_text())
     assert (metrics["world_size"], metrics["grad_accum"], metrics["zero_stage"]) == (2, 1, zero_stage)
     want, got = history(reference), history(project)
     assert sorted(got) == sorted(want)
@@ -347,7 +347,7 @@ def test_compiled_run_follows_the_eager_run(reference, token_data, tmp_path):
     done = run_pretrain(project, SCRATCHLM_NO_MLFLOW="1")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ZeRO 0, fp32, compiled" in done.stdout
-    metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((project / "metrics" / "all" / "pretrain.json").read_text())
     assert metrics["compiled"] is True and metrics["steps"] == 30
     want, got = history(reference), history(project)
     assert sorted(got) == sorted(want)

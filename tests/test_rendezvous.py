@@ -118,5 +118,5 @@ def test_two_rank_job_listens_on_loopback_only_and_resumes(tmp_path):
     rerun = run_pretrain(project, SCRATCHLM_NO_MLFLOW="1")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "resumed from step 5" in rerun.stdout
-    metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
+    metrics = json.loads((project / "metrics" / "all" / "pretrain.json").read_text())
     assert (metrics["world_size"], metrics["resumed_from_step"], metrics["zero_stage"]) == (2, 5, 2)

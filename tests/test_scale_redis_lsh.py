@@ -59,7 +59,7 @@ def run_dedup(project, tmp_path, name: str, **dedup) -> tuple:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / name
     (project / "data" / "dedup").rename(out)
-    return out, untimed(project / "metrics" / "dedup.json"), proc.stdout + proc.stderr
+    return out, untimed(project / "metrics" / "all" / "dedup.json"), proc.stdout + proc.stderr
 
 
 def test_redis_backed_minhashlsh_finds_the_same_clusters_as_in_memory(filtered, redis, tmp_path):

@@ -123,4 +123,4 @@ def test_sft_runs_on_alpaca_and_gsm8k_with_bad_rows_quarantined(tmp_path, tmp_pa
         load(root / "data" / "sft" / "model").cfg.vocab_size
         == al.load_tokenizer(root / "data" / "tokenizer").tok.get_vocab_size()
     )
-    assert read_json(root / "metrics" / "sft.json")["steps"] == 3
+    assert read_json(root / "metrics" / "all" / "sft.json")["steps"] == 3
