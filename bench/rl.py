@@ -91,7 +91,7 @@ def run_variant(name: str, work: Path, steps: int | None) -> dict:
     started = time.perf_counter()
     metrics = ppo.run(cfg, stage_paths("ppo", root), Tracker("ppo", None))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
-    write_json(root / "metrics" / "ppo.json", metrics)  # this bench's own scratch project: the whole record
+    write_json(stage_paths("ppo", root).details, metrics)  # the whole record, where the report card reads it
     return metrics
 
 
