@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import errno
 import inspect
-import json
 import os
 import re
 import sys
@@ -113,7 +112,7 @@ def execute(stage: str, config_cls: type, run: RunFn, headline: tuple[str, ...] 
         write_json(staging.paths.metrics, headline_figures)
         tracker.log_metrics(flat_numbers(headline_figures))
         tracker.log_params({f"setup.{k}": v for k, v in metrics.items() if k in SETUP_KEYS})
-        tracker.log_text(json.dumps(metrics, indent=2), f"metrics/{stage}.json")
+        tracker.log_text(staging.paths.details.read_text(), f"metrics/{stage}.json")  # as written: JSON-safe
         publish()
     metrics["_run_id"] = tracker.run_id
     return metrics
