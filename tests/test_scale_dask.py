@@ -92,14 +92,16 @@ def reference(tmp_path_factory):
     snapshot = base / "local"
     shutil.copytree(project / "data", snapshot / "data")
     shutil.copytree(project / "metrics", snapshot / "metrics")
-    assert json.loads((snapshot / "metrics/ingest.json").read_text())["quarantined"] == 3
+    assert json.loads((snapshot / "metrics/all/ingest.json").read_text())["quarantined"] == 3
     return project, snapshot, stages, env
 
 
 def assert_same_outputs(project, snapshot, stages) -> None:
     for stage in stages:
         assert same_tree(project / "data" / stage, snapshot / "data" / stage), f"data/{stage} differs"
-        assert untimed(project / "metrics" / f"{stage}.json") == untimed(snapshot / "metrics" / f"{stage}.json")
+        assert untimed(project / "metrics" / "all" / f"{stage}.json") == untimed(
+            snapshot / "metrics" / "all" / f"{stage}.json"
+        )
 
 
 def test_data_stages_on_a_local_dask_cluster_write_the_same_bytes(reference):
