@@ -8,6 +8,7 @@ Runbook (from the repository root)
     .venv/bin/python -m bench.tinystories --tokens 2000000 # a fixed token budget (no probe; reproducible)
     .venv/bin/python -m bench.tinystories --tokens 50000 --work /tmp/ts-smoke     # a smoke test (~3 minutes)
     .venv/bin/python -m bench.tinystories --set pretrain.train.lr=2e-3 -v       # a variant, stage output live
+    .venv/bin/python -m bench.tinystories --rescore --work /tmp/ts-old   # score an earlier run's model again
 
 What it does
   1. Splits ../shared/data/tinystories/TinyStories-train_first2MiB.txt on `<|endoftext|>`: the 2,316 complete
@@ -31,7 +32,11 @@ What it does
      tokens then one eot; special-token strings stay plain text), behind one leading eot that is context only.
      Windows of max_seq_len (256) tokens over that stream, non-overlapping by default (`--stride 0`: each window
      restarts its context); `--stride s` < 256 slides by s and scores only targets no earlier window scored. Every
-     token after the leading eot is predicted exactly once, each story's closing eot included.
+     token after the leading eot is predicted exactly once, each story's closing eot included. `bpb` reads each
+     story on its own (attention stops at each eot, `doc_ids`: as the evaluate stage scores documents and as a
+     user prompts the model); `stream_bpb` lets a story also see the end of the one before it in the window (the
+     figure this benchmark reported before whole-document training; a model trained across documents is
+     scored on both).
      bits/byte = sum of NLL (nats) / ln 2 / UTF-8 bytes of the held-out stories' text as given in the file: each
      story verbatim, without the line breaks around the `<|endoftext|>` line (2 or 3 per story here; ingest strips
      them, nothing else; the eot token stands for the separator line and its NLL is counted). `file_bpb` divides
@@ -39,7 +44,8 @@ What it does
      figure), for a baseline that counted those.
   5. Reports kept counts of ingest/filter/dedup, the pretrain stage's own metrics (tokens/s, MFU, train seconds,
      val/bpb on its own hash split of train.txt), three generated stories (the pretrain.samples prompts, sampled to
-     the end of the context or the first eot), a summary table, and <work>/result.json.
+     the end of the context or the first eot), the validation curve (val/bpb at each evaluation) and which
+     step's weights were exported (pretrain.train.keep_best), a summary table, and <work>/result.json.
 
 Machine: 2 CPU cores. Taken on a shared, loaded machine, tokens/s (and so the tokens a probed budget buys) drop;
 compare bpb at the same token budget (`--tokens`) across machines.
@@ -166,7 +172,19 @@ class Pipeline:
         return seconds
 
     def metrics(self, stage: str) -> dict:
-        return json.loads((self.project / "metrics" / "all" / f"{stage}.json").read_text())
+        return stage_metrics(self.project, stage)
+
+
+def stage_metrics(project: Path, stage: str) -> dict:
+    """A stage's metrics file in a project copy (metrics/all/<stage>.json, or metrics/<stage>.json before that)."""
+    path = project / "metrics" / "all" / f"{stage}.json"
+    return json.loads((path if path.is_file() else project / "metrics" / f"{stage}.json").read_text())
+
+
+def val_curve(project: Path) -> list[tuple[int, float]]:
+    """(step, val/bpb) of every evaluation of the pretrain stage (its own validation split)."""
+    rows = [json.loads(line) for line in (project / "data" / "pretrain" / "history.jsonl").read_text().splitlines()]
+    return [(r["step"], round(r["val/bpb"], 4)) for r in rows if "val/bpb" in r]
 
 
 # ------------------------------------------------------------------------------------------------ budget
@@ -185,9 +203,14 @@ def whole_steps(tokens: float, tokens_per_step: int) -> int:
     return max(1, math.ceil(tokens / tokens_per_step)) * tokens_per_step
 
 
+def pretrain_train(params: dict) -> dict:
+    """The pretrain stage's effective `train` section: the top-level one under pretrain.train's overrides."""
+    return {**params["train"], **params["pretrain"]["train"]}
+
+
 def check_budget(params: dict, tokens: int, probe_steps: int) -> None:
     """Fail before the data stages when a budget cannot clear the warmup (the pretrain stage would refuse it)."""
-    train = params["pretrain"]["train"]
+    train = pretrain_train(params)
     steps = math.ceil(tokens / (train["batch_size"] * params["pretrain"]["seq_len"])) if tokens else probe_steps
     if steps <= train["warmup_steps"]:
         what = f"--tokens {tokens:,}" if tokens else f"--probe-steps {probe_steps}"
@@ -211,8 +234,9 @@ def token_stream(texts: list[str], tokenizer_file: Path, eot_id: int):
     return torch.from_numpy(np.concatenate([[eot_id], ids]).astype(np.int64))
 
 
-def sum_nll(model, ids, window: int, stride: int) -> tuple[float, int]:
-    """(nats, targets): NLL summed over ids[1:], each target scored once, windows of `window` tokens by `stride`."""
+def sum_nll(model, ids, window: int, stride: int, eot_id: int | None = None) -> tuple[float, int]:
+    """(nats, targets): NLL summed over ids[1:], each target scored once, windows of `window` tokens by `stride`.
+    With eot_id, attention stops at each eot: a story is read on its own, never after the end of the one before."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
@@ -223,7 +247,8 @@ def sum_nll(model, ids, window: int, stride: int) -> tuple[float, int]:
             chunk = ids[start : start + window + 1]  # (<= window+1,)
             x, y = chunk[:-1], chunk[1:]  # (T,), (T,) y[j] = ids[start + 1 + j]
             new = scored_to - (start + 1)  # targets before this index were scored by an earlier window
-            logits, _ = model(x[None], all_logits=True)  # (1,T,V)
+            doc = None if eot_id is None else torch.cumsum(x == eot_id, 0)[None]  # (1,T) document ids
+            logits, _ = model(x[None], all_logits=True, doc_ids=doc)  # (1,T,V)
             nats += F.cross_entropy(logits[0, new:].float(), y[new:], reduction="sum").item()
             scored_to = start + len(chunk)
             if scored_to >= len(ids):
@@ -244,7 +269,8 @@ def score_heldout(project: Path, heldout_file: Path, stride: int) -> dict:
     texts = heldout_texts(heldout_file)
     ids = token_stream(texts, project / "data" / "tokenizer" / "tokenizer.json", int(meta["eot_id"]))
     started = time.perf_counter()
-    nats, targets = sum_nll(model, ids, window, stride)
+    nats, targets = sum_nll(model, ids, window, stride, eot_id=int(meta["eot_id"]))
+    stream_nats, _ = sum_nll(model, ids, window, stride)
     story_bytes = sum(len(t.encode("utf-8")) for t in texts)
     file_bytes = heldout_file.stat().st_size
     bits = nats / math.log(2)
@@ -256,6 +282,7 @@ def score_heldout(project: Path, heldout_file: Path, stride: int) -> dict:
         "bytes_per_token": story_bytes / targets,
         "nats_per_token": nats / targets,
         "bpb": bits / story_bytes,
+        "stream_bpb": stream_nats / math.log(2) / story_bytes,
         "file_bpb": bits / file_bytes,
         "window": window,
         "stride": stride,
@@ -275,7 +302,7 @@ def sample_stories(project: Path, params: dict, seed: int = 0) -> list[str]:
     tok = Tokenizer.from_file(str(project / "data" / "tokenizer" / "tokenizer.json"))
     eot = tok.token_to_id(SEPARATOR)
     cfg = params["pretrain"]["samples"]
-    prompts = [[eot] + tok.encode(p, add_special_tokens=False).ids for p in cfg["prompts"]]
+    prompts = [[eot] + tok.encode(p, add_special_tokens=False).ids for p in cfg["openings"]]
     new = generate(
         model,
         prompts,
@@ -285,7 +312,7 @@ def sample_stories(project: Path, params: dict, seed: int = 0) -> list[str]:
         stop_tokens=(eot,),
         seed=seed,
     )
-    return [p + tok.decode(ids, skip_special_tokens=False) for p, ids in zip(cfg["prompts"], new)]
+    return [p + tok.decode(ids, skip_special_tokens=False) for p, ids in zip(cfg["openings"], new)]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -341,7 +368,14 @@ def print_summary(result: dict) -> None:
         ),
         ("tokens/s", f"{p['tokens_per_s']:,.0f}   (baseline {BASELINE['tokens_per_s']:,})"),
         ("MFU", f"{100 * p['mfu']:.2f} %"),
-        ("pipeline val/bpb", f"{p.get('val_bpb', math.nan):.4f}  ({p['val_windows']} windows of its hash split)"),
+        ("pipeline val/bpb", f"{p.get('val_bpb', math.nan):.4f}  ({p['val_windows']} rows of its hash split)"),
+        ("  by step", "  ".join(f"{step}: {bpb:.3f}" for step, bpb in result["curve"])),
+        (
+            "exported weights",
+            f"step {p.get('exported_step', p['steps'])} of {p['steps']} "
+            f"({p.get('exported_because', 'the last step')})"
+            + (f"; stopped early, {p['planned_steps']} planned" if p.get("stopped_early") else ""),
+        ),
         (
             "HELD-OUT bits/byte",
             f"{h['bpb']:.4f}   (baseline {BASELINE['val_bpb']}, bar <= {TARGET_BPB}; "
@@ -353,6 +387,7 @@ def print_summary(result: dict) -> None:
             f"({h['bytes_per_token']:.2f} bytes/token), windows {h['window']} stride {h['stride']}",
         ),
         ("  per file byte", f"{h['file_bpb']:.4f}  ({h['file_bytes']:,} bytes, separator lines included)"),
+        ("  as one stream", f"{h['stream_bpb']:.4f}  (no document mask: a story also sees the end of the one before)"),
     ]
     width = max(len(k) for k, _ in rows)
     print("\n── tinystories: small preset, real pipeline " + "─" * 40)
@@ -408,6 +443,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--data", type=Path, default=DATA, help="the TinyStories sample")
     p.add_argument("-v", "--verbose", action="store_true", help="show the stages' output live instead of logs")
+    p.add_argument(
+        "--rescore", action="store_true", help="only score the model of the --work folder again (no training)"
+    )
     args = p.parse_args()
     if args.tokens < 0 or args.minutes <= 0:
         p.error("--tokens must be >= 0 and --minutes > 0")
@@ -427,7 +465,7 @@ def fresh_work_folder(work: Path) -> Path:
 def plan_budget(args: argparse.Namespace, pipe: Pipeline, seconds: dict) -> dict:
     """max_tokens of the measured run: --tokens, or --minutes at the tokens/s of a probe run of the stage."""
     params = yaml.safe_load((pipe.project / "params.yaml").read_text())
-    tokens_per_step = params["pretrain"]["train"]["batch_size"] * params["pretrain"]["seq_len"]
+    tokens_per_step = pretrain_train(params)["batch_size"] * params["pretrain"]["seq_len"]
     if args.tokens:
         return {"how": f"--tokens {args.tokens:,}", "max_tokens": whole_steps(args.tokens, tokens_per_step)}
     set_params(pipe.project, {"pretrain.train.max_steps": args.probe_steps, "pretrain.train.max_tokens": 0})
@@ -440,8 +478,35 @@ def plan_budget(args: argparse.Namespace, pipe: Pipeline, seconds: dict) -> dict
     }
 
 
+def rescore(work: Path, stride: int) -> None:
+    """--rescore: score the model of an earlier work folder again (e.g. after a change to the scoring), into
+    <work>/rescore.json, without training anything."""
+    import torch
+
+    work = work.resolve()
+    project, heldout_file = work / "project", work / "heldout.txt"
+    if not (project / "data" / "pretrain" / "model").is_dir() or not heldout_file.is_file():
+        sys.exit(f"--rescore {work}: not a work folder of this benchmark with a trained model")
+    torch.set_num_threads(1)
+    out = {
+        "heldout": score_heldout(project, heldout_file, stride),
+        "pretrain": stage_metrics(project, "pretrain"),
+        "curve": val_curve(project),
+    }
+    (work / "rescore.json").write_text(json.dumps(out, indent=2) + "\n")
+    h, p = out["heldout"], out["pretrain"]
+    print(
+        f"{work}: held-out bpb {h['bpb']:.4f} (each story on its own), {h['stream_bpb']:.4f} (one stream); "
+        f"{p['tokens']:,} tokens, {p['steps']} steps, exported step {p.get('exported_step', p['steps'])}\n"
+        f"  val/bpb by step: {out['curve']}"
+    )
+
+
 def main() -> None:
     args = parse_args()
+    if args.rescore:
+        rescore(args.work, args.stride)
+        return
     if not args.data.is_file():
         sys.exit(f"needs {args.data} (the shared TinyStories sample beside the checkout)")
     load_at_start = os.getloadavg()
@@ -476,6 +541,7 @@ def main() -> None:
         "budget": budget,
         "seconds": seconds,
         "pretrain": pipe.metrics("pretrain"),
+        "curve": val_curve(project),
         "heldout": heldout,
         "samples": sample_stories(project, params),
         "baseline": BASELINE,

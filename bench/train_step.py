@@ -6,12 +6,12 @@ measures the machine's peak matmul throughput (a big matmul in the benchmark dty
 (cfg.flops_per_token * tokens/s, PaLM-style) as a fraction of it (MFU against the measured, not the datasheet, peak).
 
     .venv/bin/python bench/train_step.py --preset small --batch 8 --seq 256 --steps 10
-    .venv/bin/python bench/train_step.py --preset small --compile          # adds torch.compile(ours)
+    .venv/bin/python bench/train_step.py --preset small --compile          # adds torch.compile(ours) and (HF)
     .venv/bin/python bench/train_step.py --preset small --autocast         # bf16 autocast (AMX on recent Xeons)
     .venv/bin/python bench/train_step.py --threads 1 --clock cpu           # per-core CPU time: robust under load
     .venv/bin/python bench/train_step.py --preset 125m --device cuda --dtype bf16 --batch 16 --seq 1024
 
-Prints a table and the ratio ours / HF (target >= 1.2x on CPU).
+Prints a table and the ratio ours / HF (target >= 1.2x on CPU); with --compile also "ours compiled / HF compiled".
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=10, help="timed steps per contender (after 2 warm-up steps)")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (what train.compile does)")
+    p.add_argument(
+        "--compile", action="store_true", help="also time torch.compile(ours) (what train.compile does) and of HF's"
+    )
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="parameter dtype (bf16 for GPUs)")
     p.add_argument(
@@ -114,12 +116,15 @@ def build_contenders(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dt
     torch.manual_seed(0)
     ours = Llama(cfg).to(args.device, dtype).train()
     contenders: dict[str, Callable] = {"ours": make_step(ours, lambda x, y: ours(x, y)[1], args.autocast)}
+    hf_twins = []
     if not args.no_hf:
         from transformers import LlamaForCausalLM
 
         with tempfile.TemporaryDirectory() as tmp:
             export_hf(ours, cfg, tmp, dtype=dtype)
-            hf = LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).train()
+            for _ in range(2 if args.compile else 1):  # the second one is compiled, like ours' twin below
+                hf_twins.append(LlamaForCausalLM.from_pretrained(tmp, dtype=dtype).to(args.device).train())
+        hf = hf_twins[0]
         # HF shifts labels itself: give it the inputs as labels (T-1 predicted positions, same compute)
         contenders["hf"] = make_step(hf, lambda x, y: hf(input_ids=x, labels=x).loss, args.autocast)
         print(f"HF attention implementation: {hf.config._attn_implementation}")
@@ -128,6 +133,12 @@ def build_contenders(cfg: ModelConfig, args: argparse.Namespace, dtype: torch.dt
         twin = Llama(cfg).to(args.device, dtype).train()
         compiled = torch.compile(twin)
         contenders["ours+compile"] = make_step(twin, lambda x, y: compiled(x, y)[1], args.autocast)
+        if hf_twins:
+            hf_twin = hf_twins[1]
+            hf_compiled = torch.compile(hf_twin)
+            contenders["hf+compile"] = make_step(
+                hf_twin, lambda x, y: hf_compiled(input_ids=x, labels=x).loss, args.autocast
+            )
     return contenders
 
 
@@ -174,8 +185,8 @@ def main() -> None:
             sync(args.device)
             if i >= 2:
                 times[name].append(clock() - t0)
-            elif i == 0 and name == "ours+compile":
-                print(f"torch.compile first step (compilation): {time.perf_counter() - wall0:.1f} s wall")
+            elif i == 0 and name.endswith("+compile"):
+                print(f"torch.compile {name[:-8]}, first step (compilation): {time.perf_counter() - wall0:.1f} s wall")
     print(
         f"measured peak matmul ({'bf16' if args.autocast else args.dtype}, best of the run): "
         f"{peak.best / 1e9:.1f} GFLOP/s"
@@ -210,6 +221,8 @@ def report(
             f"torch.compile(ours) / ours: {rates['ours+compile'] / rates['ours']:.2f}x tokens/s"
             + (f", / HF: {rates['ours+compile'] / rates['hf']:.2f}x" if "hf" in rates else "")
         )
+    if "ours+compile" in rates and "hf+compile" in rates:
+        print(f"ours compiled / HF compiled: {rates['ours+compile'] / rates['hf+compile']:.2f}x tokens/s")
 
 
 def _cpu_name() -> str:

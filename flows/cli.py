@@ -124,18 +124,22 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def cmd_params(args: argparse.Namespace) -> int:
-    """Print every params.yaml key with its type and documentation; --check only validates."""
-    from tasks.common.config import describe, read_params, section_class
-    from tasks.common.params_check import load_all
+    """Print every params.yaml key with its type, current value (and default where it differs) and documentation;
+    --check only validates."""
+    from tasks.common.params_check import knobs, load_all
 
-    load_all()
+    sections = load_all()
     if args.check:
-        print("params.yaml: valid")
+        print(f"{params_file().name}: valid")
         return 0
-    for name in read_params():
+    print(f"{params_file()}: the value in force; `(default X)` where it is not the default")
+    for name in sections:
+        rows = knobs(name, sections)
+        values = [f"{r.value} (default {r.default})" if r.changed else r.value for r in rows]
+        width, vwidth = min(max(len(r.key) for r in rows), 44), min(max(map(len, values)), 24)
         print(f"\n[{name}]")
-        for key, tp, doc in describe(section_class(name)):
-            print(f"  {name}.{key:<28} {tp:<10} {doc}")
+        for r, value in zip(rows, values):
+            print(f"  {r.key:<{width}} {r.type:<8} {value:<{vwidth}}  {r.doc}")
     return 0
 
 

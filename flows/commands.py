@@ -4,10 +4,13 @@ flows/cli.py imports this module (`load_extra_commands`), and each `command(...)
 
     scratchlm report [--regenerate] [--run PARENT_RUN_ID]   where the report card is (rebuilt on request)
     scratchlm chat [--model PATH_OR_URI] [--temperature T] [--max-new-tokens N] [--seed S] [--system TEXT]
-                                                             a terminal chat, tokens streamed as they are decoded;
+                                                             a terminal chat, tokens streamed as they are decoded
+                                                             (Ctrl-C stops a reply, the conversation goes on);
                                                              the model: models:/scratchlm@champion by default,
                                                              any models:/ or runs:/ URI, or an HF model folder
     scratchlm promote [--dry-run] [--name NAME]              the promotion flow (exit 1 when a gate refuses)
+    scratchlm serve [--model PATH_OR_URI ...] [--port 8000]  an OpenAI-compatible API + chat/arena web page
+                                                             (flows/serve.py, flows/arena.py)
 """
 
 from __future__ import annotations
@@ -130,7 +133,10 @@ class ChatSession:
             self.history = self.history[2:]
 
     def reply(self, text: str, write) -> str:
-        """Stream the model's answer to `text` through write(str); returns the whole answer."""
+        """Stream the model's answer to `text` through write(str); returns the whole answer.
+
+        Ctrl-C (KeyboardInterrupt) stops the answer where it is: what was shown stays in the conversation as the
+        model's turn, ` [stopped]` marks it, and the chat goes on."""
         from model.generate import stream
 
         self.history.append({"role": "user", "content": text})
@@ -138,23 +144,27 @@ class ChatSession:
         budget = min(self.max_new_tokens, self.model.cfg.max_seq_len - len(ids))
         new: list[int] = []
         shown = ""
-        for token in stream(
-            self.model,
-            ids,
-            budget,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            stop_tokens=self.tok.stop_ids,
-            seed=self.seed + self.turn,
-        ):
-            new.append(token)
-            text_so_far = self.tok.decode(new)
-            if text_so_far.endswith("\ufffd"):
-                continue  # half of a multi-byte character: wait for the rest
-            write(text_so_far[len(shown) :])
-            shown = text_so_far
-        answer = self.tok.decode(new)
-        write(answer[len(shown) :])
+        try:
+            for token in stream(
+                self.model,
+                ids,
+                budget,
+                temperature=self.temperature,
+                top_p=self.top_p,
+                stop_tokens=self.tok.stop_ids,
+                seed=self.seed + self.turn,
+            ):
+                new.append(token)
+                text_so_far = self.tok.decode(new)
+                if text_so_far.endswith("\ufffd"):
+                    continue  # half of a multi-byte character: wait for the rest
+                write(text_so_far[len(shown) :])
+                shown = text_so_far
+            answer = self.tok.decode(new)
+            write(answer[len(shown) :])
+        except KeyboardInterrupt:
+            answer = shown  # what the user saw (a half character left out)
+            write(" [stopped]")
         self.history.append({"role": "assistant", "content": answer})
         self.turn += 1
         return answer
@@ -172,7 +182,8 @@ def converse(session: ChatSession, where: str) -> int:
     """The read-reply loop on stdin/stdout."""
     print(
         f"scratchlm chat: {where} ({session.model.num_params():,} parameters, context "
-        f"{session.model.cfg.max_seq_len} tokens). /reset clears the conversation, /exit ends it.",
+        f"{session.model.cfg.max_seq_len} tokens). /reset clears the conversation, /exit ends it, "
+        f"Ctrl-C stops a reply.",
         flush=True,
     )
 
@@ -181,8 +192,12 @@ def converse(session: ChatSession, where: str) -> int:
         sys.stdout.flush()
 
     while True:
-        write("you> ")
-        line = sys.stdin.readline()
+        try:
+            write("you> ")
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh prompt, the conversation kept
+            write("\n(Ctrl-C stops a reply; /exit or Ctrl-D ends the chat)\n")
+            continue
         if not line:  # end of input (a script, or ctrl-D)
             write("\n")
             break
@@ -252,6 +267,55 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", help="registered model name (default: register.model_name)")
 
 
+# ------------------------------------------------------------------------------------------------ serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve models over an OpenAI-compatible HTTP API, with a chat and arena web page (Ctrl-C stops)."""
+    import os
+
+    from flows.serve import API_KEY_ENV, DEFAULT_MODELS, ServeConfig, serve_forever
+
+    cfg = ServeConfig(
+        models=tuple(args.model or DEFAULT_MODELS),
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        max_batch=args.max_batch,
+        batch_wait_ms=args.batch_wait_ms,
+        max_tokens=args.max_tokens,
+        feedback_dir=Path(args.feedback),
+        arena=tuple(args.arena.split(",")) if args.arena else (),
+        dvc=not args.no_dvc,
+    )
+    return serve_forever(cfg, download_model)
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        action="append",
+        metavar="PATH_OR_URI",
+        help="a models:/ or runs:/ URI or an HF model folder, repeatable; the first is the default model "
+        f"(default: {DEFAULT_MODEL} and @challenger, whichever exist)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on (default loopback; others need a key)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: $SCRATCHLM_API_KEY, or none)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (default 16)")
+    p.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=20.0,
+        help="how long a batch smaller than the last one waits for more requests (default 20)",
+    )
+    p.add_argument("--max-tokens", type=int, default=256, help="new tokens when a request sets none (default 256)")
+    p.add_argument("--feedback", default=str(ROOT / "feedback"), help="folder of the arena's preference files")
+    p.add_argument("--arena", metavar="A,B", help="the two model ids the arena compares (default: the first two)")
+    p.add_argument("--no-dvc", action="store_true", help="do not `dvc add` the arena's files when the server stops")
+
+
 command("report", _report_args)(cmd_report)
 command("chat", _chat_args)(cmd_chat)
 command("promote", _promote_args)(cmd_promote)
+command("serve", _serve_args)(cmd_serve)

@@ -17,7 +17,10 @@ What happens
        whether it is stale, the stage opens its own child run, and its output streams into the Prefect logs;
     4. a failing stage fails the flow with the stage's own error line; a transient infrastructure fault (a server
        connection, a killed process, DVC's repository lock) is retried first (`retry_transient`), anything else
-       (a user error, a bug, a failed training run) is not.
+       (a user error, a bug, a failed training run) is not;
+    5. the flow run gets Prefect artifacts (`publish_artifacts`): the report card as Markdown when evaluate ran,
+       links to the MLflow parent run and to the model version register made.
+Each stage's output is streamed without the messages known to be harmless (tasks/common/quiet.py).
 Prefect never holds hyperparameters (params.yaml does) and never caches (DVC does).
 """
 
@@ -48,6 +51,7 @@ from tasks.common import tracking
 from tasks.common.config import INHERITED, ROOT, ScratchError, params_file
 from tasks.common.dvcio import pipeline_stages, stage_paths
 from tasks.common.params_check import load_all
+from tasks.common.quiet import HarmlessLines
 
 
 class StageFailed(RuntimeError):
@@ -329,10 +333,11 @@ def run_dvc_stage(stage: str, force: bool = False, parent_run_id: str | None = N
     )
     tail: list[str] = []
     ran = False
+    shown = HarmlessLines()  # DVC's git/push advice, DeepSpeed's hostfile note, ... (tasks/common/quiet.py)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        line = line.rstrip("\n").split("\r")[-1]
-        if not line.strip():
+    for raw in proc.stdout:
+        line = shown(raw.rstrip("\n").split("\r")[-1])
+        if line is None or not line.strip():
             continue
         log(f"[{stage}] {line}")
         ran = ran or line.startswith(f"Running stage '{stage}'")
@@ -469,11 +474,13 @@ def build_llm(
     with project_lock():  # re-entrant: `scratchlm run` holds it already; python/Prefect callers take it here
         edit = apply_overrides(overrides or {})
         try:
-            return _run_stages(selected, overrides or {}, force, logger)
+            result = _run_stages(selected, overrides or {}, force, logger)
         except BaseException:  # failed, interrupted, killed by SIGTERM (flows/cli.py): params.yaml as it was
             if edit is not None and edit.undo(log=logger.warning):
                 logger.warning(f"{edit.path.name}: the run's overrides taken back out (the run did not finish)")
             raise
+    publish_artifacts(result, log=logger.warning)
+    return result
 
 
 def _run_stages(selected: list[str], overrides: dict[str, Any], force: bool, logger) -> dict[str, Any]:
@@ -505,6 +512,65 @@ def _run_stages(selected: list[str], overrides: dict[str, Any], force: bool, log
         "skipped": [r.stage for r in results if not r.ran],
         "seconds": {r.stage: r.seconds for r in results},
     }
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+
+MLFLOW_UI = "http://127.0.0.1:5000"
+"""Where `mlflow ui` listens by default: the links of a local (SQLite) store point there, once it is started."""
+
+
+def mlflow_links(result: dict[str, Any], root: Path = ROOT) -> list[tuple[str, str, str]]:
+    """(key, URL, description) of the MLflow pages a run made: its parent run, and the version register made."""
+    uri = result["tracking_uri"]
+    server = uri.startswith(("http://", "https://"))
+    base = uri.rstrip("/") if server else MLFLOW_UI
+    how = "" if server else f" (start the UI first: mlflow ui --backend-store-uri {shlex.quote(uri)})"
+    links = []
+    if result.get("parent_run_id"):
+        experiment = tracking.setup_mlflow().get_run(result["parent_run_id"]).info.experiment_id
+        url = f"{base}/#/experiments/{experiment}/runs/{result['parent_run_id']}"
+        links.append(("mlflow-run", url, f"MLflow parent run of this pipeline run, one child run per stage{how}"))
+    record = registered(root) if "register" in result.get("ran", []) else None
+    if record:
+        url = f"{base}/#/models/{record['name']}/versions/{record['version']}"
+        text = f"{record['model_uri']} = version {record['version']}, registered by this run{how}"
+        links.append(("registered-model", url, text))
+    return links
+
+
+def registered(root: Path) -> dict | None:
+    """data/register/registered.json, or None when absent or unreadable."""
+    try:
+        record = json.loads((root / "data" / "register" / "registered.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and {"name", "version", "model_uri"} <= record.keys() else None
+
+
+def publish_artifacts(result: dict[str, Any], root: Path = ROOT, log=print) -> list[str]:
+    """Prefect artifacts on the current flow run: the report card (Markdown) when evaluate ran in it, and links to
+    the MLflow parent run and the registered version. Returns their keys. A Prefect API that refuses them costs a
+    warning, never the pipeline run that has just finished."""
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    made = []
+    try:
+        report = root / "reports" / "report.md"
+        if "evaluate" in result.get("ran", []) and report.is_file():
+            note = (
+                f"\n\n---\nThe plots are PNG files beside it: {report.parent}/ (and the `evaluate` run's `report/`).\n"
+            )
+            create_markdown_artifact(
+                report.read_text(encoding="utf-8") + note, key="report-card", description=str(report)
+            )
+            made.append("report-card")
+        for key, url, description in mlflow_links(result, root):
+            create_link_artifact(url, link_text=url, key=key, description=description)
+            made.append(key)
+    except Exception as e:  # the run succeeded; only its Prefect artifacts are missing
+        log(f"Prefect artifacts not created ({type(e).__name__}: {e}); the run's outputs and MLflow runs are complete")
+    return made
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ Architecture choices (all match Hugging Face ``LlamaForCausalLM``, so model/hf.p
   precomputed in float32 for ``max_seq_len`` positions and kept as non-persistent buffers (never checkpointed);
   rotate_half(x) * sin is computed as roll(x) * signed_sin (one fused multiply-add, no cat/neg)
 - grouped-query attention: ``n_kv_heads`` = ``n_heads`` is MHA, 1 is MQA; no biases anywhere
-- attention through ``F.scaled_dot_product_attention``: ``is_causal=True`` with no mask tensor when training, a
-  boolean mask only for padding or chunked prefill; single-token decode folds the query heads of a KV group into
-  the query-length axis, so no K/V copies are made for GQA
+- attention through ``F.scaled_dot_product_attention``: ``is_causal=True`` with no mask tensor when training on
+  plain rows, a boolean mask only for padding or chunked prefill; single-token decode folds the query heads of a
+  KV group into the query-length axis, so no K/V copies are made for GQA
+- packed rows of several documents (``doc_ids``): attention stays within each document, a causal block-diagonal
+  mask built once per forward as an additive float mask (on CPU, SDPA runs it ~20 % faster than the same boolean
+  mask; docs/BENCHMARKS.md); positions are not reset, RoPE makes a score depend on relative positions only
 - SwiGLU feed-forward: down(silu(gate(x)) * up(x))
 - init: N(0, 0.02) everywhere, residual output projections (attention ``wo``, FFN ``w_down``) scaled by
   1/sqrt(2 * n_layers) (GPT-2 / nanoGPT), RMSNorm weights 1
@@ -21,6 +24,7 @@ Usage:
     logits, loss = model(idx, targets)                       # training: (B,T,V) logits, mean CE (-100 = ignored)
     logits, _ = model(idx)                                   # inference: last position only, (B,1,V)
     logits, _ = model(idx, all_logits=True)                  # evaluation: every position, (B,T,V)
+    logits, loss = model(idx, targets, doc_ids=doc)          # packed documents: (B,T) ids, attention within each
     h = model.hidden_states(idx, attention_mask)             # (B,T,D) after the final norm (reward head)
     cache = KVCache.for_model(model, batch_size=B, max_len=S)
     logits, _ = model(prompt, kv_cache=cache, start_pos=0)   # prefill (B,P) ...
@@ -204,8 +208,18 @@ class Block(nn.Module):
         return x + self.resid_dropout(self.ffn(self.ffn_norm(x)))
 
 
+def document_mask(doc_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B,1,T,T) additive mask, 0 where query t may see key s (s <= t, same document), -inf elsewhere."""
+    T = doc_ids.shape[1]
+    pos = torch.arange(T, device=doc_ids.device)
+    allowed = (pos[None, :, None] >= pos[None, None, :]) & (doc_ids[:, :, None] == doc_ids[:, None, :])  # (B,T,T)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=doc_ids.device)
+    return mask.masked_fill_(~allowed, float("-inf")).unsqueeze(1)
+
+
 class Llama(nn.Module):
-    """Decoder-only Llama, ``cfg`` kept as ``model.cfg``; ``gradient_checkpointing`` recomputes blocks in backward."""
+    """Decoder-only Llama, ``cfg`` kept as ``model.cfg``; ``gradient_checkpointing`` recomputes blocks in backward
+    (True or 1: every block; N: every N-th block, 0, N, 2N, ...; False or 0: none)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -251,6 +265,7 @@ class Llama(nn.Module):
         start_pos: int = 0,
         attention_mask: Tensor | None = None,
         all_logits: bool = False,
+        doc_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Logits, and the mean next-token cross-entropy when ``targets`` is given.
 
@@ -259,10 +274,13 @@ class Llama(nn.Module):
         kv_cache/start_pos: decode with a KVCache; idx holds positions [start_pos, start_pos + T).
         attention_mask: (B, start_pos + T), 1 = real token, 0 = padding (left padding for batched prompts); its
             running count gives the position ids, so a left-padded row starts at position 0 like an unpadded one.
+        doc_ids: (B,T) document number of each position of rows that pack several documents (training and
+            evaluation, no kv_cache or attention_mask): a position attends only to earlier positions of its own
+            document. Equal ids along a row = the plain causal model.
         Returns (logits, loss): with targets, logits (B,T,V) and a scalar loss; without, logits (B,1,V) for the
         last position (B,T,V with all_logits=True) and None.
         """
-        h = self.hidden_states(idx, attention_mask, kv_cache=kv_cache, start_pos=start_pos)  # (B,T,D)
+        h = self.hidden_states(idx, attention_mask, kv_cache=kv_cache, start_pos=start_pos, doc_ids=doc_ids)  # (B,T,D)
         if targets is not None:
             logits = self.lm_head(h)  # (B,T,V)
             return logits, cross_entropy(logits, targets)
@@ -271,7 +289,12 @@ class Llama(nn.Module):
         return self.lm_head(h), None
 
     def hidden_states(
-        self, idx: Tensor, attention_mask: Tensor | None = None, kv_cache: KVCache | None = None, start_pos: int = 0
+        self,
+        idx: Tensor,
+        attention_mask: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        start_pos: int = 0,
+        doc_ids: Tensor | None = None,
     ) -> Tensor:
         """Final-norm hidden states (B,T,D): the input of lm_head, and of RewardModel's scalar head."""
         B, T = idx.shape
@@ -289,14 +312,31 @@ class Llama(nn.Module):
                 )
             if bool(attention_mask.all()):
                 attention_mask = None  # no padding: keep the fast unmasked path
-        cos, sin, mask = self._positions_and_mask(T, start_pos, attention_mask, idx.device, cached=kv_cache is not None)
+        if doc_ids is None:
+            cos, sin, mask = self._positions_and_mask(
+                T, start_pos, attention_mask, idx.device, cached=kv_cache is not None
+            )
+        else:
+            if kv_cache is not None or attention_mask is not None:
+                raise ValueError("doc_ids is for whole packed rows: pass neither kv_cache nor attention_mask with it")
+            if tuple(doc_ids.shape) != (B, T):
+                raise ValueError(f"doc_ids must be (B,T) = {(B, T)}, got {tuple(doc_ids.shape)}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], document_mask(doc_ids, self._compute_dtype())
         x = self.tok_emb(idx)  # (B,T,D)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training and kv_cache is None:
+        every = int(self.gradient_checkpointing)  # True = 1: every block; N: blocks 0, N, 2N, ...
+        for i, block in enumerate(self.blocks):
+            if every and i % every == 0 and self.training and kv_cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, kv_cache, start_pos)
         return self.norm(x)
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype attention runs in: autocast's when it is on for the weights' device, else the weights'."""
+        device = self.tok_emb.weight.device.type
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+        return self.tok_emb.weight.dtype
 
     def decode_weights(self) -> list[tuple[Tensor, ...]]:
         """Per layer (attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down): references, not copies.

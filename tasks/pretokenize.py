@@ -9,18 +9,25 @@ Reads   data/dedup/shard-*.jsonl.gz                   {"id", "text", "source"}
                                                       no split params here, so the two stages cannot disagree
 Writes  data/pretokenize/train.bin, val.bin           flat little-endian uint16 ids (uint32 when the vocabulary
                                                       needs it): each document's tokens, then one eot_id
+        data/pretokenize/train.idx, val.idx           the document index: little-endian int64 offsets, one per
+                                                      document (its first token in <split>.bin) plus the total
+                                                      token count at the end, so document i is
+                                                      bin[idx[i]:idx[i+1]] (its tokens and its eot_id); pretrain
+                                                      packs whole documents into rows with it
         data/pretokenize/val_docs.jsonl.gz            the validation documents, in file order (for evaluation)
         data/pretokenize/meta.json                    dtype, vocab_size, eot_id, pad_id, per-split documents /
                                                       tokens / text_tokens / text_bytes, what each count counts,
                                                       tokenizer sha256, the split
         metrics/pretokenize.json                      tokens and bytes per split, throughput
-        Read a split with `np.memmap(path, dtype=meta["dtype"], mode="r")`.
+        Read a split with `np.memmap(path, dtype=meta["dtype"], mode="r")` and its index with
+        `np.memmap(path, dtype="<i8", mode="r")`.
 Checks  the tokenizer's sha256 and its split counts must match what it was trained with (a changed corpus or a
         hand-edited tokenizer fails, naming the file); both splits must be non-empty; file sizes must equal the
-        counted tokens. Document text is encoded as plain text: an `<|endoftext|>` typed in a document is
-        ordinary characters, never the separator id.
+        counted tokens and documents (the index ends at the token count). Document text is encoded as plain
+        text: an `<|endoftext|>` typed in a document is ordinary characters, never the separator id.
 Scale   shards are encoded in parallel on `data.parallel` (each worker: `encode_batch` over `batch_docs`
-        documents at a time, appended to its own part files), then the parts are concatenated in shard order.
+        documents at a time, appended to its own part files), then the parts are concatenated in shard order
+        (the index's per-part document lengths become offsets as they are appended).
         Memory per worker is one batch, whatever the corpus size; disk holds the parts and the result briefly.
 """
 
@@ -116,12 +123,16 @@ class ShardResult:
     counts: dict[str, SplitCount] = field(default_factory=lambda: {s: SplitCount() for s in SPLITS})
 
 
+INDEX_DTYPE = np.dtype("<i8")  # <split>.idx: document start offsets, then the token count
+
+
 def part_file(parts: Path, index: int, name: str) -> Path:
     return parts / f"{index:05d}.{name}"
 
 
 def encode_shard(job: ShardJob) -> ShardResult:
-    """Encode one shard into its part files: <i>.train.bin, <i>.val.bin, <i>.val_docs.jsonl.gz (one gzip member)."""
+    """Encode one shard into its part files: <i>.train.bin, <i>.val.bin, <i>.{train,val}.len (each document's
+    token count, its eot included, int64) and <i>.val_docs.jsonl.gz (one gzip member)."""
     if job.threads:  # read when tokenizers first starts its thread pool in this (forked) worker
         os.environ["RAYON_NUM_THREADS"] = str(job.threads)
     tok = load_plain(job.tokenizer_file)
@@ -130,16 +141,20 @@ def encode_shard(job: ShardJob) -> ShardResult:
     with (
         open(part_file(job.parts, job.index, "train.bin"), "wb") as train_bin,
         open(part_file(job.parts, job.index, "val.bin"), "wb") as val_bin,
+        open(part_file(job.parts, job.index, "train.len"), "wb") as train_len,
+        open(part_file(job.parts, job.index, "val.len"), "wb") as val_len,
         open(part_file(job.parts, job.index, "val_docs.jsonl.gz"), "wb") as raw,
         gzip.GzipFile(fileobj=raw, mode="wb", mtime=0, filename="") as gz,
         io.TextIOWrapper(gz, encoding="utf-8", newline="\n") as val_docs,
     ):
         files = {"train": train_bin, "val": val_bin}
+        lengths = {"train": train_len, "val": val_len}
 
         def flush(split: str) -> None:
             docs = pending[split]
             ids = encode_docs(tok, [d["text"] for d in docs], job.eot_id, job.dtype)
             ids.tofile(files[split])
+            document_lengths(ids, job.eot_id).tofile(lengths[split])
             count = result.counts[split]
             count.documents += len(docs)
             count.tokens += len(ids)
@@ -164,6 +179,13 @@ def load_plain(path: Path):
     tok = Tokenizer.from_file(str(path))
     tok.encode_special_tokens = True
     return tok
+
+
+def document_lengths(ids: np.ndarray, eot_id: int) -> np.ndarray:
+    """(documents,) int64 token counts of [doc0 ids, eot, doc1 ids, eot, ...], each eot included (plain-text
+    encoding never yields eot_id inside a document, so every eot closes one)."""
+    ends = np.flatnonzero(ids == eot_id) + 1  # one past each document's eot
+    return np.diff(ends, prepend=0).astype(INDEX_DTYPE)
 
 
 def encode_docs(tok, texts: list[str], eot_id: int, dtype: str) -> np.ndarray:
@@ -275,12 +297,21 @@ def check_counts(counts: dict[str, SplitCount], tmeta: dict, tok_dir: Path, dedu
 
 
 def concatenate(parts: Path, n: int, out: Path) -> None:
-    """Append the part files in shard order (multi-member gzip is one valid gzip stream)."""
+    """Append the part files in shard order (multi-member gzip is one valid gzip stream), and turn the parts'
+    document lengths into <split>.idx offsets."""
     for name in ("train.bin", "val.bin", "val_docs.jsonl.gz"):
         with open(out / name, "wb") as dst:
             for i in range(n):
                 with open(part_file(parts, i, name), "rb") as src:
                     shutil.copyfileobj(src, dst, length=16 << 20)
+    for split in SPLITS:
+        with open(out / f"{split}.idx", "wb") as dst:
+            end = np.zeros(1, dtype=INDEX_DTYPE)  # offset of the next document
+            end.tofile(dst)
+            for i in range(n):
+                lengths = np.fromfile(part_file(parts, i, f"{split}.len"), dtype=INDEX_DTYPE)  # (docs of part i,)
+                (end[0] + np.cumsum(lengths, dtype=INDEX_DTYPE)).tofile(dst)
+                end[0] += lengths.sum()
 
 
 def check_sizes(out: Path, counts: dict[str, SplitCount], dtype: str) -> None:
@@ -289,6 +320,12 @@ def check_sizes(out: Path, counts: dict[str, SplitCount], dtype: str) -> None:
         size = (out / f"{s}.bin").stat().st_size
         if size != counts[s].tokens * itemsize:
             raise ScratchError(f"{out / f'{s}.bin'}: {size} bytes, expected {counts[s].tokens} tokens x {itemsize}")
+        index = np.memmap(out / f"{s}.idx", dtype=INDEX_DTYPE, mode="r")
+        if len(index) != counts[s].documents + 1 or index[-1] != counts[s].tokens:
+            raise ScratchError(
+                f"{out / f'{s}.idx'}: {len(index)} offsets ending at {index[-1] if len(index) else None}, expected "
+                f"{counts[s].documents} documents + 1 ending at {counts[s].tokens} tokens"
+            )
 
 
 def build_meta(counts: dict[str, SplitCount], tmeta: dict, split: Split, dtype: str) -> dict:
@@ -297,6 +334,7 @@ def build_meta(counts: dict[str, SplitCount], tmeta: dict, split: Split, dtype: 
         c = counts[s]
         splits[s] = {
             "file": f"{s}.bin",
+            "index": f"{s}.idx",
             "documents": c.documents,
             "tokens": c.tokens,
             "text_tokens": c.tokens - c.documents,
@@ -306,6 +344,8 @@ def build_meta(counts: dict[str, SplitCount], tmeta: dict, split: Split, dtype: 
         }
     return {
         "format": f"flat little-endian {dtype} token ids: each document's tokens followed by one eot_id",
+        "index_format": "little-endian int64 offsets: each document's first token in <split>.bin, then the token "
+        "count (document i = bin[idx[i]:idx[i+1]], its eot_id included)",
         "dtype": dtype,
         "byteorder": "little",
         "vocab_size": tmeta["vocab_size"],

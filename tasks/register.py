@@ -17,9 +17,9 @@ Reads   data/<register.model_stage>/model/     the final model (ppo by default):
 Writes  MLflow: in this stage's run, a logged model `model` (pyfunc from code: tasks/common/pyfunc.py, artifacts =
                 the HF folder, code = model/ + tasks/common/chat.py, signature with prompt/messages inputs and
                 max_new_tokens/temperature/top_p/seed params, an input example), registered as a new version of
-                `register.model_name` with the alias `register.alias`; the version's tags: the pipeline run id,
-                the git commit, the dvc.lock hashes of the model's stage and of evaluate, and `eval.*` = the
-                model's evaluation (what `flows/promote.py` gates on)
+                `register.model_name` with the alias `register.alias`; the version's tags (about 25): the
+                pipeline run id, the git commit, the dvc.lock hashes of the outputs of the model's stage and of
+                evaluate, `eval.*` = the model's evaluation (what `flows/promote.py` gates on; `EVAL_TAGS_LEFT_OUT`)
         data/register/registered.json          {name, version, alias, run_id, pipeline_run_id, model_uri, ...,
                                                smoke_test (the logged model's answer to its input example)}
         metrics/register.json                  version and the evaluation numbers it was registered with
@@ -108,18 +108,32 @@ def model_evaluation(root: Path, stage: str) -> dict:
     return {"label": label, **metrics[label], "win_rate": metrics.get("win_rate", {})}
 
 
+EVAL_TAGS_LEFT_OUT = ("per_constraint.", "val_docs", "val_tokens", "val_ppl", "fluency_nll", "distinct_1")
+"""Evaluation figures not made version tags: per-kind detail, counts and figures another tag implies (val_ppl =
+e^val_loss; fluency_gap is fluency_nll less the base's loss). They stay in the run's metrics artifact
+(metrics/all/evaluate.json) and in the report card."""
+
+
 def eval_tags(evaluation: dict) -> dict[str, str]:
-    """`eval.<key>` tags from an evaluation: numbers only (what the promotion gates read back)."""
+    """`eval.<key>` tags from an evaluation: the numbers the promotion gates read back and a person compares
+    versions by (bits per byte, satisfaction, benchmarks, degeneration, win rates), not `EVAL_TAGS_LEFT_OUT`."""
     flat = flatten({k: v for k, v in evaluation.items() if k != "label"})
-    return {f"eval.{k}": str(v) for k, v in flat.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {
+        f"eval.{k}": str(v)
+        for k, v in flat.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.startswith(EVAL_TAGS_LEFT_OUT)
+    }
 
 
 def lineage_tags(model_stage: str, root: Path = ROOT) -> dict[str, str]:
-    """Git commit and the dvc.lock hashes (deps and outs) of the model's stage and of evaluate."""
+    """Git commit and the dvc.lock hashes of the outputs of the model's stage and of evaluate: what a version was
+    built from is the commit plus those outputs (every dependency's hash is in the run's `lineage/dvc.lock`)."""
     tags = {"git_commit": git_commit(), "model_stage": model_stage}
     for stage in (model_stage, "evaluate"):
         locked = dvc_lock_tags(stage, root / "dvc.lock")
-        tags.update({f"dvc.{stage}.{k.removeprefix('dvc.')}": v for k, v in locked.items()})
+        tags.update(
+            {f"dvc.{stage}.{k.removeprefix('dvc.')}": v for k, v in locked.items() if k.startswith("dvc.outs.")}
+        )
     return tags
 
 

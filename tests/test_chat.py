@@ -90,6 +90,87 @@ def test_end_of_input_ends_the_chat(folder, tmp_path):
     assert proc.returncode == 0 and "chat ended after 1 replies." in proc.stdout
 
 
+SLOW_CHAT = """
+import importlib, sys, time
+generate = importlib.import_module("model.generate")  # the module (model/__init__ exports a function of that name)
+real = generate.stream
+def slow(*args, **kwargs):  # the same tokens, 0.1 s apart: time for a Ctrl-C to land mid-reply
+    for token in real(*args, **kwargs):
+        time.sleep(0.1)
+        yield token
+generate.stream = slow
+from flows.cli import main
+sys.exit(main())
+"""
+
+
+def read_until(proc: subprocess.Popen, marker: bytes, seen: bytearray, timeout: float = 60) -> None:
+    """Read proc's stdout into `seen` until `marker` appears in it (after what `seen` already held)."""
+    import select
+    import time
+
+    start, deadline = len(seen), time.monotonic() + timeout
+    while marker not in seen[start:]:
+        assert time.monotonic() < deadline, f"no {marker!r} in {bytes(seen)!r}"
+        if select.select([proc.stdout], [], [], 1)[0]:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"chat ended early: {bytes(seen)!r}"
+            seen += chunk
+
+
+def test_ctrl_c_stops_the_reply_and_the_chat_goes_on(folder, tmp_path):
+    """A real SIGINT during a streamed reply, then at the prompt: no traceback, the conversation kept."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONIOENCODING": "utf-8"}
+    args = ["chat", "--model", str(folder), "--max-new-tokens", "60"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_CHAT, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=tmp_path,
+        env=env,
+    )
+    seen = bytearray()
+    try:
+        read_until(proc, b"you> ", seen)
+        proc.stdin.write(b"Tell me a long story.\n")
+        proc.stdin.flush()
+        read_until(proc, b"model> ", seen)
+        while len(seen.split(b"model> ", 1)[1]) < 3:  # a few characters of the reply shown
+            time_step(proc, seen)
+        proc.send_signal(signal.SIGINT)
+        read_until(proc, b"you> ", seen)
+        proc.send_signal(signal.SIGINT)  # at the prompt: a fresh prompt, not an exit
+        read_until(proc, b"you> ", seen)
+        out, err = proc.communicate(b"And then?\n/exit\n", timeout=120)
+    finally:
+        proc.kill()
+    text = (bytes(seen) + out).decode("utf-8")
+    assert proc.returncode == 0 and "Traceback" not in err.decode(), err.decode()
+    assert "(Ctrl-C stops a reply; /exit or Ctrl-D ends the chat)" in text
+    assert text.rstrip().endswith("chat ended after 2 replies.")
+    partial = text.split("model> ", 1)[1].split(" [stopped]", 1)[0]
+    full = expected_reply(folder, [{"role": "user", "content": "Tell me a long story."}], seed=0, max_new_tokens=60)
+    assert partial and full.startswith(partial) and len(partial) < len(full)  # stopped part way
+    history = [
+        {"role": "user", "content": "Tell me a long story."},
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = expected_reply(folder, history, seed=1, max_new_tokens=60)  # the stopped turn is in the conversation
+    assert f"model> {second}\n" in text
+
+
+def time_step(proc: subprocess.Popen, seen: bytearray) -> None:
+    """Read whatever proc printed within 1 s into `seen`."""
+    import select
+
+    if select.select([proc.stdout], [], [], 1)[0]:
+        seen += os.read(proc.stdout.fileno(), 4096)
+
+
 def test_chat_with_the_registry_falls_back_to_the_challenger(tmp_path, monkeypatch):
     root = registry_project(tmp_path, monkeypatch)
     run_register(root)

@@ -72,9 +72,10 @@ def without(cfg: quality.FilterConfig, *rules: str) -> quality.FilterConfig:
 
 
 def test_every_rule_has_a_case_and_a_params_entry():
-    assert set(CASES) == set(quality.RULES)
+    assert set(CASES) == set(quality.RULES)  # the model rules have theirs in tests/test_filter_models.py
     params = yaml.safe_load((ROOT / "params.yaml").read_text())["filter"]
-    assert set(quality.RULES) <= set(params), "every rule has its thresholds in params.yaml"
+    assert set(quality.ALL_RULES) | {"pii"} <= set(params), "every rule has its thresholds in params.yaml"
+    assert list(quality.ALL_RULES) == [*quality.RULES, "language", "classifier", "decontam"]
 
 
 def test_clean_story_passes_every_rule():
@@ -145,9 +146,18 @@ def corpus() -> list[builtin.BuiltinDoc]:
     return list(builtin.generate_corpus(3000, seed=11, exact_dup_rate=0.03, near_dup_rate=0.03, junk_rate=0.05))
 
 
-def test_builtin_planted_junk_is_rejected_and_clean_stories_kept(corpus):
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> quality.Models:
+    """The classifier and n-gram index the stage prepares with the default params (trained once per module)."""
+    cfg = load_section("filter", quality.FilterConfig, path=PARAMS)
+    found, _ = quality.prepare_models(cfg, tmp_path_factory.mktemp("models"), load_section("data", path=PARAMS), ROOT)
+    return found
+
+
+def test_builtin_planted_junk_is_rejected_and_clean_stories_kept(corpus, models):
     cfg = load_section("filter", quality.FilterConfig, path=PARAMS)  # the default params
-    rejected = {d.id for d in corpus if quality.failed_rules(d.text, cfg)}
+    failed = {d.id: quality.failed_rules(d.text, cfg, models) for d in corpus}
+    rejected = {i for i, f in failed.items() if f}
     junk = [d for d in corpus if d.label == "junk"]
     clean = [d for d in corpus if d.label == "clean"]
     assert len(junk) == 150 and len(clean) > 2500
@@ -156,6 +166,12 @@ def test_builtin_planted_junk_is_rejected_and_clean_stories_kept(corpus):
     for kind in builtin.JUNK_KINDS:
         of_kind = [d for d in junk if d.of == kind]
         assert of_kind and sum(d.id in rejected for d in of_kind) / len(of_kind) >= 0.9, kind
+    # the fluent kinds are what the text rules keep: only the model rules reject them
+    for d in junk:
+        if d.of in builtin.FLUENT_JUNK and d.id in rejected:
+            assert set(failed[d.id]) <= set(quality.MODEL_RULES), (d.of, failed[d.id])
+        if d.of == "non_english":
+            assert next(iter(failed[d.id])) == "language", failed[d.id]
 
 
 def write_shards(root: Path, stage: str, docs: list[builtin.BuiltinDoc], per_shard: int) -> None:
@@ -174,8 +190,10 @@ def test_stage_counts_add_up_and_outputs_agree(tmp_path, corpus):
     docs = corpus[:1200]
     write_shards(tmp_path, "ingest", docs, per_shard=500)
     cfg = dataclasses.replace(load_section("filter", quality.FilterConfig, path=PARAMS), reject_samples=2)
+    cfg = dataclasses.replace(cfg, classifier=dataclasses.replace(cfg.classifier, builtin_docs=1600))  # quicker
     paths = stage_paths("filter", root=tmp_path)
     m = quality.run(cfg, paths, Tracker("filter", None), load_section("data", path=PARAMS))
+    stage_models = quality.Models(paths.out / "classifier/model.bin", decontam=paths.out / "decontam_ngrams.tsv.gz")
 
     kept = list(read_docs(paths.out))
     assert sorted(p.name for p in paths.out.glob("shard-*")) == [f"shard-00000-000{i}.jsonl.gz" for i in range(3)]
@@ -192,13 +210,20 @@ def test_stage_counts_add_up_and_outputs_agree(tmp_path, corpus):
     assert per_rule == {r: min(2, n) for r, n in m["rejected_by_rule"].items()}
     for s in samples:
         assert s["id"] in rejected and s["failed"][0] == s["rule"] and s["detail"]
-        assert list(quality.failed_rules(rejected[s["id"]].text, cfg)) == s["failed"]
+        assert list(quality.failed_rules(rejected[s["id"]].text, cfg, stage_models)) == s["failed"]
 
     labels = [json.loads(line) for line in (paths.out / "labels.jsonl").read_text().splitlines()]
     assert [row["id"] for row in labels] == [d["id"] for d in kept]
     g = m["labelled"]
     assert g["junk_recall"] >= 0.95 and g["clean_false_reject_rate"] <= 0.02
     assert set(g["junk_recall_by_kind"]) == set(builtin.JUNK_KINDS)
+    assert m["rejected_by_rule"]["classifier"] > 0 and m["rejected_by_rule"]["language"] > 0
+    off = g["without"]["classifier"]  # the same run, scored as if the classifier were off
+    fluent = [k for k in ("off_domain", "spam", "filler") if k in g["junk_recall_by_kind"]]
+    assert fluent and all(off["junk_recall_by_kind"][k] == 0.0 for k in fluent), "the text rules keep them"
+    assert all(g["junk_recall_by_kind"][k] >= 0.8 for k in fluent) and off["junk_recall"] < g["junk_recall"]
+    assert m["classifier"]["model_bytes"] == (paths.out / "classifier" / "model.bin").stat().st_size
+    assert (paths.out / "decontam_ngrams.tsv.gz").is_file() and m["decontam"]["ngrams"] > 0
     said = "\n".join(quality.summary(m, paths))
     assert f"of 1,200 documents ({m['kept_fraction']:.1%})" in said and "junk recall" in said
     assert "data/filter/rejects.jsonl" in said
@@ -208,7 +233,9 @@ def test_stage_without_labels_reports_no_scores(tmp_path, corpus):
     write_shards(tmp_path, "ingest", corpus[:50], per_shard=50)
     (tmp_path / "data/ingest/labels.jsonl").write_text("")
     paths = stage_paths("filter", root=tmp_path)
-    m = quality.run(quality.FilterConfig(), paths, Tracker("filter", None), load_section("data", path=PARAMS))
+    small = quality.Decontam(cloze_items=10, prompt_items=10)  # the defaults, on smaller model inputs
+    cfg = dataclasses.replace(quality.FilterConfig(), classifier=quality.Classifier(builtin_docs=400), decontam=small)
+    m = quality.run(cfg, paths, Tracker("filter", None), load_section("data", path=PARAMS))
     assert "labelled" not in m and m["docs_in"] == 50
     assert (paths.out / "labels.jsonl").read_text() == "" and "ground truth" not in " ".join(quality.summary(m, paths))
 
@@ -223,12 +250,12 @@ def test_bad_labels_row_names_file_and_line(tmp_path):
 # ------------------------------------------------------------------------------------------------ real data
 
 
-def test_default_thresholds_keep_real_tinystories():
+def test_default_thresholds_keep_real_tinystories(models):
     folder = shared("tinystories")
     pieces = (folder / "TinyStories-train_first2MiB.txt").read_text(encoding="utf-8").split("<|endoftext|>")[:-1]
     stories = [p.strip() for p in pieces]
     assert len(stories) == 2316
     cfg = load_section("filter", quality.FilterConfig, path=PARAMS)
-    failed = [quality.failed_rules(s, cfg) for s in stories]
+    failed = [quality.failed_rules(s, cfg, models) for s in stories]  # every rule, the model rules included
     kept = sum(not f for f in failed) / len(stories)
     assert kept >= 0.995, Counter(next(iter(f)) for f in failed if f)

@@ -18,8 +18,19 @@ SMALL = {"data": {"builtin": {"n_docs": 300}}}
 FLOW_SCRIPT = textwrap.dedent("""
     import json, sys
     from prefect.testing.utilities import prefect_test_harness
-    from flows.pipeline import StageFailed, build_llm
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from flows.pipeline import ROOT, StageFailed, build_llm, publish_artifacts
     out = {}
+
+    @flow
+    def publish_at_end(result):
+        (ROOT / "reports").mkdir(exist_ok=True)
+        (ROOT / "reports" / "report.md").write_text("# scratchlm report card\\n\\nval bpb 1.23\\n")
+        (ROOT / "data" / "register").mkdir(parents=True, exist_ok=True)
+        record = {"name": "scratchlm", "version": 7, "model_uri": "models:/scratchlm@challenger"}
+        (ROOT / "data" / "register" / "registered.json").write_text(json.dumps(record))
+        return publish_artifacts({**result, "ran": ["evaluate", "register"]})
     with prefect_test_harness(server_startup_timeout=120):
         out["first"] = build_llm(stages=["ingest"])
         out["again"] = build_llm(stages=["ingest"])
@@ -28,6 +39,12 @@ FLOW_SCRIPT = textwrap.dedent("""
             build_llm(stages=["ingest"], overrides={"data.sources": ["no/such/dir"]})
         except StageFailed as e:
             out["failure"] = str(e)
+        out["published"] = publish_at_end(out["first"])  # as after an evaluate and a register
+        with get_client(sync_client=True) as client:
+            out["artifacts"] = [
+                {"key": a.key, "type": a.type, "data": a.data, "description": a.description}
+                for a in client.read_artifacts()
+            ]
     print("RESULT " + json.dumps(out))
 """)
 
@@ -70,6 +87,18 @@ def test_flow_logs_parent_and_child_runs_and_lets_dvc_decide(tmp_path_factory, m
     assert re.search(r"\[ingest\]\s+300 records →", proc.stderr + proc.stdout), (
         "stage output streams into the flow logs"
     )
+    assert "git add dvc.lock" not in proc.stderr + proc.stdout, "DVC's advice is left out of the flow logs"
+    assert out["published"] == ["report-card", "mlflow-run", "registered-model"]
+    links = [a for a in out["artifacts"] if a["key"] == "mlflow-run"]
+    parents = [out[k]["parent_run_id"] for k in ("first", "changed")]  # the no-op rerun made no run to link
+    assert len(links) == 3  # Prefect keeps a link artifact as Markdown: [text](url)
+    assert all(any(f"/runs/{p})" in a["data"] for a in links) for p in parents)
+    assert all("(http://127.0.0.1:5000/#/experiments/" in a["data"] for a in links)
+    assert "mlflow ui --backend-store-uri" in links[0]["description"]
+    (card,) = [a for a in out["artifacts"] if a["key"] == "report-card"]
+    assert card["type"] == "markdown" and card["data"].startswith("# scratchlm report card\n\nval bpb 1.23")
+    (model,) = [a for a in out["artifacts"] if a["key"] == "registered-model"]
+    assert model["data"].endswith("(http://127.0.0.1:5000/#/models/scratchlm/versions/7)")
 
     import mlflow
 

@@ -1,5 +1,6 @@
-"""The pretokenize stage: the token files hold exactly the encoded documents with one eot after each, meta.json's
-counts match the files, the split is the tokenizer's, and a changed corpus or tokenizer fails clearly."""
+"""The pretokenize stage: the token files hold exactly the encoded documents with one eot after each, the document
+index points at each document's first token, meta.json's counts match the files, the split is the tokenizer's, and
+a changed corpus or tokenizer fails clearly."""
 
 from __future__ import annotations
 
@@ -75,6 +76,28 @@ def test_memmaps_hold_exactly_the_encoded_documents_with_separators(project):
     assert list(read_jsonl_gz(project / "data/pretokenize/val_docs.jsonl.gz")) == val
 
 
+def test_document_index_points_at_each_documents_first_token(project, tmp_path):
+    from tasks.pretrain import load_tokens
+
+    meta = json.loads((project / "data/pretokenize/meta.json").read_text())
+    for name in ("train", "val"):
+        tokens = read_tokens(project, name)
+        index = np.fromfile(project / "data/pretokenize" / meta["splits"][name]["index"], dtype="<i8")
+        assert len(index) == meta["splits"][name]["documents"] + 1 and index[0] == 0
+        np.testing.assert_array_equal(index[1:], np.flatnonzero(tokens == 0) + 1)  # each document ends with its eot
+    data = load_tokens(project / "data/pretokenize")
+    assert np.array_equal(data.train_index, np.fromfile(project / "data/pretokenize/train.idx", dtype="<i8"))
+    # an index that does not match meta.json fails naming the file and the fix
+    shutil.copytree(project / "data/pretokenize", tmp_path / "pre")
+    index = np.fromfile(tmp_path / "pre/val.idx", dtype="<i8")
+    index[:-1].tofile(tmp_path / "pre/val.idx")
+    with pytest.raises(ScratchError, match=r"val.idx: .* offsets .* says .* documents .*; rerun pretokenize"):
+        load_tokens(tmp_path / "pre")
+    (tmp_path / "pre/val.idx").unlink()
+    with pytest.raises(ScratchError, match=r"val.idx: not found \(the document index beside the tokens\)"):
+        load_tokens(tmp_path / "pre")
+
+
 def test_meta_counts_match_the_files(project):
     meta = json.loads((project / "data/pretokenize/meta.json").read_text())
     tmeta = json.loads((project / "data/tokenizer/meta.json").read_text())
@@ -97,7 +120,7 @@ def test_meta_counts_match_the_files(project):
 def test_batching_workers_and_sharding_do_not_change_the_output(project, tmp_path):
     copy_upstream(project, tmp_path, corpus(project), n_shards=1)
     m = run_pretokenize(tmp_path, workers=1, batch_docs=1000)
-    for name in ("train.bin", "val.bin", "meta.json"):
+    for name in ("train.bin", "val.bin", "train.idx", "val.idx", "meta.json"):
         assert (tmp_path / "data/pretokenize" / name).read_bytes() == (
             project / "data/pretokenize" / name
         ).read_bytes(), name

@@ -171,15 +171,17 @@ def unigram_entropy_nats(tokens: np.ndarray, vocab_size: int) -> float:
 
 
 def val_loss_of(model, project: Path, seq_len: int, n_windows: int, seed: int) -> float:
-    """Mean next-token loss of `model` on the stage's validation windows, recomputed outside the stage."""
+    """Mean next-token loss of `model` on the stage's validation rows (whole documents, attention within each),
+    recomputed outside the stage."""
     import torch
 
-    from tasks.pretrain import gather, load_tokens, val_window_starts
+    from tasks.pretrain import PretrainConfig, load_tokens, row_batch, val_rows
 
     data = load_tokens(project / "data" / "pretokenize")
-    rows = torch.from_numpy(gather(data.val, val_window_starts(data.val, seq_len, n_windows, seed), seq_len + 1))
+    rows, filled = val_rows(data, PretrainConfig(seq_len=seq_len, val_windows=n_windows), seed)
+    x, y, doc = row_batch(rows, filled, data.eot_id, document_mask=True)
     with torch.no_grad():
-        _, loss = model(rows[:, :-1], rows[:, 1:])
+        _, loss = model(x, y, doc_ids=doc)
     return loss.item()
 
 

@@ -4,6 +4,7 @@ params.yaml's `promote:` section pass, and a refusal names the failing gate. Ali
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -120,6 +121,8 @@ def test_cli_runs_the_prefect_flow_and_exits_1_on_refusal(registry):
     assert "refused: scratchlm v" in proc.stdout and "failed gate(s) max_val_bpb; @champion stays" in proc.stdout
     logged = proc.stdout + proc.stderr  # the flow's own lines go through Prefect's logger (log_prints)
     assert "FAIL  max_val_bpb            validation bits per byte 5.0000 > 3.0" in logged
+    noise = [ln for ln in logged.splitlines() if re.search(r"Traceback|\| ERROR|database is locked|UserWarning", ln)]
+    assert not noise, "\n".join(noise)  # a refusal is a verdict, not an error
 
 
 def _env(root) -> dict:

@@ -128,6 +128,9 @@ def test_the_scoring_server_refuses_wrongly_shaped_requests(registered, monkeypa
         assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE" and reason in body["message"], body
 
 
+REGISTER_RUN_TAGS = {"git_commit", "model_stage", "pipeline_run_id", "run_id", "eval_label"}
+
+
 def test_version_tags_trace_lineage_and_evaluation(registered):
     import mlflow
 
@@ -139,6 +142,10 @@ def test_version_tags_trace_lineage_and_evaluation(registered):
     assert float(tags["eval.val_bpb"]) == 1.5 and float(tags["eval.satisfaction"]) == 0.25
     assert float(tags["eval.bench.cloze.acc"]) == 0.5 and float(tags["eval.win_rate.dpo_vs_sft"]) == 0.6
     assert tags["eval_label"] == "dpo"
+    # fewer tags, grouped: no dependency hashes (the run's lineage/dvc.lock has them), no per-kind detail
+    assert "dvc.evaluate.deps.data/dpo" not in tags and not any(".deps." in k for k in tags), sorted(tags)
+    assert not any(k.startswith("eval.per_constraint.") for k in tags), sorted(tags)
+    assert all(k.startswith(("eval.", "dvc.")) or k in REGISTER_RUN_TAGS for k in tags), sorted(tags)
 
 
 def test_logged_model_has_folder_signature_and_example(registered):

@@ -68,11 +68,16 @@ def set_runner(project, **parallel) -> None:
 
 
 def untimed(metrics_file) -> dict:
-    """A stage's metrics without its wall-clock figures."""
+    """A stage's metrics without its wall-clock figures, at any depth (the filter's classifier and decontam index
+    time themselves)."""
+    return without_times(json.loads(metrics_file.read_text()))
+
+
+def without_times(record: dict) -> dict:
     return {
-        k: v
-        for k, v in json.loads(metrics_file.read_text()).items()
-        if not k.startswith("seconds") and not k.endswith("_per_s")
+        k: without_times(v) if isinstance(v, dict) else v
+        for k, v in record.items()
+        if not (k.startswith("seconds") or k.endswith(("seconds", "_per_s")))
     }
 
 

@@ -15,7 +15,8 @@ DVC deletes a stage's outs before running it again, so DeepSpeed checkpoints liv
 The fingerprint hashes the configuration that determines the weights, so a resume never picks up a checkpoint of
 another configuration. A save ends, once every rank's files are on disk, with rank 0 writing the manifest and then
 moving `latest`, so a run killed mid-save resumes from the previous checkpoint. Only the newest `keep` checkpoints
-stay on disk, and never fewer than the one `latest` points to.
+stay on disk, and never fewer than the one `latest` points to; the `pinned` one (the trainer pins the best
+evaluation's checkpoint, train.keep_best) stays too.
 
 Resuming is safe against damaged and planted files. Rank 0 verifies the newest checkpoint against its manifest
 (sizes, then sha256) before DeepSpeed opens any file of it, and falls back to the next older one that verifies,
@@ -29,6 +30,7 @@ shared file system multi-node DeepSpeed checkpoints need anyway).
     ckpt.save(engine, step, state)            # collective; rank 0 writes the manifest, moves `latest`, prunes
     state = ckpt.load(engine)                 # collective; None when no checkpoint verifies
     fp32 = ckpt.fp32_state_dict(tag)          # rank 0: consolidated fp32 weights of a ZeRO checkpoint
+    state = ckpt.module_state_dict(tag)       # rank 0: the module's weights of a ZeRO-0 checkpoint
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Checkpoints:
 
     def __init__(self, folder: Path, keep: int = 2, rank: int = 0, say: Callable[[str], None] = progress_write) -> None:
         self.folder, self.keep, self.rank, self.say = Path(folder), keep, rank, say
+        self.pinned: str | None = None  # a tag pruning keeps whatever its age (the best evaluation's)
 
     # ---- reading -------------------------------------------------------------------------------------------
 
@@ -206,11 +209,11 @@ class Checkpoints:
         return self.folder / tag
 
     def prune(self) -> None:
-        """Keep the newest `keep` checkpoints up to `latest`; `latest` itself always stays."""
+        """Keep the newest `keep` checkpoints up to `latest`; `latest` itself and the pinned one always stay."""
         latest = self.latest_tag()
         complete = [t for t in self.tags() if latest and step_of(t) <= step_of(latest)]
         for tag in complete[: -self.keep] if self.keep > 0 else []:
-            if tag != latest:
+            if tag not in (latest, self.pinned):
                 shutil.rmtree(self.folder / tag, ignore_errors=True)
 
     def _pointer(self) -> str | None:
@@ -248,6 +251,16 @@ class Checkpoints:
 
         with weights_only_loading():
             return get_fp32_state_dict_from_zero_checkpoint(str(self.folder), tag=tag)
+
+    def module_state_dict(self, tag: str) -> dict[str, torch.Tensor]:
+        """The module's weights of a ZeRO-0 checkpoint (DeepSpeed's mp_rank_00_model_states.pt), loaded safely."""
+        import torch
+
+        path = self.folder / tag / "mp_rank_00_model_states.pt"
+        if not path.is_file():
+            raise ScratchError(f"{path}: missing (not a ZeRO-0 checkpoint, or damaged); delete {self.folder}")
+        with weights_only_loading():
+            return torch.load(path, map_location="cpu")["module"]
 
 
 def checkpoint_files(folder: Path) -> list[str]:

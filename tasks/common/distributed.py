@@ -19,10 +19,13 @@ torch's TCPStore from a socket bound to that address and gloo binds the loopback
 training job listens beyond this machine (torch's TCPStore otherwise binds every interface, whatever MASTER_ADDR
 says). With a hostfile naming other hosts, MASTER_ADDR is the first host's address and torch's default applies.
 
-CPU (no CUDA device, or DS_ACCELERATOR=cpu): gloo, the host's cores
+Device: `resolve_device` at launch: $SCRATCHLM_DEVICE, else `train.device`, else $DS_ACCELERATOR, else cuda when
+torch sees a device; the launcher hands its choice to the ranks as DS_ACCELERATOR.
+CPU: gloo, the host's cores
 split between its ranks (one OpenMP thread per rank on a 2-core host: two threads in one process collapse as soon
 as another job takes a core, 1,300 vs 4,300 tokens/s for the small preset at load ~4). GPU: NCCL. Either way the
-optimizer is torch.optim.AdamW, built by the trainer; no DeepSpeed C++ op is JIT-built.
+optimizer is torch.optim.AdamW, built by the trainer, and no DeepSpeed C++ op is JIT-built; except with
+`train.offload`, where the trainer takes DeepSpeedCPUAdam, JIT-built once per environment (~3 CPU-minutes here).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tasks.common.config import ROOT, ScratchError
+from tasks.common.config import ROOT, ConfigError, ScratchError
 from tasks.common.train_config import TrainConfig
 
 if TYPE_CHECKING:
@@ -73,13 +76,33 @@ GPU_PEAK_BF16: list[tuple[str, float]] = [
 # ------------------------------------------------------------------------------------------------ launcher side
 
 
-def cpu_only() -> bool:
-    """True when training runs on CPU ranks: DS_ACCELERATOR=cpu, or no CUDA device at all."""
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        return True
+DEVICE_ENV = "SCRATCHLM_DEVICE"
+
+
+def resolve_device(setting: str = "auto") -> str:
+    """Where the ranks train, "cuda" or "cpu": $SCRATCHLM_DEVICE, else `setting` (train.device) unless auto, else
+    $DS_ACCELERATOR when it names one of the two (the tests, CI, a GPU image), else cuda when torch sees a device."""
+    override = os.environ.get(DEVICE_ENV, "")
+    where, chosen = (DEVICE_ENV, override) if override else ("train.device", setting)
+    if chosen not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}: must be auto, cpu or cuda, got {chosen!r}")
+    if chosen == "auto" and os.environ.get("DS_ACCELERATOR") in ("cpu", "cuda"):
+        return os.environ["DS_ACCELERATOR"]
     import torch
 
-    return not torch.cuda.is_available()
+    if chosen == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if chosen == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"{where}: cuda, but this torch ({torch.__version__}) sees no CUDA device; on a host with an NVIDIA "
+            f"driver install the CUDA build (`make install`, or TORCH_VARIANT=cu128), or set it to auto or cpu"
+        )
+    return chosen
+
+
+def cpu_only(setting: str = "auto") -> bool:
+    """True when training runs on CPU ranks (resolve_device: no CUDA device, or cpu asked for)."""
+    return resolve_device(setting) == "cpu"
 
 
 def hostfile_slots(path: Path) -> dict[str, int]:
@@ -129,8 +152,8 @@ def launch_command(module: str, train: TrainConfig, root: Path = ROOT) -> tuple[
     env = dict(os.environ)
     env.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    if cpu_only():
-        env["DS_ACCELERATOR"] = "cpu"
+    env["DS_ACCELERATOR"] = resolve_device(train.device)  # the ranks' accelerator, also on the other hosts
+    if env["DS_ACCELERATOR"] == "cpu":
         # ranks of one host share its cores; torch would otherwise start one thread per core in every rank
         local = train.ranks if not train.hostfile else 1
         env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cores() // local)))
@@ -207,7 +230,9 @@ def init_distributed() -> World:
     import torch
     import torch.distributed as dist
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    os.environ.setdefault(
+        "DS_ACCELERATOR", resolve_device()
+    )  # the launcher sets it; else $SCRATCHLM_DEVICE or detection
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", torch_extensions_dir())
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.utils.logger.setLevel(logging.WARNING)
@@ -352,6 +377,15 @@ def cpu_has_native_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
 
 
+ZERO3_WINDOW = 20_000_000  # elements: 80 MB of fp32 per bucket; a `1b` block is 60M parameters, a `125m` one 7M
+ZERO3_WINDOW_KEYS = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+)
+
+
 def deepspeed_config(train: TrainConfig, world: World, precision: str) -> dict[str, Any]:
     """The DeepSpeed config of a training run: batch split, ZeRO stage, precision, clipping.
 
@@ -363,6 +397,15 @@ def deepspeed_config(train: TrainConfig, world: World, precision: str) -> dict[s
     if train.zero_stage == 3:
         # gather whole layers for small models instead of many tiny prefetches
         zero.update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        # and hold only a few of them at a time: DeepSpeed's defaults (5e8-element gradient buckets, 1e9 parameters
+        # kept live and reused) keep every layer of a 1B model gathered and a 2 GB fp32 bucket on each rank, which
+        # made a 125m ZeRO-3 rank peak above an unsharded one (docs/BENCHMARKS.md, "Memory")
+        zero.update({key: ZERO3_WINDOW for key in ZERO3_WINDOW_KEYS})
+        zero["sub_group_size"] = 5 * ZERO3_WINDOW  # the optimizer steps its partition in pieces of this many elements
+    if train.offload != "none":  # ZeRO-Offload: the optimizer's fp32 partitions (and its step) in host memory
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not world.on_cpu}
+    if train.offload == "all":  # and the parameters' partitions, fetched to the device layer by layer
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not world.on_cpu}
     config = {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
@@ -377,6 +420,9 @@ def deepspeed_config(train: TrainConfig, world: World, precision: str) -> dict[s
     }
     if precision == "autocast":
         config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    if train.offload != "none":
+        # the trainer's optimizer: DeepSpeedCPUAdam where its C++ op builds, else torch AdamW (trainer.build_optimizer)
+        config["zero_force_ds_cpu_optimizer"] = False
     return config
 
 

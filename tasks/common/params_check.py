@@ -8,7 +8,9 @@ model's config (model/ imports torch): no stage imports it, so no stage's DVC de
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,9 @@ from tasks.common.config import (
     ModelSection,
     _closest,
     build,
+    describe,
     inherit,
+    inherited_fields,
     params_file,
     read_params,
     section_class,
@@ -93,3 +97,98 @@ def _model_max_seq_len(model: ModelSection, sections: dict[str, Any], where: str
         named = [f for f in re.findall(r"ModelConfig\.(\w+)", str(e)) if f in model.overrides]
         key = f"model.overrides.{named[0]}" if named else "model.overrides"
         raise ConfigError(f"{where}: {key}: {e} (preset {model.preset!r})") from None
+
+
+# ------------------------------------------------------------------------------------------------ scratchlm params
+
+
+@dataclasses.dataclass(frozen=True)
+class Knob:
+    """One row of `scratchlm params`: a key, its type, its current value, its default and its documentation."""
+
+    key: str
+    type: str
+    value: str
+    default: str
+    doc: str
+
+    @property
+    def changed(self) -> bool:
+        return self.type != "section" and self.default != REQUIRED and self.value != self.default
+
+
+def knobs(name: str, sections: dict[str, Any]) -> list[Knob]:
+    """Every key of section `name` (from `load_all`): the value in force (params.yaml's, with what the section
+    inherits from its base), the dataclass default, the doc. An inherited section (`sft.train`) shows the keys it
+    overrides instead of a value."""
+    cfg = sections[name]
+    cls = type(cfg)
+    rows = []
+    for key, tp, doc in describe(cls):
+        value = _value_at(cfg, key)
+        if tp == "section":
+            shown = _overrides(value, sections.get(key), key) if _inherits(cls, key) else ""
+            rows.append(Knob(f"{name}.{key}", tp, shown, shown, doc))
+        else:
+            rows.append(Knob(f"{name}.{key}", tp, show_value(value), show_value(_default_at(cls, key)), doc))
+    return rows
+
+
+def show_value(v: Any, width: int = 48) -> str:
+    """A value as params.yaml would spell it: YAML scalars (`true`, `null`), strings quoted, long lists cut."""
+    if v is _REQUIRED:
+        return REQUIRED
+    if isinstance(v, bool) or v is None:
+        return {True: "true", False: "false", None: "null"}[v]
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (str, list, tuple, dict)):
+        text = json.dumps(list(v) if isinstance(v, tuple) else v, ensure_ascii=False)
+        return text if len(text) <= width else text[: width - 1] + "…"
+    return str(v)
+
+
+_REQUIRED = object()
+REQUIRED = "(required)"
+"""What `scratchlm params` shows as the default of a field that has none."""
+
+
+def _value_at(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _default_at(cls: type, key: str) -> Any:
+    """The dataclass default of a dotted key (nested sections walked through their classes)."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        field = {f.name: f for f in dataclasses.fields(cls)}[part]
+        if field.default is not dataclasses.MISSING:
+            default = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
+        else:
+            return _REQUIRED
+        if i == len(parts) - 1:
+            return default
+        if dataclasses.is_dataclass(default):
+            return _value_at(default, ".".join(parts[i + 1 :]))
+        cls = typing.get_type_hints(cls)[part]
+    return _REQUIRED
+
+
+def _inherits(cls: type, key: str) -> bool:
+    return "." not in key and key in inherited_fields(cls)
+
+
+def _overrides(value: Any, base: Any, name: str) -> str:
+    """`overrides lr=0.0003, max_steps=200`: the fields of an inherited section that differ from its base's."""
+    if not dataclasses.is_dataclass(value) or not dataclasses.is_dataclass(base):
+        return ""
+    diff = [
+        f"{f.name}={show_value(getattr(value, f.name), 24)}"
+        for f in dataclasses.fields(value)
+        if getattr(value, f.name) != getattr(base, f.name)
+    ]
+    return "overrides " + ", ".join(diff) if diff else f"as `{name}`"

@@ -85,12 +85,7 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
         from model.generate import generate
 
         ids, stops = self.row_ids(row, index)
-        budget = self.model.cfg.max_seq_len - len(ids)
-        if budget < 1:
-            raise bad_request(
-                f"input row {index}: the input is {len(ids)} tokens; the model's context is "
-                f"{self.model.cfg.max_seq_len}"
-            )
+        budget = self.budget(ids, index)
         new = generate(
             self.model,
             [ids],
@@ -101,6 +96,16 @@ class ScratchLMModel(mlflow.pyfunc.PythonModel):
             seed=int(settings["seed"]),
         )[0]
         return self.tokenizer.decode(new, skip_special_tokens=False)
+
+    def budget(self, ids: list[int], index: int = 0) -> int:
+        """How many new tokens fit in the context after `ids`; a bad request naming the row when none does."""
+        budget = self.model.cfg.max_seq_len - len(ids)
+        if budget < 1:
+            raise bad_request(
+                f"input row {index}: the input is {len(ids)} tokens; the model's context is "
+                f"{self.model.cfg.max_seq_len}"
+            )
+        return budget
 
     def row_ids(self, row: dict[str, Any], index: int) -> tuple[list[int], list[int]]:
         """(prompt ids, stop ids) of one input row: a chat's generation prompt, or a plain text's start."""

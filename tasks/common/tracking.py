@@ -135,9 +135,9 @@ def setup_mlflow():
     import mlflow
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    local = not os.environ.get("MLFLOW_TRACKING_URI")  # before set_tracking_uri, which exports it (MLflow 3)
     mlflow.set_tracking_uri(tracking_uri())
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        local = not os.environ.get("MLFLOW_TRACKING_URI")
         artifacts = (project_root() / "mlartifacts").as_uri() if local else None
         with contextlib.suppress(Exception):  # another process may have created it meanwhile
             # the UI opens it as model training, not GenAI (MLflow 3 guesses GenAI for an experiment with no runs)

@@ -70,11 +70,36 @@ class TrainConfig:
     """Peak FLOP/s per GPU or per CPU host, for MFU; 0 = the GPU table, or a one-off matmul benchmark on CPU."""
     resume: bool = True
     """Resume from the newest checkpoint of the same configuration (fingerprint) when there is one."""
-    compile: bool = False
+    keep_best: bool = True
+    """Export the weights of the best evaluation (`best_metric`) instead of the last step's, and say which step and
+    why. An evaluation that improves on the best saves a checkpoint (if one is not due anyway), which pruning keeps
+    while it is the best. Nothing changes where the stage evaluates only at the end (eval_every 0)."""
+    best_metric: str = "auto"
+    """The evaluation metric that picks the best weights and counts for early stopping: a name the stage's
+    evaluation reports (its val/<name>), lower is better; `max:<name>` where higher is better (e.g. max:checker).
+    auto = loss when the evaluation reports one, else the first of checker, satisfaction, accuracy (maximised)."""
+    early_stop_patience: int = 3
+    """Stop training after this many evaluations in a row without improving on the best one (0 = never): more
+    steps after validation stops improving only overfit. Counts only where the stage evaluates (eval_every > 0)."""
+    compile: bool | Literal["auto"] = "auto"
     """torch.compile the model (in place) for training and evaluation; samples stay eager. Fuses the elementwise work
     and the casts around the matmuls: on the `small` preset, 2 CPU cores, 1.71x tokens/s under bf16 autocast and
     1.11x in fp32, after ~10-60 s of compiling (docs/BENCHMARKS.md); each new batch shape (evaluation,
-    variable-length alignment batches) compiles once more. ZeRO 0-2; on CPU it needs a C++ compiler."""
+    variable-length alignment batches) compiles once more. ZeRO 0-2; on CPU it needs a C++ compiler.
+    auto = on where it pays (tasks/common/trainer.py `decide_compile`, the stage's first lines say which and why):
+    a C++ compiler and Python headers (CPU) or Triton (GPU) are there, ZeRO 0-2, every batch has one shape (pretrain;
+    not the alignment stages), and the eager run is estimated long enough for compiling to save twice what it costs
+    (on CPU from ~150 s of eager training; docs/BENCHMARKS.md, "Compile")."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the ranks train: cuda (NCCL, one GPU per rank), cpu (gloo, the host's cores split between the ranks) or
+    auto = cuda when torch sees a CUDA device, else cpu. The environment variable SCRATCHLM_DEVICE overrides it."""
+    activation_checkpointing: int = 0
+    """Recompute blocks in the backward instead of keeping their activations: 0 = off, 1 = every block, N = every
+    N-th block (blocks 0, N, 2N, ...; a middle ground between memory and the ~1/3 extra forward compute)."""
+    offload: Literal["none", "optimizer", "all"] = "none"
+    """ZeRO-Offload to host memory: optimizer = the fp32 optimizer states and their step (ZeRO 1-3; DeepSpeedCPUAdam
+    when its C++ op builds, else torch AdamW), all = also the parameters (ZeRO-3). For GPU runs whose states do
+    not fit; on CPU ranks everything is in host memory already and it only adds copies."""
 
     # knobs that do not change the trained weights: left out of the checkpoint fingerprint, so changing them
     # resumes instead of starting over
@@ -86,6 +111,15 @@ class TrainConfig:
         "peak_flops",
         "resume",
         "compile",
+        # which weights are exported and when an overfitting run stops, not what a step computes
+        "keep_best",
+        "best_metric",
+        "early_stop_patience",
+        # same arithmetic, another place or schedule: a run may resume on another device, with or without offload
+        # (the optimizer states keep their names) or activation checkpointing
+        "device",
+        "activation_checkpointing",
+        "offload",
     )
 
     def __post_init__(self) -> None:
@@ -111,11 +145,32 @@ class TrainConfig:
         check(self.eval_every >= 0 and self.checkpoint_every >= 0, "eval_every", "cadences must be >= 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1 (resume needs the newest)")
         check(self.peak_flops >= 0, "peak_flops", "must be >= 0")
+        check(self.early_stop_patience >= 0, "early_stop_patience", "must be >= 0 (0 = never stop early)")
         check(
-            not (self.compile and self.zero_stage == 3),
+            bool(self.best_metric.removeprefix("max:")) and " " not in self.best_metric,
+            "best_metric",
+            f"must be auto, a metric name (e.g. loss) or max:<name>, got {self.best_metric!r}",
+        )
+        check(
+            not (self.compile is True and self.zero_stage == 3),
             "compile",
             "is built and tested for ZeRO stages 0-2 only (ZeRO-3 gathers each layer's parameters in hooks "
             "inside the forward; DeepSpeed's deepcompile is the route there); set compile: false or zero_stage <= 2",
+        )
+        check(
+            self.activation_checkpointing >= 0,
+            "activation_checkpointing",
+            "must be >= 0 (0 = off, N = every N-th block)",
+        )
+        check(
+            self.offload == "none" or self.zero_stage >= 1,
+            "offload",
+            f"{self.offload!r} offloads ZeRO's partitioned optimizer states: set zero_stage >= 1 (or offload: none)",
+        )
+        check(
+            self.offload != "all" or self.zero_stage == 3,
+            "offload",
+            "'all' also offloads the parameters, which only ZeRO-3 partitions: set zero_stage: 3 or offload: optimizer",
         )
 
     def grad_accum(self, world_size: int) -> int:

@@ -20,9 +20,11 @@ checkpoints, resume and a NaN guard. A stage brings its model, its batches and i
                                      #    (RL: sampled answers, rewards, advantages); its metrics are logged as train/*
         updates_per_step=1,          # optimizer updates per step over the same experience (PPO's minibatch epochs);
                                      #    BatchIndex.update says which one a micro batch feeds
-        state=None)                  # optional object with state_dict() / load_state_dict(d): running state of the
+        state=None,                  # optional object with state_dict() / load_state_dict(d): running state of the
                                      #    recipe (an adaptive KL coefficient) saved in every checkpoint, restored on
                                      #    resume
+        fixed_shapes=False)          # True when every micro batch has the same shape (pretrain's windows): what
+                                     #    `compile: auto` needs, since each new shape compiles again
     trainer = Trainer(
         build_model,                 # () -> nn.Module, seeded by the caller; called again (RNG forked) to hold
                                      #    consolidated weights for samples (ZeRO-3) and the final export
@@ -33,7 +35,9 @@ checkpoints, resume and a NaN guard. A stage brings its model, its batches and i
                                      #    names the checkpoint folder checkpoints/<name>/<fingerprint>/ under `root`,
                                      #    so a resume never mixes configurations; written beside the checkpoints
         root=paths.root,
-        tracker=tracker)             # the stage's MLflow tracker (a no-op on ranks other than 0)
+        tracker=tracker,             # the stage's MLflow tracker (a no-op on ranks other than 0)
+        fresh_init=False)            # True when build_model draws fresh random weights (pretrain): under ZeRO-3 it
+                                     #    then runs inside deepspeed.zero.Init, so no rank ever holds the whole model
     summary, model = trainer.train(paths.out / "history.jsonl")
                                      # fit() (resumes from the newest checkpoint that verifies) then final_model():
                                      #    the run's headline numbers and, on rank 0, a plain fp32 module with the
@@ -61,10 +65,27 @@ schedule `TrainConfig.lr_factor` (linear warmup then cosine to `min_lr_ratio`) a
 The logged train/lr is read from the optimizer.
 Every `log_every` steps: train/loss, train/lr, train/grad_norm, train/tokens_per_s, train/mfu to MLflow and
 history.jsonl, and the progress bar (loss, ETA); every `eval_every` steps and at the end: eval_fn and samples;
-every `checkpoint_every` steps and at the end: a DeepSpeed checkpoint (module, optimizer, scheduler, RNG states,
-step, the recipe's state), its manifest, and an atomic move of `latest`. Checkpoints fall on step boundaries, so a
-resumed run redoes the whole step: a rollout is a function of (weights, seed, step) and comes back the same. Only the
-rank-0 process writes logs.
+every `checkpoint_every` steps, at a new best evaluation and at the end: a DeepSpeed checkpoint (module, optimizer,
+scheduler, RNG states, step, the recipe's state, the selection), its manifest, and an atomic move of `latest`.
+Checkpoints fall on step boundaries, so a resumed run redoes the whole step: a rollout is a function of (weights,
+seed, step) and comes back the same. Only the rank-0 process writes logs.
+
+Selection (`Selection`). More steps on a small corpus can overfit, so the weights exported are those of the best
+evaluation (`train.keep_best`; `train.best_metric`, auto = val/loss, or the checker score of an RL stage), not the
+last step's: an evaluation that improves on the best saves a checkpoint (pinned against pruning), final_model
+reads it back (checked against its manifest first), and the summary says which step (`exported_step`) and why
+(`exported_because`); val_* are the exported weights' figures, last_val_* the last evaluation's. After
+`train.early_stop_patience` evaluations in a row without a new best, training stops (a checkpoint at that step
+records it, so a rerun resumes to the same end instead of training on). The best, and the evaluations since, are
+in every checkpoint's trainer state: a resumed run selects and stops exactly as the uninterrupted one.
+
+Memory (`build_for_training`): under ZeRO-3 a fresh model is built inside deepspeed.zero.Init, each layer partitioned
+as soon as it exists and its init replayed one gathered tensor at a time (the same weights as an unsharded build);
+on a GPU a fresh model is built on the device itself. `train.activation_checkpointing` sets the model's
+`gradient_checkpointing` (every N-th block), `train.offload` moves ZeRO's optimizer partitions (and at ZeRO-3 the
+parameters) to host memory, stepped by DeepSpeedCPUAdam where its C++ op builds (`offload_optimizer`).
+Compile (`decide_compile`): `train.compile: auto` compiles where the toolchain exists and the run is long enough to
+repay it; the stage's first lines say which and why.
 
 Test hooks: SCRATCHLM_TEST_NAN_STEP=N makes the loss of step N NaN (how the guard is tested);
 SCRATCHLM_TEST_HANG_STEP=N makes rank 0 stop dead after step N, so a test can SIGKILL a run that is surely mid-way.
@@ -90,10 +111,12 @@ from torch import Tensor, nn
 from tasks.common.checkpoint import Checkpoints, checkpoint_dir, fingerprint, tag_of
 from tasks.common.config import ConfigError, ScratchError
 from tasks.common.console import progress, progress_write
+from tasks.common.curves import write_curves
 from tasks.common.distributed import (
     World,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     deepspeed_config,
     format_flops,
     init_distributed,
@@ -128,6 +151,7 @@ class Recipe:
     rollout_fn: RolloutFn | None = None
     updates_per_step: int = 1
     state: Any = None
+    fixed_shapes: bool = False
 
     def __post_init__(self) -> None:
         if self.updates_per_step < 1:
@@ -149,13 +173,17 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def optim_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: the model's own `optim_groups` when it has one, else decay on tensors with >= 2 dims."""
-    if hasattr(model, "optim_groups"):
-        return model.optim_groups(weight_decay)
+    """AdamW groups: the model's own `optim_groups` when it has one, else decay on tensors with >= 2 dims. A model
+    built inside deepspeed.zero.Init holds 1-D partitions whose data is freed: its split reads each parameter's whole
+    shape (ds_shape) by the same >= 2 dims rule (Llama.optim_groups' own)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = any(hasattr(p, "ds_shape") for p in params)
+    if hasattr(model, "optim_groups") and not sharded:
+        return model.optim_groups(weight_decay)
+    ndim = {id(p): len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim for p in params}
     return [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if ndim[id(p)] >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if ndim[id(p)] < 2], "weight_decay": 0.0},
     ]
 
 
@@ -165,6 +193,240 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         optim_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps
     )
+
+
+# ------------------------------------------------------------------------------------------------ the model's memory
+
+
+def build_for_training(
+    build_model: Callable[[], nn.Module],
+    cfg: TrainConfig,
+    world: World,
+    ds_config: dict[str, Any],
+    bf16: bool,
+    fresh_init: bool,
+) -> nn.Module:
+    """The module deepspeed.initialize gets, on the rank's device, built so that no rank holds more than it must.
+
+    ZeRO-3 and fresh weights: built inside deepspeed.zero.Init (every layer partitioned as soon as it exists).
+    Fresh weights on a GPU: built on the device (no host copy). Otherwise (loaded weights, CPU): built, then moved.
+    A loaded model holds its whole state per rank until deepspeed.initialize partitions it.
+    """
+    if fresh_init and cfg.zero_stage == 3:
+        model = build_zero3(build_model, ds_config)
+    elif fresh_init and not world.on_cpu:
+        with torch.device(world.device):
+            model = build_model()
+    else:
+        model = build_model().to(world.device)
+    if bf16:
+        # DeepSpeed casts parameters only; a float32 buffer (RoPE tables) would promote activations back
+        model = (
+            model.to(torch.bfloat16) if cfg.zero_stage < 3 or not fresh_init else cast_buffers(model, torch.bfloat16)
+        )
+    set_activation_checkpointing(model, cfg.activation_checkpointing)
+    return model
+
+
+def build_zero3(build_model: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
+    """build_model() under deepspeed.zero.Init: each rank keeps 1/world of every parameter from the start (and, with
+    offload: all, keeps it in host memory). zero.Init partitions a layer's tensors as soon as its module is built, so
+    the model's own init (`reset_parameters`, run at the end of its __init__) meets empty partitions; it is replayed
+    here with one parameter gathered at a time, from the RNG state it would have started from: the same weights as
+    an unsharded build of the same seed."""
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, mem_efficient_linear=False):
+        model = build_model()
+    if not hasattr(model, "reset_parameters"):
+        raise TypeError(f"{type(model).__name__}: a fresh ZeRO-3 build replays model.reset_parameters(); it has none")
+    with parameters_gathered_one_at_a_time(model):
+        model.reset_parameters()
+    return move_buffers(model, torch.device(deepspeed.get_accelerator().current_device_name()))
+
+
+class parameters_gathered_one_at_a_time:  # noqa: N801 (a context manager, named for what holds inside it)
+    """Inside: `model.named_parameters()` (what Llama.reset_parameters walks) yields each ZeRO-3 parameter whole on
+    every rank, for as long as the caller's loop body runs on it; rank 0's values are then kept and re-partitioned."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> None:
+        real = self.model.named_parameters
+
+        def gathered(*args, **kwargs):
+            for name, param in real(*args, **kwargs):
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    yield name, param
+
+        self.model.named_parameters = gathered  # an instance attribute: shadows the method until __exit__
+
+    def __exit__(self, *exc) -> None:
+        del self.model.named_parameters
+
+
+def move_buffers(model: nn.Module, device: torch.device, dtype: torch.dtype | None = None) -> nn.Module:
+    """Buffers (RoPE tables) to `device` (floating ones to `dtype` too), parameters untouched (ZeRO-3 owns them)."""
+    for name, buffer in list(model.named_buffers()):
+        owner, _, leaf = name.rpartition(".")
+        cast = dtype if dtype is not None and buffer.is_floating_point() else buffer.dtype
+        setattr(model.get_submodule(owner) if owner else model, leaf, buffer.to(device=device, dtype=cast))
+    return model
+
+
+def cast_buffers(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    device = next(model.buffers()).device if any(True for _ in model.buffers()) else torch.device("cpu")
+    return move_buffers(model, device, dtype)
+
+
+def set_activation_checkpointing(model: nn.Module, every: int) -> None:
+    """Recompute every `every`-th block in the backward (0 = off): the `gradient_checkpointing` flag of each module
+    that has one (Llama, also inside RewardModel and PolicyWithValue)."""
+    flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if every and not flagged:
+        raise ConfigError(
+            f"train.activation_checkpointing: {type(model).__name__} has no gradient_checkpointing flag to set"
+        )
+    for module in flagged:
+        module.gradient_checkpointing = every
+
+
+def offload_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer | None, str]:
+    """The optimizer of an offloaded run: DeepSpeedCPUAdam (AdamW mode, the same groups and hyperparameters), which
+    steps the host-side fp32 partitions with AVX kernels, when its C++ op builds here (JIT, once per environment:
+    docs/BENCHMARKS.md, "Memory"); else (None, why) and the caller keeps torch AdamW, which DeepSpeed also steps on
+    the host partitions, several times slower."""
+    try:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(
+            optim_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            eps=cfg.eps,
+            adamw_mode=True,
+        )
+    except Exception as e:  # noqa: BLE001 (a failed C++ build raises anything from RuntimeError to CalledProcessError)
+        reason = str(e).strip().splitlines()[-1][:120] if str(e).strip() else type(e).__name__
+        return None, f"torch AdamW: DeepSpeedCPUAdam did not build ({reason})"
+    return optimizer, "DeepSpeedCPUAdam"
+
+
+# ------------------------------------------------------------------------------------------------ compile: auto
+
+# Measured (docs/BENCHMARKS.md, "Compile"): what compiling costs and gains per device type. CPU: the pretrain stage,
+# `small`, 2 ranks x 1 thread, autocast. CUDA: not measured yet (bench/gpu_check.py prints both rates); these are
+# deliberately cautious guesses until it has run.
+COMPILE_SECONDS = {"cpu": 20.0, "cuda": 60.0}
+COMPILE_SPEEDUP = {"cpu": 1.35, "cuda": 1.25}
+# eager MFU assumed for the time estimate: the CPU pretrain stage's measured figure (11,710 tok/s x 24.4 MFLOP/token
+# over 1.40 TFLOP/s = 0.20); for GPUs a typical eager figure of small Llamas
+EAGER_MFU = {"cpu": 0.20, "cuda": 0.30}
+# compile when it is estimated to save at least this many times what it costs (the estimate is rough)
+COMPILE_MARGIN = 2.0
+
+
+def decide_compile(
+    cfg: TrainConfig, world: World, recipe: Recipe, total_steps: int, precision: str
+) -> tuple[bool, str]:
+    """(compile?, the line the stage prints saying which and why). compile: true/false are obeyed (true checks the
+    CPU toolchain up front); auto compiles when the toolchain exists, ZeRO <= 2, every batch has one shape, and the
+    eager run's estimated seconds (FLOPs / (peak x EAGER_MFU)) times (1 - 1/speedup) is at least COMPILE_MARGIN
+    x the compile time. Every rank gets rank 0's answer (the peak is measured there)."""
+    if cfg.compile is True:
+        if world.on_cpu:
+            check_cpu_compile_toolchain()
+        return True, "compile: on (train.compile: true)"
+    if cfg.compile is False:
+        return False, "compile: off (train.compile: false)"
+    decision = compile_pays(cfg, world, recipe, total_steps, precision) if world.is_main else None
+    on, why = broadcast_object(decision)
+    return on, f"compile: {'on' if on else 'off'} (auto: {why})"
+
+
+def compile_pays(cfg: TrainConfig, world: World, recipe: Recipe, total_steps: int, precision: str) -> tuple[bool, str]:
+    kind = world.device.type
+    if cfg.zero_stage == 3:
+        return False, "ZeRO-3 gathers parameters in hooks inside the forward"
+    if not recipe.fixed_shapes:
+        return False, "the batches change shape, and each new shape compiles again"
+    missing = compile_toolchain_missing(kind)
+    if missing:
+        return False, missing
+    if not recipe.flops_per_token:
+        return False, "no FLOP count to estimate the run's length from"
+    peak = peak_flops(world, precision != "fp32", cfg.peak_flops)
+    if not math.isfinite(peak):
+        return False, "unknown device peak to estimate the run's length from"
+    tokens = total_steps * cfg.batch_size * recipe.tokens_per_example
+    eager = tokens * recipe.flops_per_token / (peak * EAGER_MFU[kind])
+    saved, cost = eager * (1 - 1 / COMPILE_SPEEDUP[kind]), COMPILE_SECONDS[kind]
+    sums = f"~{eager:.0f} s eager estimated, saving ~{saved:.0f} s for ~{cost:.0f} s of compiling"
+    if saved < COMPILE_MARGIN * cost:
+        return False, f"a short run: {sums}; pays from ~{COMPILE_MARGIN * cost / (1 - 1 / COMPILE_SPEEDUP[kind]):.0f} s"
+    return True, sums
+
+
+def compile_toolchain_missing(kind: str) -> str:
+    """Why torch.compile cannot run here ('' when it can): CPU needs a C++ compiler and the Python headers, CUDA
+    needs Triton."""
+    if kind == "cpu":
+        try:
+            check_cpu_compile_toolchain()
+        except ConfigError as e:
+            return str(e).split("(", 1)[0].replace("train.compile: ", "").strip() + " here"
+        return ""
+    from torch.utils._triton import has_triton
+
+    return "" if has_triton() else "torch.compile on a GPU needs Triton, which this torch lacks"
+
+
+MAXIMISED_BY_DEFAULT = ("checker", "satisfaction", "accuracy")  # best_metric auto without a loss: higher is better
+
+
+@dataclass
+class Selection:
+    """Which evaluation's weights a run exports (train.keep_best) and when it stops early
+    (train.early_stop_patience): the best value of one metric so far, at which step, and the evaluations since.
+    Saved in every checkpoint's trainer state, so a resumed run selects and stops as the uninterrupted one."""
+
+    wanted: str  # train.best_metric
+    metric: str = ""  # resolved on the first evaluation: "val/loss"; "" = no such metric, nothing selected
+    maximise: bool = False
+    step: int = -1  # the best evaluation's step (-1: none yet)
+    value: float = math.nan
+    evaluation: dict[str, float] | None = None  # the whole best evaluation (the exported weights' metrics)
+    since: int = 0  # evaluations since the best one
+
+    def resolve(self, metrics: dict[str, float]) -> None:
+        if self.metric:
+            return
+        name, self.maximise = self.wanted.removeprefix("max:"), self.wanted.startswith("max:")
+        if self.wanted == "auto":
+            reported = [k.split("/", 1)[-1] for k in metrics]
+            name = "loss" if "loss" in reported else next((m for m in MAXIMISED_BY_DEFAULT if m in reported), "")
+            self.maximise = name != "loss"
+        key = name if "/" in name else f"val/{name}"
+        self.metric = key if key in metrics else ""
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Count evaluation `step`; whether it is the new best."""
+        self.resolve(metrics)
+        value = metrics.get(self.metric, math.nan) if self.metric else math.nan
+        if not math.isfinite(value):
+            return False
+        better = self.step < 0 or (value > self.value if self.maximise else value < self.value)
+        if better:
+            self.step, self.value, self.evaluation, self.since = step, value, dict(metrics), 0
+        else:
+            self.since += 1
+        return better
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in ("metric", "maximise", "step", "value", "evaluation", "since")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
 
 class Trainer:
@@ -180,6 +442,7 @@ class Trainer:
         info: dict[str, Any],
         root: Path,
         tracker: Tracker | None = None,
+        fresh_init: bool = False,
     ) -> None:
         folder = checkpoint_dir(name, fingerprint(info), root)  # checkpoints/<stage>/<fingerprint>/
         self.cfg, self.name = cfg, name
@@ -199,15 +462,12 @@ class Trainer:
         self.history_path = folder / "history.jsonl"
         self.ds_config = deepspeed_config(cfg, self.world, self.precision)
 
-        model = build_model().to(self.world.device)
-        if self.bf16:
-            # DeepSpeed casts parameters only; a float32 buffer (RoPE tables) would promote activations back
-            model = model.to(torch.bfloat16)
-        if cfg.compile:
-            if self.world.device.type == "cpu":
-                check_cpu_compile_toolchain()
+        model = build_for_training(build_model, cfg, self.world, self.ds_config, self.bf16, fresh_init)
+        self.compiled, self.compile_reason = decide_compile(cfg, self.world, recipe, self.total, self.precision)
+        if self.compiled:
             model.compile()  # in place: parameter names, checkpoints and exports stay those of the eager model
-        optimizer = build_optimizer(model, cfg)
+        optimizer, self.optimizer_name = offload_optimizer(model, cfg) if cfg.offload != "none" else (None, "")
+        optimizer = optimizer or build_optimizer(model, cfg)
         # the schedule moves once per step: the updates of one step (one rollout) share its learning rate
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda update: cfg.lr_factor(update // self.updates, self.total)
@@ -225,12 +485,13 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to the budget, resuming from the newest checkpoint of this configuration; the run's summary."""
         start = self._resume()
+        self.end = start if self._stopped_early() else self.total  # the step training ends at
         low_precision = self.precision != "fp32"
         peak = peak_flops(self.world, low_precision, self.cfg.peak_flops) if self.world.is_main else float("nan")
         self._announce(start, peak)
         bar = progress(None, total=self.total, initial=start, desc=self.name, unit="step")
         train_seconds, window, row = 0.0, [0, 0.0], {}  # window: steps and seconds since the last log row
-        for step in range(start, self.total):
+        for step in range(start, self.end):
             done = step + 1
             t0 = time.perf_counter()
             loss, metrics, grad_norm, lr = self._step(step, want_norm=self._due(done, self.cfg.log_every))
@@ -248,18 +509,34 @@ class Trainer:
                     refresh=False,
                 )
                 window = [0, 0.0]
-            if self._due(done, self.cfg.eval_every):
-                self._evaluate(done)
-            if self._due(done, self.cfg.checkpoint_every):
+            best = self._evaluate(done) if self._due(done, self.cfg.eval_every) else False
+            if self._stopped_early():
+                self.end = done
+            if self._due(done, self.cfg.checkpoint_every) or best or self.end == done:
                 self._save(done)
             if self.world.is_main and os.environ.get(HANG_HOOK) == str(done):
                 time.sleep(3600)
+            if self.end == done:
+                break
         bar.close()
-        if self._last_eval_step != self.total:
-            self._evaluate(self.total)
-        if self._last_ckpt_step != self.total:
-            self._save(self.total)
+        if self._last_eval_step != self.end:
+            self._evaluate(self.end)
+        if self._last_ckpt_step != self.end:
+            self._save(self.end)
         return self._summary(start, train_seconds, row, peak)
+
+    def _stopped_early(self) -> bool:
+        """Whether early stopping ends training here: `early_stop_patience` evaluations in a row without a new best
+        (the stage's last step is never "early")."""
+        patience, s = self.cfg.early_stop_patience, self.selection
+        stop = bool(patience and s.metric and s.step >= 0 and s.since >= patience and self._last_eval_step < self.total)
+        if stop and self.world.is_main and self._last_eval_step > 0:
+            progress_write(
+                f"{self.name} step {self._last_eval_step}/{self.total}: {s.metric} has not improved on step "
+                f"{s.step}'s {s.value:.4f} for {s.since} evaluations; stopping early (train.early_stop_patience "
+                f"{patience})"
+            )
+        return stop
 
     def _train_row(
         self, loss: float, lr: float, grad_norm: float, metrics: dict[str, float], window: list, peak: float
@@ -278,27 +555,34 @@ class Trainer:
         return self.flops_per_token * tokens_per_s / peak if self.flops_per_token else math.nan
 
     def _summary(self, start: int, train_seconds: float, last_row: dict[str, float], peak: float) -> dict[str, Any]:
-        trained = self.total - start
+        trained = self.end - start
         tokens_per_s = trained * self.tokens_per_step / train_seconds if train_seconds else math.nan
+        exported = self._exported_step()
+        evaluation = self.selection.evaluation if exported != self.end and self.selection.evaluation else None
         return {
-            "steps": self.total,
+            "steps": self.end,
             "steps_this_run": trained,
             "resumed_from_step": start,
-            "tokens": self.total * self.tokens_per_step,
+            "planned_steps": self.total,
+            "stopped_early": self.end < self.total,
+            "exported_step": exported,
+            "exported_because": self._export_reason(exported),
+            "tokens": self.end * self.tokens_per_step,
             "tokens_per_step": self.tokens_per_step,
             "world_size": self.world.size,
             "grad_accum": self.accum,
             "micro_batch_size": self.cfg.micro_batch_size,
             "zero_stage": self.cfg.zero_stage,
             "precision": self.precision,
-            "compiled": self.cfg.compile,
+            "compiled": self.compiled,
             "train_loss": last_row.get("train/loss", math.nan),
             "train_seconds": round(train_seconds, 2),
             "tokens_per_s": tokens_per_s,
             "peak_flops": peak,
             "mfu": self._mfu(tokens_per_s, peak),
-            **{k.replace("/", "_"): v for k, v in self._last_eval.items()},
-            "checkpoint": str(self.ckpt.folder / tag_of(self.total)),
+            **{k.replace("/", "_"): v for k, v in (evaluation or self._last_eval).items()},
+            **{f"last_{k.replace('/', '_')}": v for k, v in self._last_eval.items()},
+            "checkpoint": str(self.ckpt.folder / tag_of(self.end)),
             "fingerprint": self.ckpt.folder.name,
         }
 
@@ -396,8 +680,11 @@ class Trainer:
 
     # ---- evaluation and samples ----------------------------------------------------------------------------
 
-    def _evaluate(self, done: int) -> None:
+    def _evaluate(self, done: int) -> bool:
+        """Evaluate (and sample) at step `done`; whether it is the best evaluation so far and its weights are to be
+        kept (train.keep_best)."""
         self._last_eval_step = done
+        best = False
         if self.eval_fn is not None:
             self.engine.eval()
             try:
@@ -406,6 +693,9 @@ class Trainer:
             finally:
                 self.engine.train()
             self._last_eval = {(k if "/" in k else f"val/{k}"): float(v) for k, v in metrics.items()}
+            best = self.selection.update(done, self._last_eval) and self.cfg.keep_best
+            if best:
+                self.ckpt.pinned = tag_of(done)  # pruning keeps the best checkpoint
             self._log(done, self._last_eval)
             if self.world.is_main:
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in self._last_eval.items())
@@ -416,6 +706,7 @@ class Trainer:
                 with torch.compiler.set_stance("force_eager"):  # prompts of every length: no recompiles
                     text = self.sample_fn(model, done)
                 self.tracker.log_text(text, f"samples/step_{done:08d}.txt")
+        return best
 
     def _sampling_model(self) -> nn.Module | None:
         """Rank 0: a full-weight module to sample from (the live one, or a gathered copy under ZeRO-3)."""
@@ -444,6 +735,7 @@ class Trainer:
         start = int(state["step"]) if state else 0
         if state and self.recipe_state is not None:
             self.recipe_state.load_state_dict(state["recipe"])
+        self._restore_selection(state)
         if start > self.total:
             raise ScratchError(
                 f"{self.ckpt.folder}: the checkpoint is at step {start}, past this budget's "
@@ -453,6 +745,25 @@ class Trainer:
             self._restore_history(start)
         self._last_ckpt_step = start if state else -1
         return start
+
+    def _restore_selection(self, state: dict | None) -> None:
+        """The best evaluation so far and the evaluations since, as the checkpoint recorded them; a best checkpoint
+        that is gone (set aside as damaged, or deleted) is forgotten, saying so."""
+        self.selection = Selection(self.cfg.best_metric)
+        self._last_eval_step = int(state["step"]) if state and state.get("evaluated") else -1
+        if not state or not state.get("selection"):
+            return
+        self.selection.load_state_dict(state["selection"])
+        best = self.selection.step
+        if best >= 0 and self.cfg.keep_best and not (self.ckpt.folder / tag_of(best) / "trainer_state.json").is_file():
+            if self.world.is_main:
+                progress_write(
+                    f"{self.ckpt.folder / tag_of(best)}: the best evaluation's checkpoint is gone; the best "
+                    f"weights are chosen among the evaluations from step {state['step']} on"
+                )
+            self.selection = Selection(self.cfg.best_metric)
+        elif best >= 0 and self.cfg.keep_best:
+            self.ckpt.pinned = tag_of(best)
 
     def _restore_history(self, start: int) -> None:
         """Keep the logged rows up to the resumed step, and replay them into this run's MLflow run."""
@@ -477,6 +788,8 @@ class Trainer:
         }
         if self.recipe_state is not None:
             state["recipe"] = self.recipe_state.state_dict()
+        state["selection"] = self.selection.state_dict()
+        state["evaluated"] = self._last_eval_step == done  # a resumed run does not evaluate this step again
         self.ckpt.save(self.engine, done, state)
         self._last_ckpt_step = done
 
@@ -497,10 +810,24 @@ class Trainer:
             f"{self.name}: {self.total} steps x {self.tokens_per_step:,} tokens = {self.total * self.tokens_per_step:,}"
             f" tokens, {resumed}\n"
             f"  batch {c.batch_size} = micro {c.micro_batch_size} x accumulation {self.accum} x ranks "
-            f"{self.world.size}; ZeRO {c.zero_stage}, {self.precision}{', compiled' if c.compile else ''}, "
+            f"{self.world.size}; ZeRO {c.zero_stage}, {self.precision}{', compiled' if self.compiled else ''}, "
             f"{self.world.backend} on {self.world.device.type}; peak {format_flops(peak)}\n"
+            f"  {self.compile_reason}{self._memory_plan()}\n"
             f"  checkpoints {self.ckpt.folder}"
         )
+
+    def _memory_plan(self) -> str:
+        c, parts = self.cfg, []
+        if c.activation_checkpointing:
+            every = (
+                "every block"
+                if c.activation_checkpointing == 1
+                else f"every N-th block, N = {c.activation_checkpointing}"
+            )
+            parts.append(f"activation checkpointing {every}")
+        if c.offload != "none":
+            parts.append(f"offload {c.offload} to host memory ({self.optimizer_name})")
+        return "; " + "; ".join(parts) if parts else ""
 
     # ---- the trained weights -------------------------------------------------------------------------------
 
@@ -511,21 +838,52 @@ class Trainer:
         model = self.final_model()
         if model is not None:
             shutil.copy2(self.history_path, history_to)
+            write_curves(history_to)  # beside it: curves.json, what dvc.yaml's plots draw
         return summary, model
 
     def final_model(self) -> nn.Module | None:
-        """Rank 0: a plain fp32 module holding the trained weights; None elsewhere. Call on every rank."""
-        tag = tag_of(self.total)
+        """Rank 0: a plain fp32 module holding the exported weights (the best evaluation's with train.keep_best, else
+        the last step's); None elsewhere. Call on every rank."""
         barrier()
         model = None
         if self.world.is_main:
+            step = self._exported_step()
+            problem = self.ckpt.verify(tag_of(step)) if step != self.end else None
+            if problem:
+                progress_write(
+                    f"{self.ckpt.folder / tag_of(step)}: {problem}; exporting the last step's weights instead of "
+                    f"this best checkpoint's"
+                )
+                step = self.selection.step = self.end
+            if step != self.end:
+                progress_write(f"{self.name}: exporting step {step}'s weights: {self._export_reason(step)}")
             if self.cfg.zero_stage >= 1:
-                state = self.ckpt.fp32_state_dict(tag)  # fp32 master weights, every ZeRO partition gathered
+                state = self.ckpt.fp32_state_dict(tag_of(step))  # fp32 master weights, every ZeRO partition gathered
+            elif step != self.end:
+                state = self.ckpt.module_state_dict(tag_of(step))
             else:
                 state = {k: v.detach() for k, v in self.engine.module.state_dict().items()}
             model = self._plain_model(state).cpu().eval()
         barrier()
         return model
+
+    def _exported_step(self) -> int:
+        s = self.selection
+        return s.step if self.cfg.keep_best and s.step >= 0 else self.end
+
+    def _export_reason(self, step: int) -> str:
+        s = self.selection
+        if not self.cfg.keep_best:
+            return "the last step (train.keep_best is off)"
+        if s.step < 0:
+            return "the last step (no evaluation to choose by)"
+        if step == self.end:
+            return f"the last step, also the best evaluation ({s.metric} {s.value:.4f})"
+        last = self._last_eval.get(s.metric, math.nan)
+        return (
+            f"the best evaluation ({s.metric} {s.value:.4f}, against {last:.4f} at the last step {self.end}; "
+            f"train.keep_best)"
+        )
 
 
 def check_cpu_compile_toolchain() -> None:

@@ -17,7 +17,10 @@ Corpus (`generate_corpus`)
       exact_dup  a byte-identical copy of an earlier clean story; `of` is that story's id
       near_dup   an earlier clean story with 1-3 small edits (word swap/insert/delete, the name changed in one
                  place, or a sentence dropped); word-3-gram Jaccard with the original >= 0.7; `of` is its id
-      junk       web junk that Gopher/C4-style rules reject; `of` is its kind (see JUNK_KINDS)
+      junk       `of` is its kind, drawn uniformly from JUNK_KINDS: web junk that one Gopher/C4-style rule
+                 rejects (HEURISTIC_JUNK: 8 kinds, 2/3 of the junk), or fluent text those rules keep
+                 (FLUENT_JUNK, tasks/sources/fluent.py: off_domain, spam, filler, non_english; 1/3 of the junk,
+                 1.7 % of the default corpus) that the filter's classifier and language rules are for
     Copies always come after their originals. Clean stories never contain web boilerplate words, bullets or "..."
     lines and pass the Gopher quality and repetition rules and C4's line rules.
 
@@ -29,6 +32,7 @@ Instructions, preferences, cloze
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import zlib
@@ -36,11 +40,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from tasks.common import degeneration
-from tasks.sources import world
+from tasks.sources import fluent, world
 from tasks.sources.world import Cast, Story, StoryError
 
 LABELS: tuple[str, ...] = ("clean", "exact_dup", "near_dup", "junk")
-JUNK_KINDS: tuple[str, ...] = (
+HEURISTIC_JUNK: tuple[str, ...] = (
     "boilerplate",
     "symbol_soup",
     "repeated_lines",
@@ -50,6 +54,11 @@ JUNK_KINDS: tuple[str, ...] = (
     "non_alpha",
     "lorem_ipsum",
 )
+"""Junk kinds built to fail one Gopher/C4-style rule each."""
+FLUENT_JUNK: tuple[str, ...] = fluent.KINDS
+"""Junk kinds the heuristic rules keep (tasks/sources/fluent.py): off_domain, spam, filler (the quality
+classifier's), non_english (the language identifier's)."""
+JUNK_KINDS: tuple[str, ...] = HEURISTIC_JUNK + FLUENT_JUNK
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 CONSTRAINT_KINDS: tuple[str, ...] = (
     "name",
@@ -413,6 +422,7 @@ def _lorem_ipsum(rng: random.Random) -> str:
 
 
 _JUNK = {
+    **{kind: functools.partial(fluent.write, kind) for kind in FLUENT_JUNK},
     "boilerplate": _boilerplate,
     "symbol_soup": _symbol_soup,
     "repeated_lines": _repeated_lines,
@@ -842,6 +852,8 @@ def _unmentioned(rng: random.Random, pool, context: str) -> str:
 __all__ = [
     "BROKEN_KINDS",
     "CONSTRAINT_KINDS",
+    "FLUENT_JUNK",
+    "HEURISTIC_JUNK",
     "JUNK_KINDS",
     "LABELS",
     "SPLITS",
