@@ -10,6 +10,9 @@ Runbook
                                                  # the same benchmark by hand, from the repository root
     jq -c '{answer, degeneration, fluency_nll}' data/evaluate/answers/dpo.jsonl
                                                  # which answers made a model's degeneration figures
+    dvc exp run -S evaluate.judge.backend=endpoint -S evaluate.judge.endpoint.base_url=http://127.0.0.1:8000/v1 \
+        -S evaluate.judge.endpoint.model=scratchlm@champion      # judge with any OpenAI-compatible server
+    jq -c '{orders, verdict, checker_x, checker_y}' data/evaluate/judge/ppo_vs_sft.jsonl   # the judge's verdicts
 
 Reads   data/<stage>/model/ for each `evaluate.models` entry (label → stage: base → pretrain, sft, dpo): HF
         LlamaForCausalLM folders with their tokenizer; data/reward/model/ (the reward model, for win rates);
@@ -22,10 +25,17 @@ Writes  data/evaluate/benchmarks/<name>.jsonl    the items each benchmark scored
         data/evaluate/answers/<label>.jsonl     sampled answers to held-out prompts, constraint checks, rewards,
                                                 each answer's `degeneration` figures and `fluency_nll`
         data/evaluate/samples.md                generations for the fixed prompt set, model by model
+        data/evaluate/judge/<x>_vs_<y>.jsonl    evaluate.judge's verdicts on a pair's answers (tasks/common/judge.py):
+                                                both orders, the combined verdict, margins or replies, checker scores
+        feedback/judge_preferences.jsonl        with evaluate.judge.write_preferences: its decisive, order-consistent
+                                                verdicts as {prompt, chosen, rejected, source: "judge:<name>"}, judge
+                                                feedback (not human) that reward/dpo `sources` can list
         metrics/evaluate.json                   per model: val loss/ppl/bpb, benchmark acc/acc_norm, constraint
                                                 satisfaction (share of constraints met) and all_satisfied (share
                                                 of answers meeting all); the degeneration of its answers (see
-                                                below); win rates; what was skipped and why;
+                                                below); win rates; `judge` (per pair: the judge's win rate with
+                                                its 95 % interval, ties, position consistency and bias, length
+                                                bias, agreement and kappa with the checker); what was skipped and why;
                                                 `models` (labels, in report order) and `model_stages` (label →
                                                 stage, how the register stage finds its model's evaluation)
         metrics/evaluate_plots/*.json           DVC plots: bpb per model, benchmark accuracy per model
@@ -66,13 +76,14 @@ from tokenizers import Tokenizer
 from tasks.common import chat, degeneration
 from tasks.common.config import ROOT, ScratchError, check, input_path
 from tasks.common.dvcio import StagePaths, fresh_dir, read_json, write_json, write_jsonl
+from tasks.common.judge import JudgeConfig
 from tasks.common.report import DEGENERATION_METRICS, MODEL_METRICS, build_report
 from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
 from tasks.common.train_config import SamplingConfig
 from tasks.sources import world
 from tasks.sources.builtin import generate_cloze
-from tasks.sources.examples import check_answers, held_out_prompts
+from tasks.sources.examples import check_answers, checker_score, held_out_prompts
 
 EVALS_DIR = ROOT / "evals"
 FLUENCY_STAGE = "pretrain"
@@ -83,6 +94,7 @@ RESERVED_KEYS = {
     "models",
     "model_stages",
     "win_rate",
+    "judge",
     "benchmark_items",
     "skipped",
     "device",
@@ -158,6 +170,9 @@ class EvaluateConfig:
     """Fixed story openings every model continues as plain text."""
     sample_max_new_tokens: int = 64
     """Longest sample generation."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """LLM-as-judge on the held-out answers (tasks/common/judge.py): pairwise verdicts in both orders, win rates with
+    95 % intervals, position and length bias, and its agreement with the constraint checker next to them."""
     report: bool = True
     """Write the report card (reports/report.md + plots) at the end of the stage."""
 
@@ -185,6 +200,13 @@ class EvaluateConfig:
                 bool(sep) and a in self.models and b in self.models and a != b,
                 "win_rates",
                 f"{pair!r} must be `a:b` with two different labels of evaluate.models ({', '.join(self.models)})",
+            )
+        for pair in self.judge.pairs:
+            x, _, y = pair.partition(":")
+            check(
+                x in self.models and y in self.models,
+                "judge.pairs",
+                f"{pair!r}: both must be labels of evaluate.models ({', '.join(self.models)})",
             )
 
 
@@ -698,6 +720,7 @@ def run(cfg: EvaluateConfig, paths: StagePaths, tracker: Tracker) -> dict:
     metrics.update({label: r.metrics for label, r in per_model.items()})
 
     metrics["win_rate"] = compare_with_rewards(cfg, reward_folder, answers, answer_rows, tok, device, skipped)
+    metrics["judge"] = judge_answers(cfg, models, answer_rows, paths, device, out, tracker, skipped)
     for label, rows in answer_rows.items():
         write_jsonl(out / "answers" / f"{label}.jsonl", rows)
     (out / "samples.md").write_text(samples_markdown(samples), encoding="utf-8")
@@ -762,6 +785,94 @@ def compare_with_rewards(
     return rates
 
 
+def judge_answers(
+    cfg: EvaluateConfig,
+    models: list[Evaluated],
+    answer_rows: dict[str, list[dict]],
+    paths: StagePaths,
+    device: str,
+    out: Path,
+    tracker: Tracker,
+    skipped: dict[str, str],
+) -> dict[str, Any]:
+    """The judge's verdicts on each evaluate.judge.pairs entry, on the held-out answers both models gave, with its
+    calibration against the checker (tasks/common/judge.py); verdicts to data/evaluate/judge/<x>_vs_<y>.jsonl."""
+    j = cfg.judge
+    if not j.enabled or not answer_rows:
+        if j.enabled:
+            skipped["judge"] = "no held-out answers to judge (evaluate.sampling.prompts is 0)"
+        return {}
+    import tempfile
+
+    from tasks.common import judge as judging
+    from tasks.common.stage import flat_numbers
+
+    started = time.perf_counter()
+    folders = {m.label: m.folder for m in models}
+    figures, names, preferences = {}, {}, []
+    with tempfile.TemporaryDirectory(prefix="scratchlm-judge-") as workdir:
+        judge_for = judging.open_judges(j, folders, Path(workdir), paths.root, device)
+        for pair in j.pairs or cfg.win_rates:
+            x, _, y = pair.partition(":")
+            key = f"{x}_vs_{y}"
+            if x not in answer_rows or y not in answer_rows:
+                skipped[f"judge:{key}"] = "a model of the pair was skipped"
+                continue
+            judge = judge_for(x)
+            rows = judging.judge_pairs(
+                judge, judge_inputs(answer_rows[x], answer_rows[y], j.prompts), j.max_answer_chars
+            )
+            write_jsonl(out / "judge" / f"{key}.jsonl", rows)
+            figures[key], names[key] = judging.summarise(rows), judge.name
+            preferences += judging.preference_rows(rows, judge.name) if j.write_preferences else []
+            print(f"evaluate: {judge_line(key, names[key], figures[key])}", flush=True)
+    result: dict[str, Any] = {"backend": j.backend, "judges": names, "pairs": figures}
+    if j.write_preferences:
+        file = write_jsonl(paths.root / "feedback" / "judge_preferences.jsonl", preferences)
+        result["preferences"] = {"file": str(file.relative_to(paths.root)), "pairs": len(preferences)}
+        print(f"evaluate: {len(preferences)} judge preference pairs (judge feedback, not human) -> {file}")
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    tracker.log_metrics(flat_numbers({"judge": figures}))
+    tracker.log_artifact(out / "judge", "evaluate/judge")
+    return result
+
+
+def judge_inputs(rows_x: list[dict], rows_y: list[dict], limit: int) -> list:
+    """The judge's pairs: both models' answers to the same held-out prompts (the first `limit`; 0 = all), with the
+    checker's score of each answer (the share of its prompt's constraints it meets)."""
+    from tasks.common.judge import Pair
+
+    pairs = []
+    for rx, ry in list(zip(rows_x, rows_y, strict=True))[: limit or None]:
+        assert rx["id"] == ry["id"], "both models answer the same held-out prompts in the same order"
+        pairs.append(
+            Pair(
+                rx["prompt"],
+                rx["answer"],
+                ry["answer"],
+                checker_score(rx, rx["answer"]),
+                checker_score(ry, ry["answer"]),
+            )
+        )
+    return pairs
+
+
+def judge_line(key: str, name: str, f: dict) -> str:
+    """`judge <name> on x_vs_y: win rate 0.56 [0.36, 0.74], ties 0.25, ...` (None figures shown as -)."""
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    lo, hi = f["win_rate_ci95_low"], f["win_rate_ci95_high"]
+    return (
+        f"judge {name} on {key} ({f['pairs']} pairs): win rate {num(f['win_rate'])} [{lo:.2f}, {hi:.2f}], "
+        f"ties {num(f['tie_rate'])}, position consistency {num(f['position_consistency'])}, first-position "
+        f"picks {num(f['position_bias'])}, longer picked {num(f['length_bias'])} "
+        f"(checker {num(f['checker_length_share'])}), "
+        f"checker agreement {num(f['checker_agreement'])} on {f['checker_pairs']} (kappa {num(f['checker_kappa'])})"
+    )
+
+
 def write_plots(root: Path, metrics: dict) -> None:
     """DVC plot data: bpb per model, and accuracy per (model, benchmark)."""
     labels = metrics["models"]
@@ -811,6 +922,8 @@ def summary(m: dict, paths: StagePaths) -> list[str]:
         )
     lines += degeneration_lines(m)
     lines += [f"win rate {pair}: {rate:.3f}" for pair, rate in m["win_rate"].items()]
+    judged = m.get("judge", {})
+    lines += [judge_line(key, judged["judges"][key], f) for key, f in judged.get("pairs", {}).items()]
     lines += [f"skipped {what}: {why}" for what, why in m["skipped"].items()]
     if "report" in m:
         lines.append(f"report card: {m['report']}")
@@ -824,6 +937,8 @@ HEADLINE = (
     "*.repeated_line_rate",
     "*.bench.*.acc_norm",
     "win_rate.*",
+    "judge.pairs.*.win_rate",
+    "judge.pairs.*.checker_agreement",
 )
 """What metrics/evaluate.json keeps (`dvc metrics diff`); every figure is in metrics/all/evaluate.json."""
 

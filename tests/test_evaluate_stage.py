@@ -198,6 +198,25 @@ def test_answers_carry_constraints_and_rewards(evaluated):
     assert prompts["base"] == prompts["sft"] == prompts["dpo"]  # the same held-out prompts for every model
 
 
+def test_judge_verdicts_sit_beside_the_reward_win_rates(evaluated):
+    """evaluate.judge's default: each evaluate.win_rates pair judged by its first model (`self`) on the same answers,
+    verdicts in data/evaluate/judge/, figures in the record, the summary and the report card."""
+    project, m = evaluated
+    judged = m["judge"]
+    assert set(judged["pairs"]) == set(m["win_rate"]) == {"sft_vs_base", "dpo_vs_sft"}
+    assert judged["judges"] == {"sft_vs_base": "self:sft", "dpo_vs_sft": "self:dpo"}
+    for key, figures in judged["pairs"].items():
+        rows = (project / "data/evaluate/judge" / f"{key}.jsonl").read_text().splitlines()
+        assert figures["pairs"] == len(rows) == 4 and 0.0 <= figures["win_rate"] <= 1.0
+    assert any(line.startswith("judge self:dpo on dpo_vs_sft (4 pairs): win rate") for line in summary(m, None))
+    assert "## Judge (LLM-as-judge, calibrated on the checker)" in (project / "reports/report.md").read_text()
+    from tasks.common.stage import pick
+    from tasks.evaluate import HEADLINE
+
+    headline = pick(m, HEADLINE)["judge"]["pairs"]  # metrics/evaluate.json: win rate and checker agreement only
+    assert set(headline["dpo_vs_sft"]) <= {"win_rate", "checker_agreement"} and "win_rate" in headline["dpo_vs_sft"]
+
+
 def test_win_rate_counts_ties_as_half():
     assert win_rate([1.0, 2.0, 3.0, 0.0], [0.0, 2.0, 4.0, -1.0]) == pytest.approx(2.5 / 4)
 

@@ -278,6 +278,55 @@ def degeneration_section(ev: dict | None) -> list[str]:
     return lines + _table(["", *labels], rows) + ["", DEGENERATION_NOTE, ""]
 
 
+JUDGE_NOTE = (
+    "Each pair of answers to a held-out builtin prompt is judged twice, the answers swapped; a verdict that flips "
+    "with the order is a tie. Win rate = (wins + ties / 2) / pairs with its 95 % Wilson interval; consistency = "
+    "pairs judged alike in both orders; first picked = share of decisive single-order verdicts for the answer shown "
+    "first (0.5: no position bias); longer picked = share of decisive verdicts for the longer answer (the checker's "
+    "own share beside it). Calibration: on the pairs the constraint checker strictly decides, the share where the "
+    "judge picks the checker's answer (chance is below 0.5: a tie never agrees) and Cohen's kappa (0 = chance, "
+    "1 = the checker): how far these verdicts can be trusted."
+)
+
+
+def judge_section(ev: dict | None) -> list[str]:
+    """The judge's verdicts per pair (tasks/common/judge.py), its calibration against the checker beside them."""
+    judged = (ev or {}).get("judge") or {}
+    if not judged.get("pairs"):
+        return []
+    lines = ["## Judge (LLM-as-judge, calibrated on the checker)", ""]
+    rows = []
+    for key, figures in judged["pairs"].items():
+        f = {k: "-" if v is None else v for k, v in figures.items()}  # None: a figure with no items
+        lo, hi = f["win_rate_ci95_low"], f["win_rate_ci95_high"]
+        rm = (ev or {}).get("win_rate", {}).get(key, "-")
+        rows.append(
+            [
+                key.replace("_vs_", " vs "),
+                judged["judges"].get(key, "-"),
+                f["pairs"],
+                f"{fmt(f['win_rate'])} [{lo:.2f}, {hi:.2f}]",
+                rm,
+                f["tie_rate"],
+                f["position_consistency"],
+                f["position_bias"],
+                f"{fmt(f['length_bias'])} ({fmt(f['checker_length_share'])})",
+                f"{fmt(f['checker_agreement'])} of {f['checker_pairs']}",
+                f["checker_kappa"],
+            ]
+        )
+    header = ["pair", "judge", "pairs", "win rate [95 %]", "reward model's", "ties", "consistency", "first picked"]
+    lines += _table([*header, "longer picked (checker)", "checker agreement", "kappa"], rows)
+    lines += ["", JUDGE_NOTE, ""]
+    if judged.get("preferences"):
+        lines += [
+            f"Judge feedback (not human feedback): {judged['preferences']['pairs']} decisive, order-consistent "
+            f"verdicts written to `{judged['preferences']['file']}` (rows labelled `source: judge:<name>`).",
+            "",
+        ]
+    return lines
+
+
 CHANCE = {"cloze": 0.25, "hellaswag": 0.25, "piqa": 0.5}
 
 
@@ -530,6 +579,7 @@ def build_report(
     body = (
         models_section(ev, out)
         + degeneration_section(ev)
+        + judge_section(ev)
         + benchmarks_section(ev, out)
         + rl_section(root)
         + training_section(root, out, parent_run_id)
