@@ -22,6 +22,7 @@ from pathlib import Path
 
 from flows.cli import command
 from tasks.common.config import ROOT, ScratchError
+from tasks.common.registry import download_model
 
 REPORT = ROOT / "reports" / "report.md"
 
@@ -83,27 +84,6 @@ def resolve_model(spec: str | None, workdir: Path) -> tuple[Path, str]:
         fallback = DEFAULT_MODEL.replace("@champion", "@challenger")
         print(f"(no @champion yet, chatting with {fallback}; `scratchlm promote` sets @champion)")
         return download_model(fallback, workdir), fallback
-
-
-def download_model(uri: str, workdir: Path) -> Path:
-    """Download a logged scratchlm pyfunc and return its HF model folder (the `model` artifact)."""
-    import yaml
-    from mlflow.exceptions import MlflowException
-
-    from tasks.common.tracking import setup_mlflow
-
-    mlflow = setup_mlflow()
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-    except MlflowException as e:
-        raise ScratchError(
-            f"{uri}: cannot be loaded from {mlflow.get_tracking_uri()} ({e.message.splitlines()[0]})"
-        ) from e
-    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    artifact = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("model", {})
-    if not artifact:
-        raise ScratchError(f"{uri}: not a scratchlm model (no `model` artifact in its MLmodel)")
-    return local / artifact["path"]
 
 
 class ChatSession:

@@ -518,34 +518,14 @@ def api_key(cfg: EndpointConfig) -> str:
 # ------------------------------------------------------------------------------------------------ opening a judge
 
 
-def download_model(uri: str, workdir: Path) -> Path:
-    """The HF model folder of a logged scratchlm pyfunc (models:/ or runs:/ URI), downloaded into workdir."""
-    import yaml
-    from mlflow.exceptions import MlflowException
-
-    from tasks.common.tracking import setup_mlflow
-
-    mlflow = setup_mlflow()
-    try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-    except MlflowException as e:
-        raise ScratchError(
-            f"evaluate.judge.model: {uri} cannot be loaded from {mlflow.get_tracking_uri()} "
-            f"({e.message.splitlines()[0]})"
-        ) from e
-    mlmodel = yaml.safe_load((local / "MLmodel").read_text())
-    artifact = mlmodel.get("flavors", {}).get("python_function", {}).get("artifacts", {}).get("model", {})
-    if not artifact:
-        raise ScratchError(f"evaluate.judge.model: {uri} is not a scratchlm model (no `model` artifact in MLmodel)")
-    return local / artifact["path"]
-
-
 def local_folder(spec: str, labels: dict[str, Path], workdir: Path, root: Path) -> Path:
     """The folder of a local judge spec other than `self`: a model label, a models:/ or runs:/ URI, or a folder."""
     if spec in labels:
         return labels[spec]
     if spec.startswith(("models:/", "runs:/")):
-        return download_model(spec, workdir)
+        from tasks.common.registry import download_model
+
+        return download_model(spec, workdir, key="evaluate.judge.model")
     folder = Path(spec) if Path(spec).is_absolute() else root / spec
     if not (folder / "config.json").is_file():
         raise ScratchError(
