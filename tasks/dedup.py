@@ -24,11 +24,15 @@ How     1. exact: a 128-bit BLAKE2b of the normalised text (NFKC, lower-case, wh
         Every cluster keeps its first document by id (numbers inside ids compared as numbers, so `a.txt#2`
         comes before `a.txt#10`) and drops the rest; the order of shards or workers never changes the result.
 Checks  docs_in = kept + exact_duplicates + near_duplicates, always (a test holds it).
-Scale   sketches are computed shard by shard on `data.parallel` (process pool or Dask); signatures of every
-        document (num_perm x 4 bytes each) and the LSH index live in the main process: ~0.6 KB per document
-        at num_perm=128, so ~10M documents per 8 GB. Beyond that, MinHashLSH's Redis storage backend:
-        `index: datasketch` + `lsh_storage: redis` + `redis_url` keep the LSH tables in a Redis server, under a
-        per-run key prefix deleted at the end (docs/SCALE.md; a test holds the clusters equal to in-memory).
+Scale   sketches are computed shard by shard on `data.parallel` (process pool or Dask); the signatures of every
+        document (num_perm x 4 bytes each), its id and exact key live in the main process, which is where
+        memory must grow with the corpus: measured 2.1 GB peak at 1 M documents and num_perm=128
+        (bench/data_scale.py; 512 MB signatures, ~0.3 GB ids and keys, ~0.6 GB while sorting the ids, the
+        bands and the Jaccard checks a few MB each, one band and 64 k pairs at a time), so ~2 KB per document
+        or ~4 M documents per 8 GB. `index: datasketch` builds MinHashLSH's dict tables instead (several times
+        that memory); with `lsh_storage: redis` + `redis_url` those tables live in a Redis server, under a per-run
+        key prefix deleted at the end (docs/SCALE.md; a test holds the clusters equal to in-memory), while the
+        signatures stay here.
 """
 
 from __future__ import annotations
@@ -55,7 +59,15 @@ from datasketch import MinHashLSH
 from tasks.common.config import DataConfig, ScratchError, check
 from tasks.common.console import fmt
 from tasks.common.dvcio import StagePaths, fresh_dir, read_jsonl_gz, read_labels, shards, write_jsonl, write_jsonl_gz
-from tasks.common.minhash import EMPTY, MinHasher, band_candidate_pairs, estimated_jaccard, lsh_params, normalise
+from tasks.common.minhash import (
+    EMPTY,
+    MinHasher,
+    band_candidate_pairs,
+    estimated_jaccard,
+    lsh_params,
+    normalise,
+    pair_jaccard,
+)
 from tasks.common.parallel import parallel_map
 from tasks.common.stage import stage_main
 from tasks.common.tracking import Tracker
@@ -145,17 +157,23 @@ def sketch_shard(path: Path, cfg: DedupConfig) -> Sketches:
     return sketch_docs(ids, texts, cfg)
 
 
-def concat(parts: Sequence[Sketches], num_perm: int) -> Sketches:
+def concat(parts: list[Sketches], num_perm: int) -> Sketches:
+    """One Sketches of every part, in order. Consumes `parts` (the list is emptied as it is copied), so the
+    signatures are held once, not twice (512 MB per million documents at num_perm=128)."""
     ids = [i for p in parts for i in p.ids]
     if len(set(ids)) != len(ids):
         twice = next(i for i, c in Counter(ids).items() if c > 1)
         raise ScratchError(f"dedup: document id {twice!r} occurs more than once in the input; ids must be unique")
-    sigs = [p.signatures for p in parts if len(p.ids)]
-    return Sketches(
-        ids,
-        [k for p in parts for k in p.exact],
-        np.concatenate(sigs) if sigs else np.zeros((0, num_perm), dtype=np.uint32),
-    )
+    exact = [k for p in parts for k in p.exact]
+    signatures = np.empty((len(ids), num_perm), dtype=np.uint32)
+    row = 0
+    parts.reverse()  # pop from the end = the first part
+    while parts:
+        part = parts.pop()
+        signatures[row : row + len(part.ids)] = part.signatures
+        row += len(part.ids)
+        del part  # its signatures are freed as soon as they are copied
+    return Sketches(ids, exact, signatures)
 
 
 # ------------------------------------------------------------------------------------------------ clusters
@@ -201,11 +219,11 @@ def find_duplicates(sk: Sketches, cfg: DedupConfig) -> Resolution:
     survivors = np.array([i for i in order if i not in dropped and has_words[i]], dtype=np.int64)
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else lsh_params(cfg.threshold, cfg.num_perm)
     if cfg.index == "numpy":
-        pairs = survivors[band_candidate_pairs(sk.signatures[survivors], bands, rows)]
+        pairs = survivors[band_candidate_pairs(sk.signatures, bands, rows, positions=survivors)]
         pairs.sort(axis=1)
     else:
         pairs = minhashlsh_candidate_pairs(sk.signatures, survivors, cfg, bands, rows)
-    similarity = estimated_jaccard(sk.signatures[pairs[:, 0]], sk.signatures[pairs[:, 1]])
+    similarity = pair_jaccard(sk.signatures, pairs)
     verified = pairs[similarity >= cfg.threshold] if cfg.verify else pairs
     near_clusters = components(verified, rank, sk.signatures)
     return Resolution(exact_clusters + near_clusters, bands, rows, len(pairs), len(verified))
@@ -327,12 +345,13 @@ def run(cfg: DedupConfig, paths: StagePaths, tracker: Tracker, data: DataConfig)
         desc="dedup: sketch",
         postfix=lambda done: {"docs": sum(len(p.ids) for p in done)},
     )
-    sk = concat(parts, cfg.num_perm)
+    ids_by_shard = [part.ids for part in parts]
+    sk = concat(parts, cfg.num_perm)  # empties `parts`
     sketched = time.perf_counter()
     resolution = find_duplicates(sk, cfg)
     resolved = time.perf_counter()
     removed = {sk.ids[i] for i in resolution.removed()}
-    jobs = [(path, frozenset(i for i in part.ids if i in removed)) for path, part in zip(inputs, parts)]
+    jobs = [(path, frozenset(i for i in ids if i in removed)) for path, ids in zip(inputs, ids_by_shard)]
     kept = sum(parallel_map(functools.partial(copy_unique, out_dir=out), jobs, data.parallel, desc="dedup: write"))
     write_jsonl(out / "clusters.jsonl", cluster_rows(resolution, sk.ids))
     seconds = time.perf_counter() - started

@@ -18,8 +18,10 @@ Checks  a missing path or a malformed source entry fails before any work. Bad re
         Parquet row group, a truncated or corrupt .jsonl.gz, an I/O error) keeps every document before it and is
         one quarantined record saying where reading stopped (a Parquet row group counts its unread rows; the
         next row groups are still read); the other files are read as usual. A run that fails leaves no shards.
-Scale   sources are split into units (one per file) and read in parallel on `data.parallel` (a local
-        process pool, or Prefect task mapping on a Dask cluster).
+Scale   sources are split into units and read in parallel on `data.parallel` (a local process pool, or Prefect
+        task mapping on a Dask cluster): one per file, `hf_rows_per_unit` rows of a local 🤗 dataset, one shard
+        of a streamed Hub split. A .txt file is read block by block (1 MiB), so memory does not grow with it;
+        it is still one unit (split a huge one into files to read it on several processes).
 """
 
 from __future__ import annotations
@@ -50,9 +52,12 @@ class IngestConfig:
     mid-document): quarantine it (counted), or keep it as a document."""
     quarantine_excerpt_chars: int = 80
     """Characters of each quarantined record kept in quarantine.jsonl for inspection."""
+    hf_rows_per_unit: int = 100_000
+    """Rows of a local `hf:` dataset each process reads (a streamed Hub split is read one shard per process)."""
 
     def __post_init__(self) -> None:
         check(self.docs_per_shard >= 1, "docs_per_shard", "must be >= 1")
+        check(self.hf_rows_per_unit >= 1, "hf_rows_per_unit", "must be >= 1")
         check(self.quarantine_excerpt_chars >= 0, "quarantine_excerpt_chars", "must be >= 0")
 
 
@@ -61,12 +66,13 @@ Config = IngestConfig  # the section class params.yaml loads (tasks/common/confi
 
 @dataclass(frozen=True)
 class Unit:
-    """One independent piece of input: the builtin corpus, one file, or one HF split."""
+    """One independent piece of input: the builtin corpus, one file, or a piece of an HF split."""
 
     index: int
     source: str  # the data.sources entry it came from
     kind: Literal["builtin", "file", "hf"]
     path: str = ""  # the file, for kind == "file"
+    piece: hf.Piece = hf.Piece()  # the rows or shard, for kind == "hf"
 
 
 @dataclass
@@ -84,7 +90,9 @@ class UnitResult:
 # ------------------------------------------------------------------------------------------------ planning
 
 
-def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[str]]:
+def plan_units(
+    data: DataConfig, root: Path = ROOT, hf_rows_per_unit: int = IngestConfig.hf_rows_per_unit
+) -> tuple[list[Unit], list[str]]:
     """Resolve every source entry into units (and skipped non-document files) before any work."""
     units: list[Unit] = []
     skipped: list[str] = []
@@ -95,8 +103,8 @@ def plan_units(data: DataConfig, root: Path = ROOT) -> tuple[list[Unit], list[st
                 raise ScratchError(f"data.sources: {source!r}: unknown builtin (known: builtin:stories)")
             units.append(Unit(len(units), source, "builtin"))
         elif source.startswith("hf:"):
-            hf.parse(source)
-            units.append(Unit(len(units), source, "hf"))
+            for piece in hf.plan(source, root, hf_rows_per_unit):
+                units.append(Unit(len(units), source, "hf", piece=piece))
         else:
             documents, others = files.expand(source, root)
             skipped += [os.path.relpath(p, root) for p in others]
@@ -121,7 +129,7 @@ def records(
         for doc in builtin.generate_corpus(b.n_docs, b.seed, b.exact_dup_rate, b.near_dup_rate, b.junk_rate):
             yield doc.id, files.Record(doc.id, text=doc.text), {"id": doc.id, "label": doc.label, "of": doc.of}
     elif unit.kind == "hf":
-        for rec in hf.read(unit.source, root, data.text_field):
+        for rec in hf.read(unit.source, root, data.text_field, unit.piece):
             yield rec.location, rec, None
     else:
         for rec in files.read_file(Path(unit.path), data.text_field, data.txt_separator, cfg.txt_tail == "keep"):
@@ -218,7 +226,7 @@ class _UnitShards:
 
 
 def run(cfg: IngestConfig, paths: StagePaths, tracker: Tracker, data: DataConfig) -> dict:
-    units, skipped = plan_units(data, paths.root)
+    units, skipped = plan_units(data, paths.root, cfg.hf_rows_per_unit)
     out = fresh_dir(paths.out)
     try:
         results = run_units(units, data, cfg, out, paths.root)

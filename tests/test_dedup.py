@@ -17,7 +17,17 @@ from tasks import dedup
 from tasks import filter as quality
 from tasks.common.config import ConfigError, load_section
 from tasks.common.dvcio import read_docs, stage_paths
-from tasks.common.minhash import EMPTY, MinHasher, band_candidate_pairs, lsh_params, ngram_hash32, shingles, words
+from tasks.common.minhash import (
+    EMPTY,
+    MinHasher,
+    band_candidate_pairs,
+    estimated_jaccard,
+    lsh_params,
+    ngram_hash32,
+    pair_jaccard,
+    shingles,
+    words,
+)
 from tasks.common.tracking import Tracker
 from tasks.sources import builtin
 from tests.conftest import ROOT, shared
@@ -98,6 +108,20 @@ def test_band_pairs_equal_minhashlsh_query(corpus):
         got = band_candidate_pairs(sig, bands, rows)
         assert len(expected) > 20
         assert got.tolist() == [list(p) for p in expected]
+
+
+def test_banding_a_subset_and_chunked_jaccard_match_the_copies(corpus):
+    """`positions` bands only those rows without copying them; `pair_jaccard` in chunks equals one gather."""
+    texts = [d.text for d in corpus[:400]]
+    docs, _ = dedup.inject_near_duplicates([(str(i), t) for i, t in enumerate(texts)], 0.3, 0.05, seed=2)
+    sig = MinHasher(128, 1).text_signatures([t for _, t in docs], 3)
+    positions = np.arange(len(sig))[::3][::-1].copy()  # every third row, in reverse: order must not matter
+    bands, rows = lsh_params(0.5, 128)
+    got = band_candidate_pairs(sig, bands, rows, positions=positions)
+    assert len(got) > 5 and got.tolist() == band_candidate_pairs(sig[positions], bands, rows).tolist()
+    pairs = positions[got]
+    whole = estimated_jaccard(sig[pairs[:, 0]], sig[pairs[:, 1]])
+    assert np.array_equal(pair_jaccard(sig, pairs, chunk=4), whole) and pair_jaccard(sig, pairs[:0]).shape == (0,)
 
 
 def test_numpy_and_minhashlsh_index_find_the_same_clusters(corpus):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -12,6 +13,7 @@ from tasks import ingest
 from tasks.common.config import DataConfig, ScratchError, build, read_params
 from tasks.common.dvcio import read_docs, stage_paths
 from tasks.common.tracking import Tracker
+from tasks.sources import hf
 from tests.conftest import ROOT, shared
 
 
@@ -156,6 +158,41 @@ def test_hf_source_loads_a_local_dataset_folder(tmp_path):
     datasets.Dataset.from_dict({"text": ["from hf one", "", "from hf two"]}).save_to_disk(str(tmp_path / "saved"))
     metrics, docs, _ = run_ingest(tmp_path, ["hf:saved"])
     assert [d["text"] for d in docs] == ["from hf one", "from hf two"] and metrics["quarantined"] == 1
+
+
+def test_hf_dataset_is_read_in_row_ranges_with_the_same_ids(tmp_path):
+    import datasets
+
+    texts = [f"hf row {i}" if i % 7 else "" for i in range(25)]
+    datasets.Dataset.from_dict({"text": texts}).save_to_disk(str(tmp_path / "saved"))
+    whole, whole_docs, whole_q = run_ingest(tmp_path / "a", [f"hf:{tmp_path / 'saved'}"])
+    split, split_docs, split_q = run_ingest(tmp_path / "b", [f"hf:{tmp_path / 'saved'}"], hf_rows_per_unit=10)
+    assert (whole["units"], split["units"]) == (1, 3)  # rows 0-9, 10-19, 20-24, one process each
+    assert [d["id"] for d in split_docs] == [d["id"] for d in whole_docs]
+    assert [d["text"] for d in split_docs] == [t for t in texts if t]
+    assert (
+        [q["location"] for q in split_q]
+        == [f"hf:{tmp_path / 'saved'}@{i}" for i in (0, 7, 14, 21)]
+        == [q["location"] for q in whole_q]
+    )
+
+
+def test_a_streamed_split_is_read_one_shard_per_unit():
+    import datasets
+
+    def rows(shards):
+        for shard in shards:
+            yield from ({"text": f"{shard} row {i}"} for i in range(3))
+
+    stream = datasets.IterableDataset.from_generator(rows, gen_kwargs={"shards": ["a", "b"]})
+    pieces = hf.pieces_of(stream, rows_per_piece=100)
+    assert [p.describe() for p in pieces] == ["shard 0 of 2", "shard 1 of 2"]
+    read = {}
+    for piece in pieces:
+        with mock.patch.object(hf, "load", lambda spec, root: stream):
+            read[piece.start] = [(r.location, r.text) for r in hf.read("hf:hub/ds", Path("."), "text", piece)]
+    assert read[1] == [(f"hf:hub/ds@1.{i}", f"b row {i}") for i in range(3)]
+    assert len(read[0]) == 3 and read[0][0] == ("hf:hub/ds@0.0", "a row 0")
 
 
 def test_hf_hub_offline_is_a_clear_error(tmp_path, monkeypatch):
