@@ -86,7 +86,7 @@ def corpus_docs(n_docs: int) -> Iterator[dict]:
 def write_corpus(work: Path, n_docs: int, fmt: str, n_files: int, separator: str) -> Path:
     """<work>/corpus-<N>-<fmt>/ written once (reused when its corpus.json matches); the data.sources entry."""
     folder = work / f"corpus-{n_docs}-{fmt.replace('.', '')}"
-    recipe = {"n_docs": n_docs, "format": fmt, "files": n_files if fmt == "jsonl.gz" else 1, **builtin_params()}
+    recipe = {**builtin_params(), "n_docs": n_docs, "format": fmt, "files": n_files if fmt == "jsonl.gz" else 1}
     stamp = folder / "corpus.json"
     if stamp.is_file() and json.loads(stamp.read_text()).get("recipe") == recipe:
         return folder if fmt == "jsonl.gz" else folder / "corpus.txt"

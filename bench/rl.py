@@ -5,6 +5,7 @@ Runbook (from the repository root, after `make run` or `dvc repro dpo`: it reads
 reward})
     .venv/bin/python -m bench.rl                        # both RL variants at params.yaml's ppo budget, 64 prompts
     .venv/bin/python -m bench.rl --steps 60 --prompts 128
+    .venv/bin/python -m bench.rl --variants grpo-checker --set kl_coef=0.1 --set train.lr=5e-5   # other ppo params
     .venv/bin/python -m bench.rl --variants grpo-checker --work /tmp/rl-smoke --steps 4 --prompts 16
     .venv/bin/python -m bench.rl --variants grpo-gsm8k  # GSM8K train questions, accuracy on 200 held-out ones
 
@@ -68,6 +69,32 @@ def link_upstream(work: Path) -> Path:
     return work
 
 
+def parse_sets(pairs: list[str]) -> dict:
+    """`--set kl_coef=0.05 --set train.lr=5e-5` → {"kl_coef": 0.05, "train": {"lr": 5e-5}} (values read as YAML)."""
+    import yaml
+
+    changes: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. kl_coef=0.05 or train.lr=5e-5")
+        *parents, leaf = key.split(".")
+        node = changes
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return changes
+
+
+def merged(variant: dict, changes: dict) -> dict:
+    """The variant's ppo changes with `--set`'s on top (one level of nesting: train, sampling)."""
+    out = {**variant, **{k: v for k, v in changes.items() if not isinstance(v, dict)}}
+    for k, v in changes.items():
+        if isinstance(v, dict):
+            out[k] = {**variant.get(k, {}), **v}
+    return out
+
+
 def ppo_config(changes: dict, steps: int | None):
     from tasks.common.config import load_section
 
@@ -80,14 +107,14 @@ def ppo_config(changes: dict, steps: int | None):
     return dataclasses.replace(cfg, **rest, train=train)
 
 
-def run_variant(name: str, work: Path, steps: int | None) -> dict:
-    """The ppo stage with the variant's params, in <work>/<name>; its metrics."""
+def run_variant(name: str, work: Path, steps: int | None, changes: dict) -> dict:
+    """The ppo stage with the variant's params (and `--set`'s), in <work>/<name>; its metrics."""
     from tasks import ppo
     from tasks.common.dvcio import stage_paths, write_json
     from tasks.common.tracking import Tracker
 
     root = link_upstream(work / name)
-    cfg = ppo_config(VARIANTS[name], steps)
+    cfg = ppo_config(merged(VARIANTS[name], changes), steps)
     started = time.perf_counter()
     metrics = ppo.run(cfg, stage_paths("ppo", root), Tracker("ppo", None))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -166,13 +193,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="ppo steps per variant (default: params.yaml's)")
     p.add_argument("--prompts", type=int, default=64, help="builtin held-out prompts every model answers")
     p.add_argument("--work", type=Path, default=Path("/tmp/scratchlm-bench-rl"))
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a ppo param for every variant (repeatable), e.g. kl_coef=0.05 or train.lr=5e-5",
+    )
     args = p.parse_args()
     os.environ.setdefault("SCRATCHLM_NO_MLFLOW", "1")
-    runs = {name: run_variant(name, args.work, args.steps) for name in args.variants.split(",")}
+    changes = parse_sets(args.set)
+    runs = {name: run_variant(name, args.work, args.steps, changes) for name in args.variants.split(",")}
     models = {"base": ROOT / "data/pretrain/model", "sft": ROOT / "data/sft/model", "dpo": ROOT / "data/dpo/model"}
     models.update({n: args.work / n / "data/ppo/model" for n in runs if n != "grpo-gsm8k"})
     judged = judge(models, args.prompts)
-    result = {"judged": judged, "runs": runs, "prompts": args.prompts}
+    result = {"judged": judged, "runs": runs, "prompts": args.prompts, "set": changes, "steps": args.steps}
     (args.work / "result.json").write_text(json.dumps(result, indent=1, default=str))
     print(table(judged, runs))
     if "grpo-gsm8k" in runs:
