@@ -5,7 +5,7 @@ Runbook (from the repository root)
     .venv/bin/python -m bench.data_scale                              # 10k, 100k, 1M documents (~15 min here)
     .venv/bin/python -m bench.data_scale --docs 10000 100000          # a quick look (~2 minutes)
     .venv/bin/python -m bench.data_scale --docs 2000000 --format txt  # ~1.2 GB as one .txt file
-    .venv/bin/python -m bench.data_scale --stages ingest filter       # some stages only (each needs its inputs)
+    .venv/bin/python -m bench.data_scale --stages ingest filter       # the first stages only (each needs those before)
 
 What it does
   1. Writes each corpus once, before anything is timed, under <work>/corpus-<N>-<format>/: N documents of the
@@ -313,6 +313,9 @@ def parse_args() -> argparse.Namespace:
         p.error("--docs: each size must be >= 1000 (the builtin generator plants duplicates by rate)")
     args.docs = sorted(set(args.docs))
     args.stages = [s for s in STAGES if s in args.stages]
+    if args.stages != list(STAGES[: len(args.stages)]):
+        missing = [s for s in STAGES[: STAGES.index(args.stages[-1])] if s not in args.stages]
+        p.error(f"--stages: {args.stages[-1]} needs {', '.join(missing)} too (each size starts from no outputs)")
     return args
 
 
