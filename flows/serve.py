@@ -493,6 +493,39 @@ def completion_prompts(engine: Engine, req: Any) -> list[tuple[list[int], list[i
 # ------------------------------------------------------------------------------------------------ the app
 
 
+def usage_chunk(base: dict, prompt_tokens: int, req: Any) -> Callable[[list[int]], bytes] | None:
+    """The closing usage chunk of a stream, when the request asked for it (`stream_options.include_usage`)."""
+    if not (req.stream_options and req.stream_options.include_usage):
+        return None
+    return lambda counts: sse({**base, "choices": [], "usage": usage(prompt_tokens, counts)})
+
+
+async def relay(
+    events: AsyncIterator[tuple[int, tuple]],
+    total: int,
+    delta: Callable[[int, str], bytes],
+    end: Callable[[int, str], bytes],
+    closing: Callable[[list[int]], bytes] | None,
+) -> AsyncIterator[bytes]:
+    """The server-sent events of one streamed request over `total` choices: `delta(index, text)` per piece of text,
+    `end(index, finish_reason)` when a choice finishes, an error event (and the end) when generation fails, then
+    `closing(completion tokens per choice)` when given, and `[DONE]`. Chat and completions differ only in chunks."""
+    counts = [0] * total
+    async with contextlib.aclosing(events) as stream:
+        async for index, event in stream:
+            if event[0] == "error":
+                yield sse(ApiError(500, event[1]).body())
+                return
+            if event[0] == "delta":
+                yield delta(index, event[1])
+            else:
+                counts[index] = event[2]
+                yield end(index, event[1])
+    if closing is not None:
+        yield closing(counts)
+    yield sse("[DONE]")
+
+
 def sse(payload: dict | str) -> bytes:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
 
@@ -601,20 +634,15 @@ def create_app(server: Server):
 
         for i in range(req.n):
             yield chunk(i, {"role": "assistant", "content": ""}, None)
-        counts = [0] * req.n
-        async with contextlib.aclosing(server.run(engine, jobs)) as events:
-            async for index, event in events:
-                if event[0] == "error":
-                    yield sse(ApiError(500, event[1]).body())
-                    return
-                if event[0] == "delta":
-                    yield chunk(index, {"content": event[1]}, None)
-                else:
-                    counts[index] = event[2]
-                    yield chunk(index, {}, event[1])
-        if req.stream_options and req.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, counts)})
-        yield sse("[DONE]")
+        events = server.run(engine, jobs)
+        async for data in relay(
+            events,
+            req.n,
+            lambda i, text: chunk(i, {"content": text}, None),
+            lambda i, why: chunk(i, {}, why),
+            usage_chunk(base, prompt_tokens, req),
+        ):
+            yield data
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(req: CompletionRequest):
@@ -643,20 +671,15 @@ def create_app(server: Server):
         def chunk(index: int, text: str, reason: str | None) -> bytes:
             return sse({**base, "choices": [{"index": index, "text": text, "finish_reason": reason, "logprobs": None}]})
 
-        counts = [0] * total
-        async with contextlib.aclosing(server.run(engine, jobs)) as events:
-            async for index, event in events:
-                if event[0] == "error":
-                    yield sse(ApiError(500, event[1]).body())
-                    return
-                if event[0] == "delta":
-                    yield chunk(index, event[1], None)
-                else:
-                    counts[index] = event[2]
-                    yield chunk(index, "", event[1])
-        if req.stream_options and req.stream_options.include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, counts)})
-        yield sse("[DONE]")
+        events = server.run(engine, jobs)
+        async for data in relay(
+            events,
+            total,
+            lambda i, text: chunk(i, text, None),
+            lambda i, why: chunk(i, "", why),
+            usage_chunk(base, prompt_tokens, req),
+        ):
+            yield data
 
     arena_routes(app, server.arena, auth)
     return app
