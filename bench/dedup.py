@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from tasks import dedup  # noqa: E402
 from tasks.common.config import RunnerConfig, load_section  # noqa: E402
-from tasks.common.minhash import estimated_jaccard, lsh_params, shingles  # noqa: E402
+from tasks.common.minhash import lsh_params, pair_jaccard, shingles  # noqa: E402
 from tasks.common.parallel import parallel_map  # noqa: E402
 
 TINYSTORIES = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStories-train_first2MiB.txt"
@@ -143,7 +143,7 @@ def bulk(docs: Docs, cfg: dedup.Config) -> set[str]:
     bands, rows = (cfg.bands, cfg.rows) if cfg.bands else lsh_params(cfg.threshold, cfg.num_perm)
     pairs = dedup.minhashlsh_candidate_pairs(sigs, np.array(ordered), cfg, bands, rows)
     if cfg.verify:
-        pairs = pairs[estimated_jaccard(sigs[pairs[:, 0]], sigs[pairs[:, 1]]) >= cfg.threshold]
+        pairs = pairs[pair_jaccard(sigs, pairs) >= cfg.threshold]
     return resolve(docs, ordered, pairs, sigs)
 
 

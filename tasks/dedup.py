@@ -167,12 +167,10 @@ def concat(parts: list[Sketches], num_perm: int) -> Sketches:
     exact = [k for p in parts for k in p.exact]
     signatures = np.empty((len(ids), num_perm), dtype=np.uint32)
     row = 0
-    parts.reverse()  # pop from the end = the first part
-    while parts:
-        part = parts.pop()
+    while parts:  # each part leaves the list as it is copied, so its signatures are freed at once
+        part = parts.pop(0)
         signatures[row : row + len(part.ids)] = part.signatures
         row += len(part.ids)
-        del part  # its signatures are freed as soon as they are copied
     return Sketches(ids, exact, signatures)
 
 

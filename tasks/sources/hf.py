@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from tasks.common.config import ScratchError
 from tasks.sources.files import Record, value_record
@@ -56,7 +57,7 @@ class Piece:
     """What one process reads of a split: rows [start, stop) of a map-style dataset (kind `rows`), shard `start` of
     `stop` shards of a streamed one (kind `shard`), or everything (kind `all`: a dataset of unknown length)."""
 
-    kind: str = "all"
+    kind: Literal["all", "rows", "shard"] = "all"
     start: int = 0
     stop: int = 0
 
