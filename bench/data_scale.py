@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, 
 
 import argparse
 import contextlib
+import functools
 import gzip
 import json
 import os
@@ -70,8 +71,14 @@ DOCS_IN = {
 # ------------------------------------------------------------------------------------------------ the corpus
 
 
+@functools.cache
+def data_params() -> dict:
+    """params.yaml's `data` section (the builtin generator's settings, the .txt separator), read once."""
+    return yaml.safe_load((ROOT / "params.yaml").read_text())["data"]
+
+
 def builtin_params() -> dict:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["builtin"]
+    return data_params()["builtin"]
 
 
 def corpus_docs(n_docs: int) -> Iterator[dict]:
@@ -183,7 +190,7 @@ def run_stage(stage: str, project: Path, env: dict, log: Path) -> StageRun:
 
 def prepare_project(work: Path) -> tuple[Path, dict]:
     """A fresh copy of the repository at <work>/project and the environment its stages run in."""
-    from flows.sandbox import copy_project
+    from flows.sandbox import copy_project, project_env
 
     project = work / "project"
     shutil.rmtree(project, ignore_errors=True)
@@ -191,16 +198,7 @@ def prepare_project(work: Path) -> tuple[Path, dict]:
     copy_project(project)
     # Compile the copy's modules now, or the first stage timed (ingest at the smallest size) pays for it.
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(project)], check=True)
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "PYTHONPATH": str(project),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-    }
-    return project, env
+    return project, project_env(project)
 
 
 def point_at(project: Path, source: Path) -> None:
@@ -220,8 +218,7 @@ def clear_outputs(project: Path) -> None:
 
 
 def run_size(n_docs: int, args: argparse.Namespace, project: Path, env: dict) -> list[StageRun]:
-    separator = yaml.safe_load((ROOT / "params.yaml").read_text())["data"]["txt_separator"]
-    source = write_corpus(args.work, n_docs, args.format, args.files, separator)
+    source = write_corpus(args.work, n_docs, args.format, args.files, data_params()["txt_separator"])
     point_at(project, source)
     clear_outputs(project)
     logs = args.work / "logs" / str(n_docs)

@@ -69,29 +69,15 @@ def link_upstream(work: Path) -> Path:
     return work
 
 
-def parse_sets(pairs: list[str]) -> dict:
-    """`--set kl_coef=0.05 --set train.lr=5e-5` → {"kl_coef": 0.05, "train": {"lr": 5e-5}} (values read as YAML)."""
-    import yaml
-
-    changes: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE, e.g. kl_coef=0.05 or train.lr=5e-5")
+def nested(flat: dict) -> dict:
+    """{"kl_coef": 0.05, "train.lr": 5e-5} → {"kl_coef": 0.05, "train": {"lr": 5e-5}}: `--set` as ppo changes."""
+    out: dict = {}
+    for key, value in flat.items():
         *parents, leaf = key.split(".")
-        node = changes
+        node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return changes
-
-
-def merged(variant: dict, changes: dict) -> dict:
-    """The variant's ppo changes with `--set`'s on top (one level of nesting: train, sampling)."""
-    out = {**variant, **{k: v for k, v in changes.items() if not isinstance(v, dict)}}
-    for k, v in changes.items():
-        if isinstance(v, dict):
-            out[k] = {**variant.get(k, {}), **v}
+        node[leaf] = value
     return out
 
 
@@ -109,12 +95,13 @@ def ppo_config(changes: dict, steps: int | None):
 
 def run_variant(name: str, work: Path, steps: int | None, changes: dict) -> dict:
     """The ppo stage with the variant's params (and `--set`'s), in <work>/<name>; its metrics."""
+    from flows.sandbox import deep_merge
     from tasks import ppo
     from tasks.common.dvcio import stage_paths, write_json
     from tasks.common.tracking import Tracker
 
     root = link_upstream(work / name)
-    cfg = ppo_config(merged(VARIANTS[name], changes), steps)
+    cfg = ppo_config(deep_merge(VARIANTS[name], changes), steps)
     started = time.perf_counter()
     metrics = ppo.run(cfg, stage_paths("ppo", root), Tracker("ppo", None))
     metrics["wall_seconds"] = round(time.perf_counter() - started, 1)
@@ -202,7 +189,13 @@ def main() -> None:
     )
     args = p.parse_args()
     os.environ.setdefault("SCRATCHLM_NO_MLFLOW", "1")
-    changes = parse_sets(args.set)
+    from flows.pipeline import parse_overrides
+    from tasks.common.config import ScratchError
+
+    try:
+        changes = nested(parse_overrides(args.set))
+    except ScratchError as e:
+        p.error(str(e))
     runs = {name: run_variant(name, args.work, args.steps, changes) for name in args.variants.split(",")}
     models = {"base": ROOT / "data/pretrain/model", "sft": ROOT / "data/sft/model", "dpo": ROOT / "data/dpo/model"}
     models.update({n: args.work / n / "data/ppo/model" for n in runs if n != "grpo-gsm8k"})

@@ -6,7 +6,7 @@ Runbook (from the repository root)
     .venv/bin/python -m bench.tinystories                  # THE figure: ~10 minutes of training, budget probed
     .venv/bin/python -m bench.tinystories --minutes 5      # another wall-clock budget
     .venv/bin/python -m bench.tinystories --tokens 2000000 # a fixed token budget (no probe; reproducible)
-    .venv/bin/python -m bench.tinystories --tokens 50000 --work /tmp/ts-smoke     # a smoke test (~3 minutes)
+    .venv/bin/python -m bench.tinystories --tokens 50000 --set pretrain.train.warmup_steps=3 --work /tmp/ts-smoke
     .venv/bin/python -m bench.tinystories --set pretrain.train.lr=2e-3 -v       # a variant, stage output live
     .venv/bin/python -m bench.tinystories --rescore --work /tmp/ts-old   # score an earlier run's model again
 
@@ -67,7 +67,7 @@ from pathlib import Path
 
 import yaml
 
-from flows.sandbox import copy_project
+from flows.sandbox import copy_project, project_env
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "tinystories" / "TinyStories-train_first2MiB.txt"
@@ -142,14 +142,7 @@ class Pipeline:
     def __init__(self, project: Path, logs: Path, verbose: bool) -> None:
         self.project, self.logs, self.verbose = project, logs, verbose
         logs.mkdir(parents=True, exist_ok=True)
-        self.env = {
-            **os.environ,
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": str(project),
-            "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
-        }
-        for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
-            self.env.setdefault(key, value)
+        self.env = project_env(project)
 
     def repro(self, name: str, target: str) -> float:
         """Wall seconds of `dvc repro <target>`; exits with the log's tail when a stage fails."""

@@ -9,15 +9,17 @@ with `params` deep-merged into its params.yaml and everything committed to a new
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from tasks.common.config import ROOT
 
-__all__ = ["copy_project", "deep_merge"]
+__all__ = ["copy_project", "deep_merge", "project_env"]
 
 
 def copy_project(dest: Path, params: dict | None = None, source: Path = ROOT) -> Path:
@@ -49,3 +51,18 @@ def deep_merge(base: dict, extra: dict) -> dict:
     for k, v in extra.items():
         out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """The environment a stage runs in inside a copy: this interpreter's scripts first on PATH (dvc, deepspeed),
+    the copy's modules on PYTHONPATH, MLflow into the copy's own mlruns.db, and (unless already set) the Hub
+    offline and tokenizers single-threaded, so nothing reaches the network or this checkout's store."""
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(project),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}",
+    }
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        env.setdefault(key, value)
+    return env
