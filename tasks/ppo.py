@@ -249,17 +249,6 @@ class SamplingWeights:
         return self.copy
 
 
-def engine_autocast(engine) -> torch.autocast:
-    """torch.autocast as the engine's own forward runs it (DeepSpeed's `torch_autocast`, precision `autocast`), for
-    the work that calls the modules directly: the rollouts' generation, their old/reference log-probs and reward,
-    the held-out answers. The old log-probs then come from the same bf16 matmuls as the updates' (a first update's
-    ratio is 1 up to batch shape, not fp32-vs-bf16 rounding), and decoding is 1.2-1.3x faster on a CPU with native
-    bf16. Off (a no-op) at fp32, and at DeepSpeed bf16, whose weights are bf16 already."""
-    enabled = bool(engine.torch_autocast_enabled())
-    dtype = engine.torch_autocast_dtype() if enabled else None
-    return torch.autocast(al.device_of(engine.module).type, dtype=dtype, enabled=enabled)
-
-
 class Scorer:
     """The reward of answers: checker, reward model, or both; plus what is logged about each (every rank)."""
 
@@ -312,12 +301,14 @@ class Rollouts:
         mb = self.cfg.train.micro_batch_size
         chunks, stats = {}, []
         sampler = self.sampler(engine)
-        with engine_autocast(engine):
-            for slot in self.slots():
-                prompts = [self.prompts[i] for i in step_prompts[slot * mb : (slot + 1) * mb]]
-                seed = chunk_seed(self.cfg.train.seed, step, slot)
-                chunks[slot], chunk_stats = self.rollout(engine.module, sampler, prompts, seed)
-                stats.append(chunk_stats)
+        # fp32 on purpose, even at precision autocast (which DeepSpeed applies to engine.forward only): bf16 logits
+        # carry ~0.05-nat errors into the old/reference log-probs and the KL, and GRPO measured worse with them
+        # (48 steps: 45.0 % held-out satisfaction against 51.2 % in fp32; docs/BENCHMARKS.md, "Session 11")
+        for slot in self.slots():
+            prompts = [self.prompts[i] for i in step_prompts[slot * mb : (slot + 1) * mb]]
+            seed = chunk_seed(self.cfg.train.seed, step, slot)
+            chunks[slot], chunk_stats = self.rollout(engine.module, sampler, prompts, seed)
+            stats.append(chunk_stats)
         seconds = time.perf_counter() - started
         metrics = self.finish(chunks, stats, seconds)
         self.kl.update(metrics["kl"])
@@ -535,10 +526,9 @@ class HeldOutRewards:
 
     def __call__(self, engine) -> dict[str, float]:
         model = self.sampler(engine)
-        with engine_autocast(engine):
-            means = sharded_means(
-                engine, len(self.prompts), self.cfg.sampling.batch_size, self.NAMES, lambda ids: self.sums(model, ids)
-            )
+        means = sharded_means(
+            engine, len(self.prompts), self.cfg.sampling.batch_size, self.NAMES, lambda ids: self.sums(model, ids)
+        )
         out = {k: means[k] for k in ("checker", "response_length", "finished")}
         if self.scorer.reward_model is not None:
             out["rm"] = means["rm"]

@@ -395,40 +395,6 @@ def test_each_algorithm_learns_a_toy_reward_through_the_trainer(algorithm, tmp_p
     assert rewards[0] < 0.15 and max(rewards[-3:]) > 0.4, rewards
 
 
-@pytest.mark.parametrize("precision", ["fp32", "autocast"])
-def test_rollouts_run_in_the_precision_the_updates_do(precision, tmp_path):
-    """DeepSpeed autocasts only the engine's forward; the rollouts call the modules directly (the generator, the
-    old and reference log-probs), so they must enter the same autocast themselves, and stay fp32 at fp32."""
-    from tasks.common.trainer import Recipe, Trainer
-
-    lm_cfg = ModelConfig.from_preset("tiny", vocab_size=32, max_seq_len=16)
-    cfg = config(
-        group_size=2,
-        max_new_tokens=4,
-        train=TrainConfig(batch_size=2, micro_batch_size=2, max_steps=1, warmup_steps=0, precision=precision),
-    )
-    prompts = [ppo.Prompt({"id": str(i)}, [1, 2 + i]) for i in range(4)]
-    seen: list[tuple[bool, torch.dtype]] = []
-
-    class Recording(ppo.Rollouts):
-        def rollout(self, policy, sampler, prompts, seed):
-            chunk, stats = super().rollout(policy, sampler, prompts, seed)
-            with torch.no_grad():
-                logits = policy.lm(torch.tensor([[1, 2, 3]]))[0]
-            seen.append((torch.is_autocast_enabled("cpu"), logits.dtype))
-            return chunk, stats
-
-    def build():
-        return PolicyWithValue(Llama(lm_cfg), value_head=False).train()
-
-    kl = ppo.KLController(cfg.kl_coef, 0.0, 1)
-    reference = Llama(lm_cfg).eval().requires_grad_(False)
-    rollouts = Recording(cfg, prompts, ToyTokenizer(), reference, SevensScorer(cfg), kl, ppo.SamplingWeights(0, build))
-    recipe = Recipe(ppo.experience_batches, ppo.PolicyLoss(cfg, kl), 10, rollout_fn=rollouts, updates_per_step=4)
-    Trainer(build, cfg.train, recipe, name="toy-precision", info={}, root=tmp_path).train(tmp_path / "history.jsonl")
-    assert seen == ([(True, torch.bfloat16)] if precision == "autocast" else [(False, torch.float32)])
-
-
 def test_report_card_says_when_the_reward_model_was_gamed(tmp_path):
     from tasks.common.dvcio import write_json
     from tasks.common.report import rl_section
