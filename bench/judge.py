@@ -198,11 +198,13 @@ def judge_examples(judge: LocalJudge, pairs: list[Pair]) -> list[tuple[list[int]
             )
             for p in pairs
         ]
-    examples = []
+    examples, limit = [], judge.model.cfg.max_seq_len - 1  # room for the letter as the input predicting <|end|>
     for p in pairs:
         good_first = p.checker_x > p.checker_y
         for a, b, letter in ((p.x, p.y, 0 if good_first else 1), (p.y, p.x, 1 if good_first else 0)):
-            examples.append((judge.encode(p.instruction, a, b)[0], [judge.letters[letter], judge.tok.end_id]))
+            ids = judge.encode(p.instruction, a, b)[0]
+            if ids is not None and len(ids) <= limit:
+                examples.append((ids, [judge.letters[letter], judge.tok.end_id]))
     return examples
 
 
@@ -223,9 +225,9 @@ def judge_loss(judge: LocalJudge, batch: list[tuple[list[int], ...]]) -> torch.T
 
 
 def next_token_logp(judge: LocalJudge, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
-    """(B, 1 + len(target), V) log-probabilities at the last prompt position and after each target token (teacher
-    forcing on prompt + target, right-padded; the targets of a batch have one length)."""
-    rows = [[*ids, *target] for ids, target in zip(prompts, targets, strict=True)]
+    """(B, max(1, len(target)), V) log-probabilities at the last prompt position and after each target token but
+    the last (teacher forcing on prompt + target, right-padded; the targets of a batch have one length)."""
+    rows = [[*ids, *target[:-1]] for ids, target in zip(prompts, targets, strict=True)]  # the last is only predicted
     x = torch.full((len(rows), max(map(len, rows))), judge.tok.pad_id, dtype=torch.long)  # (B,W)
     for i, row in enumerate(rows):
         x[i, : len(row)] = torch.tensor(row)
