@@ -15,6 +15,7 @@ import torch
 
 from tasks.common.config import ConfigError, ScratchError, build
 from tasks.common.judge import (
+    POINTWISE_PROMPT,
     Choice,
     EndpointConfig,
     EndpointJudge,
@@ -22,10 +23,13 @@ from tasks.common.judge import (
     JudgeConfig,
     LocalJudge,
     Pair,
+    PointwiseJudge,
     cohen_kappa,
     judge_pairs,
     judging_prompt,
+    local_judge,
     parse_verdict,
+    pointwise_choices,
     preference_rows,
     summarise,
     wilson,
@@ -132,8 +136,8 @@ def test_parse_verdict():
 
 
 def test_config_errors_name_the_key():
-    with pytest.raises(ConfigError, match=r"evaluate.judge.modle: unknown key \(did you mean 'model'\?\)"):
-        build(JudgeConfig, {"modle": "self"}, "evaluate.judge")
+    with pytest.raises(ConfigError, match=r"evaluate.judge.modell: unknown key \(did you mean 'model'\?\)"):
+        build(JudgeConfig, {"modell": "self"}, "evaluate.judge")
     with pytest.raises(ConfigError, match="endpoint.base_url: the endpoint backend needs"):
         JudgeConfig(backend="endpoint")
     with pytest.raises(ConfigError, match="pairs: 'dpo' must be `x:y`"):
@@ -316,3 +320,86 @@ def test_a_registered_model_judges_by_its_models_uri(tmp_path_factory, tmp_path)
             local_folder("models:/scratchlm@nope", {}, tmp_path, root)
     with pytest.raises(ScratchError, match=r"evaluate.judge.model: 'no/such/folder' is neither `self`"):
         local_folder("no/such/folder", {"sft": tmp_path}, tmp_path, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ pointwise mode
+
+
+class Graded(Judge):
+    """A pointwise judge whose grades are given in advance (to hand-compute the pair verdicts)."""
+
+    name = "graded"
+
+    def __init__(self, grades: dict[str, float | None], tie_margin: float) -> None:
+        self.grades, self.tie_margin = grades, tie_margin
+
+    def choose(self, items):
+        graded = {(ins, t): (self.grades[t], False) for ins, a, b in items for t in (a, b)}
+        return pointwise_choices(items, graded, self.tie_margin)
+
+
+def test_pointwise_verdicts_from_hand_given_grades():
+    grades = {"good": 2.0, "bad": 0.5, "close": 0.4, "long": None}
+    pairs = [Pair("i", "good", "bad", 1.0, 0.5), Pair("i", "bad", "close", 0.5, 1.0), Pair("i", "long", "good")]
+    rows = judge_pairs(Graded(grades, tie_margin=0.2), pairs)
+    assert [r["picks"] for r in rows] == [["A", "B"], ["tie", "tie"], ["tie", "tie"]]
+    assert [r["verdict"] for r in rows] == ["x", "tie", "tie"]
+    assert rows[0]["margins"] == [1.5, -1.5]  # grade(A) - grade(B) in each order
+    assert rows[1]["margins"] == pytest.approx([0.1, -0.1])  # within tie_margin: a tie
+    assert rows[2]["unparsed"] == 2  # an answer without a grade: no verdict in either order
+    f = summarise(rows)
+    assert f["position_consistency"] == 1.0  # by construction: one grade per answer, whatever the order
+    assert f["position_bias"] == 0.5  # A once, B once among the decisive single-order verdicts
+    assert (f["checker_pairs"], f["checker_agreement"]) == (2, 0.5)  # x agrees, the tie does not
+    assert judge_pairs(Graded(grades, tie_margin=0.0), pairs[1:2])[0]["verdict"] == "x"  # 0.5 > 0.4: x, not y
+
+
+def test_pointwise_judge_grades_each_answer_alone_like_transformers(world):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    judge = local_judge(world / "champion", "champion", "pointwise")
+    assert isinstance(judge, PointwiseJudge)
+    prompts: list[int] = []
+    margins = judge.margins
+    judge.margins = lambda ids, tokens: prompts.append(len(ids)) or margins(ids, tokens)
+    rows = judge_pairs(judge, PAIRS)
+    assert prompts == [6]  # 3 pairs x 2 orders x 2 answers, each distinct answer graded once, in one call
+    hf = LlamaForCausalLM.from_pretrained(world / "champion").eval()
+    tok = AutoTokenizer.from_pretrained(world / "champion")
+    y, n = tok.convert_tokens_to_ids(["Y", "N"])
+
+    def grade(instruction: str, answer: str) -> float:
+        content = POINTWISE_PROMPT.format(instruction=instruction, answer=answer.strip() or "(empty)")
+        messages = [{"role": "user", "content": content}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        with torch.inference_mode():
+            logp = torch.log_softmax(hf(ids["input_ids"]).logits[0, -1].float(), dim=-1)
+        return (logp[y] - logp[n]).item()
+
+    for pair, row in zip(PAIRS, rows):
+        difference = grade(pair.instruction, pair.x) - grade(pair.instruction, pair.y)
+        assert row["margins"] == pytest.approx([difference, -difference], abs=1e-4)
+        assert row["consistent"] and row["verdict"] == ("x" if difference > 0 else "y")
+
+
+def test_pointwise_judge_cuts_the_answer_to_its_context(world):
+    judge = local_judge(world / "champion", "champion", "pointwise")
+    long = "Tom went to the park and played with a red ball. " * 80  # ~1000 tokens; the context is 512
+    ids, truncated = judge.encode_answer("Write a long story.", long)
+    assert truncated and judge.model.cfg.max_seq_len - 16 <= len(ids) <= judge.model.cfg.max_seq_len  # cut to fill it
+    assert judge.encode_answer("Write a story.", "Tom sat.")[1] is False
+    huge = "Write a story about a cat. " * 120  # the instruction alone fills the context: no grade, not an error
+    assert judge.encode_answer(huge, "Tom sat.") == (None, True)
+    assert judge_pairs(judge, [Pair(huge, "Tom sat.", "Tom ran.")])[0]["unparsed"] == 2
+
+
+def test_pointwise_mode_config():
+    assert JudgeConfig().mode == "pairwise"  # the default is unchanged
+    assert build(JudgeConfig, {"mode": "pointwise"}, "evaluate.judge").mode == "pointwise"
+    with pytest.raises(ConfigError, match="mode"):
+        build(JudgeConfig, {"mode": "pointwize"}, "evaluate.judge")
+    endpoint = EndpointConfig(base_url="http://127.0.0.1:8000/v1", model="m")
+    with pytest.raises(ConfigError, match="mode: pointwise grading needs the local backend"):
+        JudgeConfig(backend="endpoint", endpoint=endpoint, mode="pointwise")
+    with pytest.raises(ScratchError, match="judge mode must be pairwise or pointwise, got 'both'"):
+        local_judge(Path("unused"), "x", "both")

@@ -1,5 +1,5 @@
-"""LLM-as-judge: pairwise verdicts on two models' answers, each pair judged in both orders, calibrated against the
-builtin constraint checker.
+"""LLM-as-judge: verdicts on two models' answers, each pair judged in both orders, calibrated against the builtin
+constraint checker. Pairwise (the judge sees both answers) or pointwise (it grades each answer alone).
 
 Runbook
     evaluate.judge in params.yaml (the evaluate stage runs it on the answers it sampled; metrics/all/evaluate.json
@@ -11,6 +11,8 @@ Runbook
             -S evaluate.judge.endpoint.base_url=http://127.0.0.1:8000/v1 -S evaluate.judge.endpoint.model=m
                                                                         # vLLM, `scratchlm serve`, a hosted model
         dvc exp run -S evaluate.judge.write_preferences=true            # feedback/judge_preferences.jsonl
+        dvc exp run -S evaluate.judge.mode=pointwise -S evaluate.judge.model=/path/to/judge
+                                                                        # each answer graded alone (local backend)
     In code:
         judge = open_judge(cfg, folder_of)                              # LocalJudge or EndpointJudge
         rows = judge_pairs(judge, pairs)                                # one row per pair, both orders judged
@@ -21,6 +23,15 @@ Verdicts
     orders is decisive; one that flips with the order (or names a tie, or none, in either) is a tie, and a flip or a
     half-tie counts against position consistency. Ties are allowed: the endpoint judge may answer `tie`, the local
     judge calls a tie when its two letters' log-probabilities are within `tie_margin` nats.
+
+Modes (`mode`, local backend)
+    pairwise   JUDGE_PROMPT with both answers; the verdict from log p(A) - log p(B). Two ~150-token answers and the
+               instruction do not fit a 256-token context, so a small judge often sees both cut (`truncated`).
+    pointwise  "single-answer grading" (MT-Bench's name): POINTWISE_PROMPT with one answer, its score
+               log p(Y) - log p(N) (does it follow every requirement?); a pair's verdict is the answer with the higher
+               score, a tie within `tie_margin` nats. Each answer is scored once, alone, so both orders get the same
+               verdict: position consistency is 1 and position bias absent *by construction*, not by the judge's
+               skill. Only half the context is needed, so answers are rarely cut.
 
 Figures (`summarise`; the numbers are checked on hand-computed inputs in tests/test_judge.py)
     win_rate            (x wins + ties / 2) / pairs, with a 95 % Wilson score interval on n = pairs
@@ -77,6 +88,13 @@ JUDGE_PROMPT = (
 )
 """The judging prompt (one user turn), the same for both backends."""
 LETTERS = ("A", "B")
+POINTWISE_PROMPT = (
+    "Instruction: {instruction}\n\n"
+    "Answer:\n{answer}\n\n"
+    "Does the answer follow every requirement of the instruction? Reply Y or N."
+)
+"""The pointwise judging prompt (one user turn, one answer): the score is log p(Y) - log p(N) right after it."""
+GRADES = ("Y", "N")
 SOURCE_PREFIX = "judge:"
 """`source` of every row of a judge preference file: judge feedback, not human feedback."""
 
@@ -108,6 +126,9 @@ class JudgeConfig:
     """Judge the pairs below (on the held-out answers the stage sampled)."""
     backend: Literal["local", "endpoint"] = "local"
     """`local`: the model named by `model`, run here; `endpoint`: the OpenAI-compatible API of `endpoint`."""
+    mode: Literal["pairwise", "pointwise"] = "pairwise"
+    """`pairwise`: the judge sees both answers and names the better (A or B); `pointwise` (local backend): it grades
+    each answer alone, log p(Y) - log p(N), and the higher grade wins (position consistency 1 by construction)."""
     model: str = "self"
     """Local judge: `self` (each pair's first model judges its own pair: the candidate judging itself), a label of
     evaluate.models, an HF model folder (relative to the repository) or a models:/ or runs:/ URI."""
@@ -122,7 +143,8 @@ class JudgeConfig:
     """Each answer is cut to this many characters before judging (0 = whole: what the checker scores); a local
     judge also cuts answers to fit its context (counted as `truncated`)."""
     tie_margin: float = 0.0
-    """Local judge: a tie when |log p(A) - log p(B)| is at most this (nats; 0 = ties only from order flips)."""
+    """Local judge: a tie when |log p(A) - log p(B)| (pointwise: the two answers' grades) is at most this (nats;
+    0 = ties only from order flips or equal grades)."""
     max_tokens: int = 8
     """Endpoint judge: longest reply (the verdict is its first word)."""
     temperature: float = 0.0
@@ -144,6 +166,7 @@ class JudgeConfig:
         check(self.batch_size >= 1, "batch_size", "must be >= 1")
         check(bool(self.model), "model", "name the local judge: self, a label, a folder or a models:/ URI")
         if self.enabled and self.backend == "endpoint":
+            check(self.mode == "pairwise", "mode", "pointwise grading needs the local backend (log-probabilities)")
             check(bool(self.endpoint.base_url), "endpoint.base_url", "the endpoint backend needs the API's URL")
             check(bool(self.endpoint.model), "endpoint.model", "the endpoint backend needs the served model's name")
         for pair in self.pairs:
@@ -170,7 +193,7 @@ class Choice:
     """One single-order verdict: `A`, `B` or `tie`, and what it came from (a margin in nats, or the reply)."""
 
     pick: Literal["A", "B", "tie"]
-    margin: float | None = None  # local: log p(A) - log p(B)
+    margin: float | None = None  # local: log p(A) - log p(B); pointwise: grade(A) - grade(B)
     reply: str | None = None  # endpoint: the reply text
     parsed: bool = True
     truncated: bool = False
@@ -402,14 +425,18 @@ class LocalJudge(Judge):
         return None, True
 
     def choose(self, items: list[tuple[str, str, str]]) -> list[Choice]:
+        encoded = [self.encode(*item) for item in items]
+        found = iter(self.margins([ids for ids, _ in encoded if ids is not None], self.letters))
+        return [self._choice(next(found), cut_) if ids is not None else NO_ROOM for ids, cut_ in encoded]
+
+    def margins(self, prompts: list[list[int]], tokens: list[int]) -> list[float]:
+        """log p(tokens[0]) - log p(tokens[1]) as the next token after each prompt, batch_size prompts a pass."""
         import torch
 
-        encoded = [self.encode(*item) for item in items]
-        fitting = [ids for ids, _ in encoded if ids is not None]
-        margins: list[float] = []
+        out: list[float] = []
         with torch.inference_mode():
-            for start in range(0, len(fitting), self.batch_size):
-                chunk = fitting[start : start + self.batch_size]
+            for start in range(0, len(prompts), self.batch_size):
+                chunk = prompts[start : start + self.batch_size]
                 width = max(len(ids) for ids in chunk)
                 x = torch.full((len(chunk), width), self.tok.pad_id, dtype=torch.long)  # (B,W) right-padded
                 for b, ids in enumerate(chunk):
@@ -418,13 +445,77 @@ class LocalJudge(Judge):
                 last = torch.tensor([len(ids) - 1 for ids in chunk], device=h.device)
                 logits = self.model.lm_head(h[torch.arange(len(chunk), device=h.device), last])  # (B,V): only there
                 logp = torch.log_softmax(logits.float(), dim=-1)  # (B,V)
-                margins += (logp[:, self.letters[0]] - logp[:, self.letters[1]]).tolist()  # (B,)
-        found = iter(margins)
-        return [self._choice(next(found), cut_) if ids is not None else NO_ROOM for ids, cut_ in encoded]
+                out += (logp[:, tokens[0]] - logp[:, tokens[1]]).tolist()  # (B,)
+        return out
 
     def _choice(self, margin: float, truncated: bool) -> Choice:
         pick = "tie" if abs(margin) <= self.tie_margin else "A" if margin > 0 else "B"
         return Choice(pick, margin=margin, truncated=truncated)
+
+
+class PointwiseJudge(LocalJudge):
+    """A local judge grading each answer alone: log p(Y) - log p(N) after POINTWISE_PROMPT. A pair's verdict is
+    the answer with the higher grade (a tie within tie_margin); each distinct answer is graded once."""
+
+    def __init__(self, folder: Path, name: str, device: str = "cpu", batch_size: int = 16, tie_margin: float = 0.0):
+        super().__init__(folder, name, device, batch_size, tie_margin)
+        self.grades = [self._letter_id(grade, folder) for grade in GRADES]
+
+    def encode_answer(self, instruction: str, answer: str) -> tuple[list[int] | None, bool]:
+        """The pointwise prompt's ids ending in the generation prompt, the answer's end cut to fit the context (None
+        when the instruction leaves room for fewer than MIN_ANSWER_TOKENS of it), and whether it was cut."""
+        from tasks.common import chat
+
+        def ids_of(text: str) -> list[int]:
+            content = POINTWISE_PROMPT.format(instruction=instruction.strip(), answer=text.strip() or "(empty)")
+            return chat.encode_chat(self.tok.tok, [{"role": "user", "content": content}], add_generation_prompt=True)[0]
+
+        ids, limit = ids_of(answer), self.model.cfg.max_seq_len
+        if len(ids) <= limit:
+            return ids, False
+        budget = limit - len(ids_of("")) - 4  # - 4: merges at the cut
+        while budget >= MIN_ANSWER_TOKENS:
+            ids = ids_of(self.tok.decode(self.tok.plain(answer.strip())[:budget]))
+            if len(ids) <= limit:
+                return ids, True
+            budget -= 4
+        return None, True
+
+    def grade(self, answers: list[tuple[str, str]]) -> dict[tuple[str, str], tuple[float | None, bool]]:
+        """(grade or None when it does not fit, cut) of each distinct (instruction, answer)."""
+        encoded = {key: self.encode_answer(*key) for key in dict.fromkeys(answers)}
+        fitting = [key for key, (ids, _) in encoded.items() if ids is not None]
+        grades = dict(zip(fitting, self.margins([encoded[k][0] for k in fitting], self.grades), strict=True))
+        return {key: (grades.get(key), cut_) for key, (_, cut_) in encoded.items()}
+
+    def choose(self, items: list[tuple[str, str, str]]) -> list[Choice]:
+        graded = self.grade([(ins, answer) for ins, a, b in items for answer in (a, b)])
+        return pointwise_choices(items, graded, self.tie_margin)
+
+
+def pointwise_choices(
+    items: list[tuple[str, str, str]], graded: dict[tuple[str, str], tuple[float | None, bool]], tie_margin: float
+) -> list[Choice]:
+    """One Choice per (instruction, A, B) from the answers' grades: the higher grade wins, margin grade(A) - grade(B),
+    a tie within tie_margin; NO_ROOM when either answer could not be graded. Swapping A and B flips the pick, so
+    both orders of a pair always agree."""
+    out = []
+    for ins, a, b in items:
+        (ga, cut_a), (gb, cut_b) = graded[ins, a], graded[ins, b]
+        if ga is None or gb is None:
+            out.append(NO_ROOM)
+            continue
+        margin = ga - gb
+        pick = "tie" if abs(margin) <= tie_margin else "A" if margin > 0 else "B"
+        out.append(Choice(pick, margin=margin, truncated=cut_a or cut_b))
+    return out
+
+
+def local_judge(folder: Path, name: str, mode: str = "pairwise", device: str = "cpu", **kwargs: Any) -> LocalJudge:
+    """The local judge of `mode` (pairwise: LocalJudge, pointwise: PointwiseJudge) on the model in `folder`."""
+    if mode not in ("pairwise", "pointwise"):
+        raise ScratchError(f"judge mode must be pairwise or pointwise, got {mode!r}")
+    return (PointwiseJudge if mode == "pointwise" else LocalJudge)(folder, name, device, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ endpoint judge
@@ -550,7 +641,9 @@ def open_judges(
             folder = local_folder(spec, labels, workdir, root)
             name = f"self:{x}" if cfg.model == "self" else spec
             opened.clear()  # one local model in memory at a time
-            opened[spec] = LocalJudge(folder, name, device, cfg.batch_size, cfg.tie_margin)
+            opened[spec] = local_judge(
+                folder, name, cfg.mode, device, batch_size=cfg.batch_size, tie_margin=cfg.tie_margin
+            )
         return opened[spec]
 
     return judge_for
