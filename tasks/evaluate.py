@@ -171,8 +171,9 @@ class EvaluateConfig:
     sample_max_new_tokens: int = 64
     """Longest sample generation."""
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    """LLM-as-judge on the held-out answers (tasks/common/judge.py): pairwise verdicts in both orders, win rates with
-    95 % intervals, position and length bias, and its agreement with the constraint checker next to them."""
+    """LLM-as-judge on the held-out answers (tasks/common/judge.py): verdicts in both orders (pairwise) or a grade per
+    answer (pointwise), win rates with 95 % intervals, position and length bias, and its agreement with the
+    constraint checker next to them."""
     report: bool = True
     """Write the report card (reports/report.md + plots) at the end of the stage."""
 
@@ -826,7 +827,7 @@ def judge_answers(
             figures[key], names[key] = judging.summarise(rows), judge.name
             preferences += judging.preference_rows(rows, judge.name) if j.write_preferences else []
             print(f"evaluate: {judge_line(key, names[key], figures[key])}", flush=True)
-    result: dict[str, Any] = {"backend": j.backend, "judges": names, "pairs": figures}
+    result: dict[str, Any] = {"backend": j.backend, "mode": j.mode, "judges": names, "pairs": figures}
     if j.write_preferences:
         file = write_jsonl(paths.root / "feedback" / "judge_preferences.jsonl", preferences)
         result["preferences"] = {"file": str(file.relative_to(paths.root)), "pairs": len(preferences)}

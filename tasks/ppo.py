@@ -124,7 +124,7 @@ class PpoConfig(AlignmentData):
     """Rollout sampling temperature; log-probs are taken at the same temperature."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(
-            batch_size=8, micro_batch_size=8, max_steps=24, lr=1.0e-4, warmup_steps=2, log_every=2, eval_every=12
+            batch_size=8, micro_batch_size=8, max_steps=48, lr=1.0e-4, warmup_steps=2, log_every=2, eval_every=12
         )
     )
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -205,11 +205,12 @@ def test_judge_verdicts_sit_beside_the_reward_win_rates(evaluated):
     judged = m["judge"]
     assert set(judged["pairs"]) == set(m["win_rate"]) == {"sft_vs_base", "dpo_vs_sft"}
     assert judged["judges"] == {"sft_vs_base": "self:sft", "dpo_vs_sft": "self:dpo"}
+    assert (judged["backend"], judged["mode"]) == ("local", "pairwise")  # the record says how it judged
     for key, figures in judged["pairs"].items():
         rows = (project / "data/evaluate/judge" / f"{key}.jsonl").read_text().splitlines()
         assert figures["pairs"] == len(rows) == 4 and 0.0 <= figures["win_rate"] <= 1.0
     assert any(line.startswith("judge self:dpo on dpo_vs_sft (4 pairs): win rate") for line in summary(m, None))
-    assert "## Judge (LLM-as-judge, calibrated on the checker)" in (project / "reports/report.md").read_text()
+    assert "## Judge (LLM-as-judge, pairwise, calibrated on the checker)" in (project / "reports/report.md").read_text()
     from tasks.common.stage import pick
     from tasks.evaluate import HEADLINE
 

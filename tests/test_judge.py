@@ -125,6 +125,11 @@ def test_report_card_shows_the_judge_beside_the_reward_model(scripted_rows):
     text = "\n".join(judge_section(ev))
     assert "| dpo vs sft | self:dpo | 4 | 0.5000 [0.15, 0.85] | 0.6250 | 0.5000 | 0.7500 | 0.6667 |" in text
     assert "| 1.0000 (0.6667) | 0.6667 of 3 | 0.5000 |" in text
+    assert "## Judge (LLM-as-judge, pairwise, calibrated" in text and "judged twice, the answers swapped" in text
+    ev["judge"]["mode"] = "pointwise"  # the record's mode names the method in the heading and the note
+    text = "\n".join(judge_section(ev))
+    assert "## Judge (LLM-as-judge, pointwise, calibrated" in text and "graded alone" in text
+    assert "judged twice" not in text
     assert judge_section({"judge": {}}) == []
 
 
@@ -267,6 +272,7 @@ def test_evaluate_judge_step_writes_verdicts_figures_and_preferences(world, tmp_
     skipped: dict = {}
     result = judge_answers(cfg, models, answer_rows, paths, "cpu", paths.out, Tracker("evaluate", None), skipped)
     assert result["judges"] == {"good_vs_bad": "self:good", "bad_vs_good": "self:bad"} and not skipped
+    assert (result["backend"], result["mode"]) == ("local", "pairwise")
     rows = [json.loads(line) for line in (paths.out / "judge" / "good_vs_bad.jsonl").read_text().splitlines()]
     assert len(rows) == 4
     assert [r["checker_x"] for r in rows] == [checker_score(r, a) for r, a in zip(answer_rows["good"], answers["good"])]

@@ -278,9 +278,14 @@ def degeneration_section(ev: dict | None) -> list[str]:
     return lines + _table(["", *labels], rows) + ["", DEGENERATION_NOTE, ""]
 
 
+JUDGE_MODE_NOTE = {
+    "pairwise": "Each pair of answers to a held-out builtin prompt is judged twice, the answers swapped; a verdict "
+    "that flips with the order is a tie.",
+    "pointwise": "Each answer to a held-out builtin prompt is graded alone (log p(yes) - log p(no) of the judge); the "
+    "higher grade wins the pair, so the verdict cannot depend on the order (consistency 1 by construction).",
+}
 JUDGE_NOTE = (
-    "Each pair of answers to a held-out builtin prompt is judged twice, the answers swapped; a verdict that flips "
-    "with the order is a tie. Win rate = (wins + ties / 2) / pairs with its 95 % Wilson interval; consistency = "
+    "Win rate = (wins + ties / 2) / pairs with its 95 % Wilson interval; consistency = "
     "pairs judged alike in both orders; first picked = share of decisive single-order verdicts for the answer shown "
     "first (0.5: no position bias); longer picked = share of decisive verdicts for the longer answer (the checker's "
     "own share beside it). Calibration: on the pairs the constraint checker strictly decides, the share where the "
@@ -294,7 +299,8 @@ def judge_section(ev: dict | None) -> list[str]:
     judged = (ev or {}).get("judge") or {}
     if not judged.get("pairs"):
         return []
-    lines = ["## Judge (LLM-as-judge, calibrated on the checker)", ""]
+    mode = judged.get("mode", "pairwise")  # records before the pointwise mode have no `mode`: they are pairwise
+    lines = [f"## Judge (LLM-as-judge, {mode}, calibrated on the checker)", ""]
     rows = []
     for key, figures in judged["pairs"].items():
         f = {k: "-" if v is None else v for k, v in figures.items()}  # None: a figure with no items
@@ -317,7 +323,7 @@ def judge_section(ev: dict | None) -> list[str]:
         )
     header = ["pair", "judge", "pairs", "win rate [95 %]", "reward model's", "ties", "consistency", "first picked"]
     lines += _table([*header, "longer picked (checker)", "checker agreement", "kappa"], rows)
-    lines += ["", JUDGE_NOTE, ""]
+    lines += ["", f"{JUDGE_MODE_NOTE.get(mode, '')} {JUDGE_NOTE}".strip(), ""]
     if judged.get("preferences"):
         lines += [
             f"Judge feedback (not human feedback): {judged['preferences']['pairs']} decisive, order-consistent "
