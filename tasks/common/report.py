@@ -323,7 +323,7 @@ def judge_section(ev: dict | None) -> list[str]:
         )
     header = ["pair", "judge", "pairs", "win rate [95 %]", "reward model's", "ties", "consistency", "first picked"]
     lines += _table([*header, "longer picked (checker)", "checker agreement", "kappa"], rows)
-    lines += ["", f"{JUDGE_MODE_NOTE.get(mode, '')} {JUDGE_NOTE}".strip(), ""]
+    lines += ["", f"{JUDGE_MODE_NOTE[mode]} {JUDGE_NOTE}", ""]
     if judged.get("preferences"):
         lines += [
             f"Judge feedback (not human feedback): {judged['preferences']['pairs']} decisive, order-consistent "
